@@ -1,0 +1,225 @@
+"""Norm-layer discovery, parameter selection and BatchNorm statistics: shared by every method.
+
+Entropy methods adapt the affine parameters (weight, bias) of normalisation layers. Which layers
+count as norms, which of them a method adapts, and which statistics BatchNorm uses while adapting
+are decided here, once, from the layer types and timm's block structure, never from module names.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+BNStats = Literal["batch", "source", "mix", "ema"]
+BN_STATS_CHOICES: tuple[str, ...] = ("auto", "batch", "source", "mix", "ema")
+
+
+def _norm_types() -> tuple[type[nn.Module], ...]:
+    types: list[type[nn.Module]] = [nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm]
+    if hasattr(nn, "RMSNorm"):
+        types.append(nn.RMSNorm)
+    try:  # timm's RmsNorm variants do not subclass torch's norms
+        from timm.layers import RmsNorm, RmsNorm2d
+
+        types += [RmsNorm, RmsNorm2d]
+    except ImportError:  # older timm
+        pass
+    return tuple(types)
+
+
+NORM_TYPES = _norm_types()
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm of any dimension, including timm's BatchNormAct2d (a BatchNorm2d subclass)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every normalisation layer that has an affine weight, in module order."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None
+    ]
+
+
+def affine_parameters(
+    model: nn.Module, module_names: set[str] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the norm affine weights and biases, optionally of some modules only."""
+    selected = []
+    for name, module in norm_modules(model):
+        if module_names is not None and name not in module_names:
+            continue
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if isinstance(param, nn.Parameter):
+                selected.append((f"{name}.{pname}" if name else pname, param))
+    return selected
+
+
+# --- timm block structure -------------------------------------------------------------------------
+
+FINAL_KEY = 99999  # timm's group_matcher suffix for layers after the last block (final norm)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Module names grouped by the model's own structure: stem, ordered blocks, and the rest."""
+
+    stem: tuple[str, ...]
+    blocks: tuple[tuple[str, ...], ...]
+    final: tuple[str, ...]
+
+
+def _match_key(name: str, spec: object) -> tuple[float, ...] | None:
+    """The ordering key that one timm group_matcher entry gives a module name, or None."""
+    rules = [(spec, None)] if isinstance(spec, str) else list(spec)  # type: ignore[arg-type]
+    for pattern, suffix in rules:
+        match = re.match(pattern, name)
+        if match:
+            if suffix is not None:
+                return tuple(float(s) for s in suffix)
+            return tuple(float(g) for g in match.groups() if g is not None)
+    return None
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    """Group modules into stem / blocks / final using timm's ``group_matcher(coarse=True)``.
+
+    Coarse groups are stages for ConvNets (ResNet ``layer1..4``, ConvNeXt ``stages.0..3``) and
+    blocks for ViTs (``blocks.0..11``); modules after the last block (the final norm, the head) are
+    "final". Models without a group matcher fall back to their top-level children as blocks.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        children = [name for name, _ in model.named_children()]
+        blocks = tuple(tuple(n for n in names if n == c or n.startswith(c + ".")) for c in children)
+        return BlockLayout(stem=(), blocks=blocks, final=())
+    spec = matcher(coarse=True)
+    stem_spec = spec.get("stem")
+    blocks_spec = spec.get("blocks")
+    stem, final = [], []
+    grouped: dict[tuple[float, ...], list[str]] = {}
+    for name in names:
+        if stem_spec is not None and _match_key(name, stem_spec) is not None:
+            stem.append(name)
+            continue
+        key = _match_key(name, blocks_spec) if blocks_spec is not None else None
+        if key is None or (key and key[0] >= FINAL_KEY):
+            final.append(name)
+        else:
+            grouped.setdefault(key, []).append(name)
+    blocks = tuple(tuple(grouped[k]) for k in sorted(grouped))
+    return BlockLayout(stem=tuple(stem), blocks=blocks, final=tuple(final))
+
+
+def skipped_top_blocks(n_blocks: int) -> int:
+    """How many of the last blocks SAR leaves frozen: a quarter, rounded half up, at least one."""
+    return max(1, math.floor(n_blocks / 4 + 0.5)) if n_blocks else 0
+
+
+def sar_norm_modules(model: nn.Module) -> set[str]:
+    """Norm layers SAR adapts: all but those in the last quarter of the blocks and the final norm.
+
+    On timm ResNets this is "all but layer4"; on a 12-block ViT "all but blocks 9-11 and norm".
+    """
+    layout = block_layout(model)
+    frozen = set(layout.final)
+    for block in layout.blocks[len(layout.blocks) - skipped_top_blocks(len(layout.blocks)) :]:
+        frozen.update(block)
+    return {name for name, _ in norm_modules(model) if name not in frozen}
+
+
+# --- BatchNorm statistics while adapting ----------------------------------------------------------
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(is_batchnorm(m) for m in model.modules())
+
+
+def resolve_bn_stats(requested: str, batch_size: int | None) -> BNStats:
+    """``auto`` means the authors' batch statistics, except at batch size 1 where they degenerate
+    (instance normalisation, or a crash on 1x1 feature maps): there the source statistics are
+    mixed with the sample's (alpha-BN)."""
+    if requested == "auto":
+        return "mix" if batch_size == 1 else "batch"
+    if requested not in BN_STATS_CHOICES:
+        raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS_CHOICES)}, got {requested!r}")
+    return requested  # type: ignore[return-value]
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [d for d in range(x.ndim) if d != 1]
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    return mean, var
+
+
+def _shape(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return stat.view(1, -1, *([1] * (x.ndim - 2)))
+
+
+class BatchNormStats:
+    """Makes every BatchNorm of a model normalise with the chosen statistics, via forward hooks.
+
+    The source running statistics stay in the module buffers, untouched outside a forward, so the
+    model exports as it loaded (trap 3 of the spec) and ``reset`` never needs them.
+
+    * ``batch``: the current batch's mean and biased variance (the authors' "BN forced to batch
+      stats", bit for bit: buffers are None during the forward). A batch with one value per
+      channel, where this is undefined, falls back to the source statistics.
+    * ``source``: the source running statistics (eval mode).
+    * ``mix``: alpha-BN, (1 - a) source + a batch for mean and variance; defined at batch size 1.
+    * ``ema``: running statistics updated with momentum ``a`` from each batch, then used.
+    """
+
+    def __init__(self, model: nn.Module, mode: BNStats, alpha: float = 0.1) -> None:
+        self.mode = mode
+        self.alpha = alpha
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        if mode == "source":
+            return
+        for module in model.modules():
+            if is_batchnorm(module) and module.running_mean is not None:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                if mode == "batch":
+                    self._handles.append(module.register_forward_hook(self._post_hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        x = args[0]
+        if self.mode == "batch":
+            if x.numel() // x.shape[1] > 1:
+                self._stash[id(module)] = (module.running_mean, module.running_var)
+                module.running_mean, module.running_var = None, None
+            return None
+        mean_b, var_b = _channel_stats(x)
+        if self.mode == "ema":
+            with torch.no_grad():
+                module.running_mean.lerp_(mean_b.detach().to(module.running_mean), self.alpha)
+                module.running_var.lerp_(var_b.detach().to(module.running_var), self.alpha)
+            return None
+        # mix: rescale the input so the module's own eval-mode normalisation with the source
+        # statistics yields the normalisation with the mixed statistics (keeps grads flowing).
+        mean_s, var_s = module.running_mean, module.running_var
+        mean_m = (1 - self.alpha) * mean_s + self.alpha * mean_b
+        var_m = (1 - self.alpha) * var_s + self.alpha * var_b
+        scale = torch.sqrt((var_s + module.eps) / (var_m + module.eps))
+        return ((x - _shape(mean_m, x)) * _shape(scale, x) + _shape(mean_s, x),)
+
+    def _post_hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        stashed = self._stash.pop(id(module), None)
+        if stashed is not None:
+            module.running_mean, module.running_var = stashed

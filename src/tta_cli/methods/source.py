@@ -1,0 +1,29 @@
+"""source: the model as it is, no adaptation (the baseline every method is compared with)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tta_cli.methods import register_method
+from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod
+
+
+@dataclass
+class SourceConfig(MethodConfig):
+    bn_stats: str = "source"
+
+
+@register_method
+class Source(TTAMethod):
+    """Eval mode, source BatchNorm statistics, one no-grad forward per batch."""
+
+    name = "source"
+    config_class = SourceConfig
+    updates_parameters = False
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
+        logits = self.model(x)
+        return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
