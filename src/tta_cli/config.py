@@ -1,0 +1,47 @@
+"""The configuration of one ``tta adapt`` run (method hyperparameters live in each method's dataclass)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+def default_workers() -> int:
+    """Decoding workers: one per core beyond the one running the adaptation, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class AdaptConfig:
+    inputs: list[Path]
+    model: str
+    method: str = "sar"
+    pretrained: bool = True
+    checkpoint: Path | None = None
+    num_classes: int | None = None
+    labels: Path | None = None
+    clean: Path | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    workers: int | None = None
+    out: Path | None = None
+    overwrite: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Method hyperparameters (``--lr``, ``--steps``, ``--episodic``, ``--set key=value``)."""
+    quiet: bool = False
+    strict: bool = False
+
+    def out_dir(self) -> Path:
+        if self.out is not None:
+            return self.out
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{stamp}-{self.method}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()} | {
+            "inputs": [str(p) for p in self.inputs]
+        }

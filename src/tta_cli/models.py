@@ -1,0 +1,267 @@
+"""Loading models: timm registry names, aliases, ``hf-hub:``, ``local-dir:`` and checkpoint files.
+
+Everything a run needs to know about its model comes back in one :class:`LoadedModel`: the module,
+its class names, the preprocessing from its ``pretrained_cfg`` (never guessed, trap 1 of the spec),
+the exact weight tag and a hash of the weights (trap 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta_cli.errors import TTAError
+
+# The SAR paper's models, pinned to the weights the paper used (timm's default tags drift).
+ALIASES: dict[str, str] = {
+    "vit_base": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "resnet50_gn": "resnet50_gn.a1h_in1k",
+    "resnet50": "resnet50.tv_in1k",
+}
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".th", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    spec: str
+    """What the user asked for (``--model``)."""
+    architecture: str
+    source: str
+    """registry, hf-hub, local-dir or checkpoint."""
+    tag: str | None
+    class_names: list[str]
+    data_config: dict[str, Any]
+    weights_sha256: str
+    checkpoint: str | None = None
+    pretrained: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def transform(self) -> Any:
+        """The evaluation preprocessing of the model's ``pretrained_cfg`` (timm's create_transform)."""
+        import timm.data
+
+        return timm.data.create_transform(**self.data_config, is_training=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "architecture": self.architecture,
+            "source": self.source,
+            "tag": self.tag,
+            "pretrained": self.pretrained,
+            "checkpoint": self.checkpoint,
+            "num_classes": self.num_classes,
+            "weights_sha256": self.weights_sha256,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of the weights themselves (names, dtypes, shapes and bytes), whatever file held them."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _close_matches(name: str) -> list[str]:
+    import timm
+
+    candidates = list(ALIASES) + timm.list_models()
+    base = name.split(".")[0]
+    return difflib.get_close_matches(base, candidates, n=5, cutoff=0.6)
+
+
+def resolve_name(spec: str) -> tuple[str, str]:
+    """(timm model name, source kind) for ``--model``; unknown names get close matches."""
+    import timm
+
+    if spec.startswith("local-dir:"):
+        path = Path(spec.removeprefix("local-dir:")).expanduser()
+        if not (path / "config.json").is_file():
+            raise TTAError(
+                f"no timm model folder at {path}",
+                "local-dir: needs a folder with config.json and model.safetensors",
+            )
+        return f"local-dir:{path}", "local-dir"
+    if spec.startswith("hf-hub:"):
+        return spec, "hf-hub"
+    name = ALIASES.get(spec, spec)
+    if not timm.is_model(name):
+        matches = _close_matches(name)
+        hint = f"did you mean {', '.join(matches)}?" if matches else "see timm.list_models() or `tta models`"
+        raise TTAError(f"unknown model {spec!r}", hint)
+    return name, "registry"
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"the weights of {name} are not in the Hugging Face cache and cannot be downloaded: download them "
+        "where there is network (e.g. `hf download timm/<model>`) and set HF_HOME/HF_HUB_CACHE, or use "
+        "--model local-dir:FOLDER, --checkpoint FILE, or --no-pretrained"
+    )
+
+
+def _create(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        text = str(err)
+        if pretrained and ("offline" in text.lower() or "connect" in text.lower() or "cache" in text.lower()
+                           or type(err).__name__.endswith(("NotFoundError", "ConnectionError", "HTTPError"))):
+            raise TTAError(f"cannot load weights for {name}", _offline_hint(name)) from err
+        raise TTAError(f"cannot create model {name}: {text.splitlines()[0] if text else type(err).__name__}") from err
+    except Exception as err:  # huggingface_hub errors do not share a base class with the above
+        if pretrained and "huggingface" in type(err).__module__:
+            raise TTAError(f"cannot load weights for {name}", _offline_hint(name)) from err
+        raise
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file: safetensors, or a torch file read with ``weights_only=True`` only
+    (never unpickling code), unwrapped from ``state_dict`` / ``model`` / ``module.``."""
+    if not path.is_file():
+        raise TTAError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise TTAError(
+            f"cannot read checkpoint {path}: {str(err).splitlines()[0]}",
+            "expected a .safetensors file or a torch state dict saved with plain tensors",
+        ) from err
+    for key in ("state_dict", "model", "model_state", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TTAError(f"{path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _checkpoint_num_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    for name in names:
+        weight = state.get(f"{name}.weight")
+        if weight is not None:
+            return int(weight.shape[0])
+    return None
+
+
+def _load_checkpoint(model: nn.Module, name: str, path: Path, num_classes: int | None) -> nn.Module:
+    state = read_checkpoint(path)
+    if num_classes is None:
+        found = _checkpoint_num_classes(model, state)
+        if found is not None and found != model.num_classes:
+            model = _create(name, False, found)
+    result = model.load_state_dict(state, strict=False)
+    shapes = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or shapes:
+        problems = []
+        if result.missing_keys:
+            problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+        if result.unexpected_keys:
+            problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        raise TTAError(
+            f"{path.name} does not fit the architecture {name}: " + "; ".join(problems),
+            "check --model names the architecture the checkpoint was trained with (and --num-classes)",
+        )
+    return model
+
+
+def class_names_of(model: nn.Module) -> list[str]:
+    """Class names from the model's config; ImageNet-1k names for 1000-class models; else indices."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    names = cfg.get("label_names")
+    n = int(getattr(model, "num_classes", 0) or 0)
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i, str(i))) for i in range(n)]
+    if names and len(names) == n:
+        return [str(x) for x in names]
+    if n == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(n)]
+    return [str(i) for i in range(n)]
+
+
+def load_model(
+    spec: str,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """Load ``--model`` (and optionally ``--checkpoint``) into a :class:`LoadedModel` on the CPU."""
+    import timm.data
+
+    name, source = resolve_name(spec)
+    if checkpoint is not None:
+        model = _create(name, False if source == "registry" else pretrained, num_classes)
+        model = _load_checkpoint(model, name, Path(checkpoint), num_classes)
+        source = "checkpoint"
+    else:
+        use_pretrained = pretrained or source == "local-dir"
+        model = _create(name, use_pretrained, num_classes)
+        pretrained = use_pretrained
+    model.eval()
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    data_config = timm.data.resolve_model_data_config(model)
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        architecture=cfg.get("architecture", name),
+        source=source,
+        tag=cfg.get("tag") or None,
+        class_names=class_names_of(model),
+        data_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+        weights_sha256=state_dict_sha256(model.state_dict()),
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        pretrained=pretrained if checkpoint is None else True,
+        extra={"hf_hub_id": cfg.get("hf_hub_id")},
+    )
+
+
+def export_model(loaded: LoadedModel, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
+    """Write a timm model folder (config.json + model.safetensors) that
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` loads strictly."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config_for_hf(
+        loaded.model,
+        str(directory / "config.json"),
+        model_config={"label_names": loaded.class_names},
+    )
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "config.json").read_text())
