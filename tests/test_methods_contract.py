@@ -1,0 +1,156 @@
+"""The contract every registered method keeps, checked on every method and several model families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from tta_cli.methods import create_method, list_methods
+from tta_cli.models import LoadedModel, export_model, load_model
+
+ARCHS = ["test_vit", "test_resnet", "test_efficientnet_gn"]
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if arch == "test_vit" else {}
+    return timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
+
+
+def _stream(n_batches: int = 3, batch: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, 3, 32, 32, generator=g) * 2 for _ in range(n_batches)]
+
+
+def _adapt(name: str, arch: str, batch: int = 8, **settings: object):
+    model = _model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a large lr and no entropy filter so that every adapting method really moves
+    if name in ("sar", "eta", "eata"):
+        settings.setdefault("margin_factor", 10.0)
+    if name in ("tent", "sar", "eta", "eata"):
+        settings.setdefault("lr", 0.01)
+    method = create_method(name, model, batch_size=batch, **settings)
+    outputs = [method.step(x) for x in _stream(batch=batch)]
+    return model, method, before, outputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list_methods())
+def test_logits_shape_and_only_selected_parameters_change(name: str, arch: str) -> None:
+    model, method, before, outputs = _adapt(name, arch)
+    for out in outputs:
+        assert out.logits.shape == (8, 10)
+        assert out.used.shape == (8,) and out.used.dtype == torch.bool
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed <= set(method.param_names), changed - set(method.param_names)
+    if method.updates_parameters:
+        assert changed, f"{name} adapted nothing on {arch}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list_methods())
+def test_reset_restores_bit_for_bit(name: str, arch: str) -> None:
+    model, method, before, _ = _adapt(name, arch)
+    method.reset()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_predictions_are_the_first_forward(name: str) -> None:
+    model = _model("test_vit")
+    x = _stream(1)[0]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    method = create_method(name, model, batch_size=8, **({"lr": 0.05} if name not in ("source", "norm") else {}))
+    assert torch.allclose(method(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list_methods())
+def test_exported_model_loads_strictly_into_timm(name: str, arch: str, tmp_path: Path) -> None:
+    model, method, before, _ = _adapt(name, arch)
+    loaded = LoadedModel(model=model, spec=arch, architecture=arch, source="registry", tag=None,
+                         class_names=[str(i) for i in range(10)], data_config={}, weights_sha256="")
+    export_model(loaded, method.adapted_state_dict(), tmp_path / "model")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+    state = reloaded.state_dict()
+    assert set(state) == set(before)
+    expected = method.adapted_state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    if method.bn_mode != "ema":  # the source BN statistics are written back (trap 3)
+        buffers = [k for k in state if k.endswith(("running_mean", "running_var"))]
+        assert all(torch.equal(state[k], before[k]) for k in buffers)
+    method.close()
+    x = _stream(1)[0]
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(x), model.eval()(x), atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["tent", "sar", "eta", "norm"])
+def test_batchnorm_model_at_batch_size_one_does_not_crash(name: str) -> None:
+    _, method, _, outputs = _adapt(name, "test_resnet", batch=1)
+    assert method.bn_mode == ("mix" if name != "norm" else "batch")
+    assert all(torch.isfinite(o.logits).all() for o in outputs)
+
+
+def test_episodic_resets_before_every_batch() -> None:
+    _, method, _, _ = _adapt("tent", "test_vit", episodic=True)
+    x = _stream(1)[0]
+    first = create_method("tent", _model("test_vit"), batch_size=8, lr=0.05, episodic=True).step(x).logits
+    assert torch.allclose(method.step(x).logits, first, atol=1e-5)
+
+
+def test_eata_fisher_regulariser_pulls_towards_source() -> None:
+    def run(with_fisher: bool) -> float:
+        model = _model("test_vit")
+        source = {n: p.detach().clone() for n, p in model.named_parameters()}
+        # keep every sample (no entropy or redundancy filter) so that several updates happen
+        method = create_method("eata", model, batch_size=8, lr=0.05, margin_factor=10.0, d_margin=2.0)
+        if with_fisher:
+            method.compute_fisher(_stream(2))
+            assert method.fishers and set(method.fishers) == set(method.param_names)
+        for x in _stream(6):
+            method.step(x)
+        with torch.no_grad():
+            return sum(float((p - source[n]).abs().sum()) for n, p in model.named_parameters())
+
+    assert run(True) < run(False)
+
+
+def test_sar_recovers_when_entropy_ema_drops() -> None:
+    _, method, _, _ = _adapt("sar", "test_vit", reset_threshold=100.0)
+    assert method.resets, "an EMA below a huge threshold must trigger model recovery"
+    assert method.ema is None or method.ema_history
+
+
+def test_sar_skip_empty_does_not_move_weights() -> None:
+    model = _model("test_vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = create_method("sar", model, batch_size=8, lr=0.05, margin_factor=0.0, skip_empty=True)
+    for x in _stream():
+        out = method.step(x)
+        assert not out.used.any()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_sar_original_empty_selection_keeps_stepping_with_momentum() -> None:
+    model = _model("test_vit")
+    method = create_method("sar", model, batch_size=8, lr=0.05, margin_factor=10.0)
+    method.step(_stream(1)[0])  # builds momentum
+    method.config.margin_factor = 0.0  # nothing passes any more
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    method.step(_stream(1)[0])
+    assert any(not torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+def test_load_model_then_method_on_local_dir(tiny_model_dir: Path) -> None:
+    loaded = load_model(f"local-dir:{tiny_model_dir}")
+    method = create_method("sar", loaded.model, batch_size=4)
+    assert method.lr == pytest.approx(0.001 / 64 * 4)  # ViT rule
+    assert method.step(torch.randn(4, 3, 32, 32)).logits.shape == (4, 10)
