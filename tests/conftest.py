@@ -75,5 +75,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=10, img_size=32)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return save_timm_folder(model, tmp_path_factory.mktemp("models") / "tiny_vit", names)

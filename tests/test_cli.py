@@ -70,7 +70,8 @@ def test_subfolder_labels_give_accuracy(tmp_path: Path, tiny_model_dir: Path) ->
 def test_labels_csv_for_a_flat_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
     folder = tmp_path / "flat"
     make_images(folder, 4)
-    (tmp_path / "labels.csv").write_text("file,label,extra\nimg0.png,cat,x\nimg1.png,1,y\nimg2.png,ship,z\nimg3.png,9,w\n")
+    rows = "file,label,extra\nimg0.png,cat,x\nimg1.png,1,y\nimg2.png,ship,z\nimg3.png,9,w\n"
+    (tmp_path / "labels.csv").write_text(rows)
     result, out = _adapt(tmp_path, tiny_model_dir, [str(folder)], "--labels", str(tmp_path / "labels.csv"),
                          "--method", "source")
     assert result.exit_code == 0, result.output
