@@ -10,6 +10,7 @@ from pathlib import Path
 from tta_cli.errors import TTAError
 from tta_cli.sources.items import StreamItem
 from tta_cli.sources.labels import LabelMap
+from tta_cli.sources.paths import check_input
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 _DIGITS = re.compile(r"(\d+)")
@@ -17,7 +18,8 @@ _DIGITS = re.compile(r"(\d+)")
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key that orders ``img2`` before ``img10`` (digit runs compare as numbers)."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part.casefold()) for part in _DIGITS.split(text) if part)
+    parts = _DIGITS.split(text)
+    return tuple((0, int(part)) if part.isdigit() else (1, part.casefold()) for part in parts if part)
 
 
 def _path_key(relative: str) -> tuple[tuple[tuple[int, int | str], ...], ...]:
@@ -72,13 +74,14 @@ def _labels_from_subfolders(relative: list[str], labels: LabelMap) -> dict[str, 
 
 def folder_items(root: Path, class_names: list[str], labels_csv: Path | None = None) -> list[StreamItem]:
     """The images under ``root`` as stream items, labelled where labels are available."""
-    if not root.exists():
-        raise TTAError(f"input not found: {root}")
+    check_input(root)
     if not root.is_dir():
         raise TTAError(f"{root} is not a folder of images")
     relative = list_images(root)
     if not relative:
-        raise TTAError(f"no images in {root}", f"looked for {', '.join(sorted(IMAGE_SUFFIXES))}")
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise TTAError(f"no images in {root}", f"looked for {suffixes} in it and its subfolders; "
+                       "give videos and lists as inputs themselves")
     label_map = LabelMap(class_names)
     if labels_csv is not None:
         by_file = _labels_from_csv(labels_csv, label_map)
@@ -93,6 +96,5 @@ def folder_items(root: Path, class_names: list[str], labels_csv: Path | None = N
             )
     else:
         labels = _labels_from_subfolders(relative, label_map)
-    return [
-        StreamItem(key=rel, path=root / rel, label=None if labels is None else labels[rel]) for rel in relative
-    ]
+    return [StreamItem(key=rel, path=root / rel, label=None if labels is None else labels[rel])
+            for rel in relative]

@@ -1,0 +1,234 @@
+"""Bad input end to end through the CLI: bad files are skipped and listed, bad inputs stop the run cleanly."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import make_images
+from tta_cli.cli import main
+
+RNG = np.random.default_rng(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """One intra-op thread: on a shared 2-core machine, two spinning threads run a step ~50x slower."""
+    torch.set_num_threads(1)
+
+
+def write_video(path: Path, n: int = 30, rate: int = 10) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n):
+            pixels = np.full((48, 64, 3), (8 * i) % 256, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _bomb_header(path: Path, width: int, height: int) -> None:
+    """A PNG claiming a huge size in a few bytes, as a decompression bomb would."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def _odd_but_good(folder: Path) -> list[str]:
+    """Images in unusual modes and forms that must be read correctly."""
+    rgb = Image.fromarray(RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("LA").save(folder / "la.png")
+    rgb.convert("P").save(folder / "palette_alpha.png", transparency=0)
+    Image.fromarray(RNG.integers(0, 65535, (40, 50)).astype(np.uint16)).save(folder / "deep16.png")
+    rgb.convert("1").save(folder / "bits1.png")
+    rgb.save(folder / "animated.gif", save_all=True, append_images=[rgb.rotate(90)], duration=40)
+    exif = rgb.getexif()
+    exif[0x0112] = 8
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    return ["animated.gif", "bits1.png", "cmyk.jpg", "deep16.png", "la.png", "palette_alpha.png",
+            "rotated.jpg"]
+
+
+def _bad(folder: Path) -> dict[str, str]:
+    """Each kind of bad file, with a word its reason in errors.csv must contain."""
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "words.jpg").write_text("this is a text file with an image suffix")
+    (folder / "noise.png").write_bytes(RNG.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    _bomb_header(folder / "bomb.png", 10_000, 10_000)  # PIL would only warn about this one
+    _bomb_header(folder / "bigbomb.png", 20_000, 20_000)
+    Image.fromarray(np.array([[-3.0, 1e9]], np.float32)).save(folder / "wild.tif")
+    (folder / "dangling.png").symlink_to(folder / "not-there.png")
+    return {"zero.png": "empty", "words.jpg": "not an image", "noise.png": "not an image",
+            "cut.jpg": "truncated", "bomb.png": "too many pixels", "bigbomb.png": "too many pixels",
+            "wild.tif": "outside", "dangling.png": "not found"}
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
+    folder = tmp_path / "mixed"
+    good = [p.name for p in make_images(folder, 4)] + _odd_but_good(folder)
+    return folder, good, _bad(folder)
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+            *args: str) -> tuple[int, str]:
+    """``tta ARGS`` in this process: the exit code and what went to stderr."""
+    monkeypatch.setattr(sys, "argv", ["tta", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    return code, capsys.readouterr().err
+
+
+def adapt_args(model: Path, out: Path, *inputs: Path | str) -> list[str]:
+    return ["adapt", *map(str, inputs), "-m", f"local-dir:{model}", "-o", str(out), "-b", "4", "--quiet"]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mixed_folder_and_video(mixed: tuple[Path, list[str], dict[str, str]], tmp_path: Path,
+                                tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder, good, bad = mixed
+    clip = write_video(tmp_path / "clip.mp4")
+    out = tmp_path / "run"
+    code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, folder, clip),
+                        "--every", "3", "--workers", "1")
+    assert code == 0, err
+    assert f"warning: {len(bad)} inputs could not be read" in err and "Traceback" not in err
+    predicted = [r["path"] for r in rows(out / "predictions.csv")]
+    frames = [f"{clip.as_posix()}#frame={i:06d}" for i in range(0, 30, 3)]
+    assert predicted == sorted(predicted[:len(good)]) + frames  # the folder first, then the video
+    assert sorted(p.rsplit("/", 1)[-1] for p in predicted[:len(good)]) == sorted(good)
+    errors = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in rows(out / "errors.csv")}
+    assert set(errors) == set(bad)
+    for name, word in bad.items():
+        assert word in errors[name], (name, errors[name])
+    record = json.loads((out / "run.json").read_text())
+    assert record["counts"]["skipped"] == len(bad)
+    assert record["counts"]["images"] == len(good) + len(frames)
+    assert record["counts"]["stream_items"] == len(good) + len(frames) + len(bad)
+
+
+def test_strict_fails_at_the_end_with_all_outputs(mixed: tuple[Path, list[str], dict[str, str]],
+                                                  tmp_path: Path, tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    folder, good, bad = mixed
+    out = tmp_path / "run"
+    args = adapt_args(tiny_model_dir, out, folder)
+    code, err = run_cli(monkeypatch, capsys, *args, "--strict", "--workers", "0")
+    assert code == 3
+    assert err.strip().splitlines()[-1] == f"tta: error: {len(bad)} inputs could not be read (--strict)"
+    assert len(rows(out / "predictions.csv")) == len(good) and len(rows(out / "errors.csv")) == len(bad)
+    assert (out / "run.json").is_file()
+
+
+def test_nothing_readable_is_a_failure(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    _bad(folder)
+    args = adapt_args(tiny_model_dir, tmp_path / "run", folder)
+    code, err = run_cli(monkeypatch, capsys, *args, "--workers", "0")
+    assert code == 3 and "none of the inputs could be read" in err
+
+
+def _fatal_case(kind: str, root: Path) -> tuple[Path, str]:
+    """An input that must stop the run before any output, and what the message names."""
+    if kind == "missing":
+        return root / "no-such-folder", "input not found"
+    if kind == "empty folder":
+        (root / "empty").mkdir()
+        return root / "empty", "no images in"
+    if kind == "corrupt video":
+        (root / "broken.mp4").write_bytes(RNG.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+        return root / "broken.mp4", "cannot read video"
+    if kind == "zero-byte video":
+        (root / "empty.mkv").write_bytes(b"")
+        return root / "empty.mkv", "cannot read video"
+    if kind == "symlink loop":
+        (root / "loop1").symlink_to(root / "loop2")
+        (root / "loop2").symlink_to(root / "loop1")
+        return root / "loop1", "symbolic link loop"
+    if kind == "missing list entry":
+        (root / "list.txt").write_text("gone.png\n")
+        return root / "list.txt", "does not exist"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "corrupt video", "zero-byte video",
+                                  "symlink loop", "missing list entry"])
+def test_bad_inputs_stop_cleanly_before_any_output(kind: str, tmp_path: Path, tiny_model_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path, message = _fatal_case(kind, tmp_path)
+    out = tmp_path / "run"
+    code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, path))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("tta: error: ") and message in lines[0] and str(path) in lines[0]
+    assert not out.exists()
+
+
+def test_unwritable_output_is_named(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    make_images(tmp_path / "imgs", 2)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"  # below a regular file: can never be created
+    code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, tmp_path / "imgs"))
+    assert code == 2 and err.strip() == (f"tta: error: cannot write to output folder {out}: Not a directory "
+                                         "(choose another --out)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes anything")
+def test_permission_denied(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    make_images(tmp_path / "imgs", 2)
+    (tmp_path / "imgs").chmod(0)
+    try:
+        args = adapt_args(tiny_model_dir, tmp_path / "run", tmp_path / "imgs")
+        code, err = run_cli(monkeypatch, capsys, *args)
+    finally:
+        (tmp_path / "imgs").chmod(0o755)
+    assert code == 2 and "permission denied" in err
+
+
+@pytest.mark.slow
+def test_one_clean_line_or_a_traceback_with_tta_debug(tmp_path: Path, tiny_model_dir: Path) -> None:
+    args = [sys.executable, "-m", "tta_cli", *adapt_args(tiny_model_dir, tmp_path / "run", tmp_path / "nope")]
+    clean = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 2
+    assert clean.stderr.strip().splitlines() == [
+        f"tta: error: input not found: {tmp_path / 'nope'} (check the path; inputs are image folders, "
+        "images, videos (.mp4 .mkv .avi .mov .webm) or lists (.txt, .csv))"]
+    env = {**os.environ, "TTA_DEBUG": "1"}
+    debug = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "TTAError" in debug.stderr
+    assert not (tmp_path / "run").exists()
