@@ -1,0 +1,130 @@
+"""``tta corrupt`` and ``tta bench``: the wild-setting benchmark commands.
+
+Registered on the app when ``tta_cli.cli.app`` is imported. Like every command, they import the
+library (torch, corrupt-tta, matplotlib) only when they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tta_cli.cli.app import app
+from tta_cli.cli.options import CheckpointOpt, DeviceOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SeedOpt
+
+SeverityOpt = Annotated[str, typer.Option(
+    "--severity", "-s", help="Severity 1-5 (tta corrupt also takes lists 3,5 and ranges 1-5).")]
+LimitOpt = Annotated[int | None, typer.Option(
+    "--limit", min=1, help="At most N images per corruption (a seeded sample, the same images for each).")]
+
+
+@app.command()
+def corrupt(
+    src: Annotated[Path, typer.Argument(help="Class-foldered image set: SRC/<class>/<image>.")],
+    dst: Annotated[Path, typer.Argument(help="Output: DST/<corruption>/<severity>/<class>/<image>.png.")],
+    corruption: Annotated[list[str], typer.Option(
+        "--corruption", "-c", help="all (the 15 ImageNet-C test corruptions), held-out (the 4 others), "
+                                   "clean, or names, comma-separated or repeated.")] = ["all"],  # noqa: B006
+    severity: SeverityOpt = "5",
+    seed: SeedOpt = 0,
+    limit: LimitOpt = None,
+    crop: Annotated[int | None, typer.Option(
+        "--crop", min=2, help="Centre-crop to N x N first (224 for ImageNet, as ImageNet-C).")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write ImageNet-C style corrupted copies of SRC into DST with corrupt-tta (deterministic for a seed)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tta_cli.bench.corrupt import (
+        CorruptPlan,
+        check_destination,
+        corrupt_folder,
+        import_corrupt_tta,
+        list_class_images,
+        parse_corruptions,
+        parse_severities,
+        select_images,
+    )
+
+    import_corrupt_tta()  # fail before any work when the extra is missing
+    plan = CorruptPlan(src, dst, parse_corruptions(corruption), parse_severities(severity), seed, limit, crop)
+    total = len(select_images(list_class_images(src), limit, seed))
+    check_destination(plan, overwrite)  # a wrong destination fails before the progress bar shows
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]corrupt"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=quiet)
+    task = progress.add_task("corrupt", total=total)
+    with progress:
+        report = corrupt_folder(plan, overwrite, on_image=lambda: progress.advance(task))
+    if report.failed:
+        console.print(f"[yellow]warning: {len(report.failed)} images could not be read "
+                      f"(e.g. {report.failed[0][0]}: {report.failed[0][1]})[/yellow]")
+    if not quiet:
+        console.print(f"{report.images} images x {len(plan.corruptions)} corruptions x "
+                      f"{len(plan.severities)} severities: {report.written} written, "
+                      f"{report.existing} already there, in {dst}")
+
+
+@app.command()
+def bench(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(
+        "--data", help="Corrupted set (tta corrupt's layout, or a flat folder whose labels.csv has a "
+                       "corruption column), or a clean class-foldered set to corrupt into OUT/data first.")],
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Comma-separated methods; method:key=value sets a hyperparameter "
+                          "(e.g. norm:bn_stats=batch).")] = "source,norm,tent,eata,sar",
+    settings: Annotated[str, typer.Option(
+        "--settings", help="Comma-separated: mild, mixed, bs1, label-shift, label-shift-all.")]
+        = "mild,mixed,bs1,label-shift",
+    corruptions: Annotated[str | None, typer.Option(
+        "--corruptions", help="Corruptions to run (default: the 15 test ones found in --data).")] = None,
+    severity: Annotated[int, typer.Option("--severity", "-s", min=1, max=5, help="Severity 1-5.")] = 5,
+    limit: LimitOpt = None,
+    bs1_limit: Annotated[int | None, typer.Option(
+        "--bs1-limit", min=1, help="Only the first N images of each batch-size-1 stream (slow).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", min=1, help="Batch size (bs1 uses 1).")] = 64,
+    clean: Annotated[Path | None, typer.Option(
+        "--clean", help="Clean in-distribution images for EATA's Fisher (else eata runs as eta).")] = None,
+    fisher_size: Annotated[int, typer.Option(
+        "--fisher-size", min=1, help="At most N clean images for the Fisher (the paper: 2000).")] = 2000,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")] = 0,
+    out: OutOpt = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Keep the runs already in OUT and run the rest.")] = False,
+    overwrite: OverwriteOpt = False,
+    plots: Annotated[bool, typer.Option(
+        "--plots/--no-plots", help="Write PNG plots (needs matplotlib).")] = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run each method on each wild setting, a fresh source model per run; write results to --out.
+
+    Writes results.csv (one row per run), curves.csv, results.md, accuracy.png and curves/*.png.
+    """
+    from datetime import datetime
+
+    from tta_cli.bench.corrupt import parse_corruptions
+    from tta_cli.bench.runner import BenchConfig, parse_methods, run_benchmark
+    from tta_cli.bench.settings import parse_settings
+
+    config = BenchConfig(
+        model=model, data=data,
+        out=out or Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-bench",
+        methods=parse_methods(methods), settings=parse_settings(settings),
+        corruptions=parse_corruptions(corruptions) if corruptions else None, severity=severity, limit=limit,
+        bs1_limit=bs1_limit, batch_size=batch_size, clean=clean, fisher_size=fisher_size, device=device,
+        seed=seed, workers=workers, threads=threads, checkpoint=checkpoint, resume=resume,
+        overwrite=overwrite, plots=plots, quiet=quiet,
+    )
+    run_benchmark(config)
+    if not quiet:
+        typer.echo(f"results: {config.out / 'results.csv'}, {config.out / 'results.md'}")

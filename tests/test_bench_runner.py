@@ -1,0 +1,111 @@
+"""``tta bench`` end to end on a tiny model: files, fresh models per run, resume, and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import make_images
+from tta_cli.bench.runner import BenchConfig, parse_methods, run_benchmark
+from tta_cli.bench.settings import parse_settings
+from tta_cli.cli import app
+from tta_cli.errors import TTAError
+
+pytest.importorskip("corrupt_tta")
+runner = CliRunner()
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def clean_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "clean"
+    for i, name in enumerate(CLASSES):
+        make_images(root / name, 2, seed=i)
+    return root
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "results.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _config(model_dir: Path, data: Path, out: Path, methods: str, settings: str, **extra: object) -> BenchConfig:
+    return BenchConfig(model=f"local-dir:{model_dir}", data=data, out=out, methods=parse_methods(methods),
+                       settings=parse_settings(settings), batch_size=4, quiet=True, plots=False, threads=1,
+                       **extra)  # type: ignore[arg-type]
+
+
+def test_bench_writes_every_file(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["bench", "--model", f"local-dir:{tiny_model_dir}", "--data", str(clean_set), "--out", str(out),
+            "--methods", "source,tent,eata,sar", "--settings", "mild,mixed,bs1,label-shift",
+            "--corruptions", "fog,contrast", "--batch-size", "4", "--bs1-limit", "6",
+            "--clean", str(clean_set), "--fisher-size", "8", "--threads", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    streams = {(r["setting"], r["corruption"]) for r in rows}
+    assert streams == {("mild", "fog"), ("mild", "contrast"), ("bs1", "fog"), ("bs1", "contrast"),
+                       ("label-shift", "fog"), ("label-shift", "contrast"), ("mixed", "all")}
+    assert len(rows) == 7 * 4 and {r["method"] for r in rows} == {"source", "tent", "eata", "sar"}
+    sizes = {(r["setting"], r["corruption"]): (int(r["images"]), int(r["batch_size"])) for r in rows}
+    assert sizes[("mild", "fog")] == (20, 4) and sizes[("mixed", "all")] == (40, 4)
+    assert sizes[("bs1", "fog")] == (6, 1)
+    assert (out / "data" / "fog" / "5" / "cat" / "img0.png").is_file()  # the clean set was corrupted
+    for name in ("results.md", "curves.csv", "bench.json", "accuracy.png", "curves/mixed_all.png",
+                 "curves/label-shift_fog.png"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "bench.json").read_text())
+    assert record["config"]["methods"] == ["source", "tent", "eata", "sar"]
+    assert record["preprocessing"]["input_size"] == [3, 32, 32]
+    assert "| source |" in (out / "results.md").read_text()
+    # The source model does not adapt: the same images give the same accuracy in any order.
+    source = {(r["setting"], r["corruption"]): r["accuracy"] for r in rows if r["method"] == "source"}
+    assert source[("mild", "fog")] == source[("label-shift", "fog")]
+
+
+def test_every_run_starts_from_the_source_model(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A run after a destructive one (huge learning rate) equals the same run alone."""
+    after = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "a", "tent:lr=5,sar:lr=0.01", "mild",
+                                  corruptions=["fog"]))
+    alone = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "b", "sar:lr=0.01", "mild",
+                                  corruptions=["fog"]))
+    first, second = after[1], alone[0]
+    assert first.method == second.method == "sar:lr=0.01"
+    assert (first.correct, first.mean_entropy, first.resets) == (second.correct, second.mean_entropy, second.resets)
+
+
+def test_resume_runs_only_what_is_missing(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"]))
+    with pytest.raises(TTAError, match="not empty"):
+        run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"]))
+    added = run_benchmark(_config(tiny_model_dir, clean_set, out, "source,norm", "mild", corruptions=["fog"],
+                                  resume=True))
+    assert [r.method for r in added] == ["norm"]
+    assert [r["method"] for r in _rows(out)] == ["source", "norm"]
+    with pytest.raises(TTAError, match="limit changed"):
+        run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"],
+                              resume=True, limit=3))
+    fresh = run_benchmark(_config(tiny_model_dir, clean_set, out, "tent", "mild", corruptions=["fog"],
+                                  overwrite=True))
+    assert len(fresh) == 1 and [r["method"] for r in _rows(out)] == ["tent"]
+
+
+def test_eata_without_clean_images_runs_as_eta(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    results = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "o", "eata,eta", "mild",
+                                    corruptions=["fog"]))
+    assert [r.method for r in results] == ["eta"]
+
+
+def test_method_specs_are_validated() -> None:
+    specs = parse_methods("norm:bn_stats=batch:bn_alpha=0.2, sar")
+    assert specs[0].name == "norm" and specs[0].settings == {"bn_stats": "batch", "bn_alpha": "0.2"}
+    with pytest.raises(TTAError, match="unknown method"):
+        parse_methods("sra")
+    with pytest.raises(TTAError, match="key=value"):
+        parse_methods("sar:lr")
