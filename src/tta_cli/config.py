@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
+
 
 def default_workers() -> int:
     """Decoding workers: one per core beyond the one running the adaptation, at most 8."""
@@ -34,6 +36,21 @@ class AdaptConfig:
     """Method hyperparameters (``--lr``, ``--steps``, ``--episodic``, ``--set key=value``)."""
     quiet: bool = False
     strict: bool = False
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (autocast; see docs/PERFORMANCE.md)."""
+    compile: bool = False
+    channels_last: str = "auto"
+    """auto (conv nets on CUDA), on or off."""
+    shuffle: bool = False
+    """Shuffle the whole stream (all inputs together) with ``seed``."""
+    every: int | None = None
+    fps: float | None = None
+    start: float = 0.0
+    end: float | None = None
+    max_frames: int | None = None
+    """Videos: which frames enter the stream (see ``tta_cli.sources.video.VideoOptions``)."""
+    max_pixels: int = MAX_IMAGE_PIXELS
+    """Images with more pixels are skipped (decompression bombs); 0: no limit."""
 
     def out_dir(self) -> Path:
         if self.out is not None:

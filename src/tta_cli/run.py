@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
@@ -14,38 +15,49 @@ from rich.console import Console
 
 from tta_cli import __version__
 from tta_cli.config import AdaptConfig, default_workers
-from tta_cli.engine import Totals, resolve_device, run_stream
+from tta_cli.engine import Totals, configure_backends, resolve_channels_last, resolve_device, run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, method_config
-from tta_cli.methods.base import TTAMethod
+from tta_cli.methods.base import PRECISIONS, TTAMethod
 from tta_cli.models import LoadedModel, export_model, load_model
 from tta_cli.sinks.predictions import ErrorsWriter, PredictionsWriter
 from tta_cli.sinks.progress import ProgressDisplay, summary_table
+from tta_cli.sources import Stream, VideoOptions, collect_stream
 from tta_cli.sources.folder import folder_items
-from tta_cli.sources.items import StreamItem
 from tta_cli.sources.loader import iter_batches
+from tta_cli.sources.paths import check_input
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder unless ``overwrite``; check it can be written before any work."""
     if out.exists() and not out.is_dir():
         raise TTAError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise TTAError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
+    _refuse_non_empty(out, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".tta-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise TTAError(f"cannot write to output folder {out}: {err.strerror}", "choose another --out") from err
+        raise TTAError(f"cannot write to output folder {out}: {err.strerror}",
+                       "choose another --out") from err
 
 
-def stream_items(config: AdaptConfig, class_names: list[str]) -> list[StreamItem]:
-    items: list[StreamItem] = []
-    for path in config.inputs:
-        items += folder_items(path, class_names, config.labels)
-    return items
+def _refuse_non_empty(out: Path, overwrite: bool) -> None:
+    try:
+        non_empty = out.is_dir() and any(out.iterdir())
+    except OSError as err:
+        raise TTAError(f"cannot use output folder {out}: {err.strerror}", "choose another --out") from err
+    if non_empty and not overwrite:
+        raise TTAError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
+
+
+def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = None,
+                 workers: int = 0) -> Stream:
+    """The run's inputs as one stream, every input checked (and videos probed) before any output."""
+    video = VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames)
+    return collect_stream(config.inputs, class_names, config.labels, video, config.shuffle, config.seed,
+                          transform, workers)
 
 
 def seed_everything(seed: int) -> None:
@@ -59,7 +71,8 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _build_method(config: AdaptConfig, loaded: LoadedModel, device: torch.device, console: Console) -> TTAMethod:
+def _build_method(config: AdaptConfig, loaded: LoadedModel, device: torch.device,
+                  console: Console) -> TTAMethod:
     name = config.method.lower()
     if name == "eata" and config.clean is None:
         console.print("[yellow]eata without --clean: no Fisher regulariser, running eta[/yellow]")
@@ -67,6 +80,9 @@ def _build_method(config: AdaptConfig, loaded: LoadedModel, device: torch.device
     method_cfg = method_config(name, **config.settings)
     loaded.model.to(device)
     method = create_method(name, loaded.model, method_cfg, batch_size=config.batch_size)
+    configure_backends(device)
+    method.configure_performance(config.precision, resolve_channels_last(config.channels_last, loaded.model, device),
+                                 config.compile)
     if name == "eata" and config.clean is not None:
         clean = folder_items(config.clean, loaded.class_names)
         batches = iter_batches(clean, loaded.transform(), config.batch_size, workers=0)
@@ -88,30 +104,43 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
+    if config.precision not in PRECISIONS:
+        raise TTAError(f"unknown precision {config.precision!r}", f"choose from {', '.join(PRECISIONS)}")
     out = config.out_dir()
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
-        raise TTAError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
+    _refuse_non_empty(out, config.overwrite)
+    VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames).validate()
+    for path in config.inputs:  # a mistyped path fails now, not after loading the model
+        check_input(path)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     loaded = load_model(config.model, config.pretrained, config.checkpoint, config.num_classes)
-    items = stream_items(config, loaded.class_names)
+    workers = default_workers() if config.workers is None else config.workers
+    stream = stream_items(config, loaded.class_names, loaded.transform(), workers)
+    try:
+        return _adapt_stream(config, loaded, stream, workers, device, out, console)
+    finally:
+        stream.close()
+
+
+def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, workers: int,
+                  device: torch.device, out: Path, console: Console) -> dict[str, Any]:
     method = _build_method(config, loaded, device, console)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
-        _print_plan(console, loaded, method, len(items), device)
+        _print_plan(console, loaded, method, stream.describe(), device)
 
-    workers = default_workers() if config.workers is None else config.workers
     predictions = PredictionsWriter(out / "predictions.csv", loaded.class_names)
     errors = ErrorsWriter(out / "errors.csv")
     started = time.perf_counter()
     status = "completed"
     totals = Totals()
-    progress = ProgressDisplay(console, len(items), method, quiet=config.quiet)
+    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
     try:
-        batches = iter_batches(items, loaded.transform(), config.batch_size, workers,
-                               pin_memory=device.type == "cuda")
+        batches = iter_batches(stream, loaded.transform(), config.batch_size, workers,
+                               pin_memory=device.type == "cuda", max_pixels=config.max_pixels)
         with progress:
-            totals = run_stream(method, batches, device, [predictions, errors, progress])
+            totals = run_stream(method, batches, device, [predictions, errors, progress],
+                                tune_threads="OMP_NUM_THREADS" not in os.environ)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
@@ -120,7 +149,8 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
         errors.close()
     elapsed = time.perf_counter() - started
     export_model(loaded, method.adapted_state_dict(), out / "model")
-    record = _record(config, loaded, method, totals, device, out, status, elapsed, len(items))
+    n_items = totals.images + totals.skipped
+    record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
     (out / "run.json").write_text(json.dumps(record, indent=2))
     method.close()
     if not config.quiet:
@@ -131,12 +161,16 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
     if totals.skipped:
         console.print(f"[yellow]warning: {totals.skipped} inputs could not be read, see {out / 'errors.csv'}"
                       "[/yellow]")
+        if not totals.images:
+            raise TTAError(f"none of the inputs could be read ({totals.skipped} skipped)",
+                           f"see {out / 'errors.csv'}", exit_code=3)
         if config.strict:
             raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
     return record
 
 
-def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, n: int, device: torch.device) -> None:
+def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream: str,
+                device: torch.device) -> None:
     info = method.describe()
     console.print(f"[bold]model[/bold] {loaded.spec} -> {loaded.architecture}"
                   f"{'.' + loaded.tag if loaded.tag else ''} ({loaded.source}), {loaded.num_classes} classes")
@@ -150,7 +184,7 @@ def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, n: int
     if info["bn_stats"]:
         line += f", BatchNorm statistics: {info['bn_stats']}"
     console.print(line)
-    console.print(f"[bold]stream[/bold] {n} images on {device}")
+    console.print(f"[bold]stream[/bold] {stream} on {device}")
 
 
 def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals: Totals,
@@ -184,6 +218,10 @@ def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
             "seconds": elapsed,
             "adapt_seconds": totals.adapt_seconds,
             "images_per_second": totals.images / elapsed if elapsed > 0 else 0.0,
+            "data_wait_seconds": totals.data_wait_seconds,
+            "batches_waiting_for_data": totals.data_waits,
+            "cpu_threads_from_batch": totals.cpu_threads,
+            "device_idle_share": totals.device_idle_share,
         },
         "out": str(out),
     }

@@ -11,17 +11,27 @@ import typer
 from tta_cli import __version__
 from tta_cli.cli.options import (
     BatchSizeOpt,
+    ChannelsLastOpt,
     CheckpointOpt,
+    CompileOpt,
     DeviceOpt,
+    EndOpt,
+    EveryOpt,
+    FpsOpt,
     JsonOpt,
+    MaxFramesOpt,
+    MaxPixelsOpt,
     MethodOpt,
     ModelOpt,
     NumClassesOpt,
     OutOpt,
     OverwriteOpt,
+    PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
     SeedOpt,
+    ShuffleOpt,
+    StartOpt,
     WorkersOpt,
 )
 from tta_cli.errors import TTAError
@@ -61,7 +71,8 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
 
 @app.command()
 def adapt(
-    inputs: Annotated[list[Path], typer.Argument(help="Image folders to adapt on, in stream order.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.")],
     model: ModelOpt,
     method: MethodOpt = "sar",
     pretrained: PretrainedOpt = True,
@@ -79,7 +90,17 @@ def adapt(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Method hyperparameter key=value (repeatable; see `tta methods`).")] = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    compile_model: CompileOpt = False,
+    channels_last: ChannelsLastOpt = "auto",
     seed: SeedOpt = 0,
+    shuffle: ShuffleOpt = False,
+    every: EveryOpt = None,
+    fps: FpsOpt = None,
+    start: StartOpt = 0.0,
+    end: EndOpt = None,
+    max_frames: MaxFramesOpt = None,
+    max_pixels: MaxPixelsOpt = 89_478_485,
     workers: WorkersOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -101,7 +122,8 @@ def adapt(
         inputs=inputs, model=model, method=method, pretrained=pretrained, checkpoint=checkpoint,
         num_classes=num_classes, labels=labels, clean=clean, batch_size=batch_size, device=device,
         seed=seed, workers=workers, out=out, overwrite=overwrite, settings=settings, quiet=quiet,
-        strict=strict,
+        strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
+        max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
     )
     run_adapt(config)
 
@@ -116,7 +138,7 @@ def methods(as_json: JsonOpt = False) -> None:
     listing = {}
     for name in list_methods():
         cls = get_method_class(name)
-        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip()
+        doc = ((cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__) or "").strip()
         listing[name] = {
             "summary": doc.splitlines()[0] if doc else "",
             "settings": {f.name: f.default for f in dataclasses.fields(cls.config_class)},
@@ -144,3 +166,7 @@ def models(as_json: JsonOpt = False) -> None:
         return
     for alias, name in ALIASES.items():
         typer.echo(f"{alias:12s} {name}")
+
+
+# The benchmark commands register themselves on the app (kept in their own module).
+from tta_cli.cli import bench_cmds  # noqa: E402, F401

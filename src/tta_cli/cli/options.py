@@ -36,3 +36,32 @@ OutOpt = Annotated[Path | None, typer.Option(
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty output folder.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display or summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ShuffleOpt = Annotated[bool, typer.Option(
+    "--shuffle", help="Shuffle the whole stream (all inputs together) with --seed: a mixed-shift stream.",
+)]
+EveryOpt = Annotated[int | None, typer.Option(
+    "--every", min=1, help="Videos: keep every N-th frame.",
+)]
+FpsOpt = Annotated[float | None, typer.Option(
+    "--fps", help="Videos: keep at most F frames per second (resampled in time; never repeats a frame).",
+)]
+StartOpt = Annotated[float, typer.Option(
+    "--start", min=0.0, help="Videos: skip frames before this time (s).",
+)]
+EndOpt = Annotated[float | None, typer.Option("--end", help="Videos: stop at this time (s).")]
+MaxFramesOpt = Annotated[int | None, typer.Option(
+    "--max-frames", min=1, help="Videos: at most N frames from each video.",
+)]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", min=0, help="Skip images with more pixels (decompression bombs); 0: no limit.",
+)]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
+                        "losses, predictions and adapted parameters stay fp32.",
+)]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the model (slow first batches, faster after; GPU mostly).",
+)]
+ChannelsLastOpt = Annotated[str, typer.Option(
+    "--channels-last", help="Channels-last memory format: auto (conv nets on CUDA), on or off.",
+)]

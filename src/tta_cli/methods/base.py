@@ -8,9 +8,10 @@ the update) and ``collect_params`` (which norm layers); everything else lives he
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +30,23 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of ``values[mask]``, count) without a data-dependent shape, so no host sync on a GPU.
+
+    The mean is 0 for an empty mask: its backward then gives the zero gradients that the authors'
+    mean over an empty selection gives (a plain 0/0 would give NaN gradients). Gradients equal
+    those of ``values[mask].mean()`` bit for bit (each selected value gets 1/count).
+    """
+    count = mask.sum()
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / count.clamp(min=1), count
+
+
+def nan_if_empty(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The value the authors' mean reports: NaN for an empty selection."""
+    return torch.where(count > 0, mean.detach(), torch.full_like(mean, math.nan))
+
+
 @dataclass
 class StepResult:
     """One batch through a method.
@@ -40,8 +58,9 @@ class StepResult:
 
     logits: torch.Tensor
     used: torch.Tensor
-    filtered: tuple[torch.Tensor, ...] = ()
-    reset: bool = False
+    filtered: tuple[torch.Tensor | int, ...] = ()
+    reset: bool | torch.Tensor = False
+    """A 0-dim bool tensor when the method decided on the device (read it when convenient)."""
 
 
 @dataclass
@@ -67,6 +86,29 @@ class EntropyConfig(MethodConfig):
     """Reset to the source model before every batch."""
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+NO_GRAD_FIRST_BELOW = 0.5
+"""Expected share of rows that need gradients below which a batch-independent model predicts with a
+no-grad forward and forwards only those rows again with autograd (an extra no-grad forward against
+the full-batch backward: break-even near 0.6 on the CPU, docs/PERFORMANCE.md)."""
+
+PENDING_LIMIT = 1024
+"""Device-side flags kept unread at most this many batches (then read at once: bounded memory)."""
+
+
+@dataclass
+class Performance:
+    """How a method runs, not what it computes: chosen per run and recorded by ``describe``."""
+
+    precision: str = "fp32"
+    """fp32, or autocast to bf16 / fp16 (fp16 with dynamic loss scaling); losses stay in fp32."""
+    channels_last: bool = False
+    """Model and inputs in channels-last memory format (faster convolutions)."""
+    compile: bool | str = False
+    """torch.compile the model in place (a string names the backend)."""
+
+
 def is_vit_like(model: nn.Module) -> bool:
     """Transformers (patch embedding + blocks) follow the LayerNorm learning-rate rule."""
     return hasattr(model, "patch_embed")
@@ -90,6 +132,9 @@ class TTAMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     updates_parameters: ClassVar[bool] = True
     double_lr_at_bs1: ClassVar[bool] = False
+    amp_aware: ClassVar[bool] = False
+    """The method runs its forwards through ``run_model`` (autocast there, losses in fp32);
+    otherwise ``step`` puts the whole batch under autocast (fine for methods with no backward)."""
 
     def __init__(self, model: nn.Module, config: MethodConfig | None = None, batch_size: int = 64) -> None:
         super().__init__()
@@ -108,8 +153,14 @@ class TTAMethod(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.build_optimizer() if self.params else None
-        self.resets: list[int] = []
+        self._prime_momentum()
         self.batches_seen = 0
+        self._reset_log: list[int] = []
+        self._pending_resets: list[tuple[int, torch.Tensor]] = []
+        self.performance = Performance()
+        self.scaler: torch.amp.GradScaler | None = None
+        # The reset snapshot is the adapted tensors and the optimiser state only, never a copy of
+        # the whole model: everything else is frozen, so restoring these restores the source.
         self._source_params = [p.detach().clone() for p in self.params]
         self._source_buffers = self._bn_buffers_copy() if self.bn_mode == "ema" else {}
         self._source_optim = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
@@ -128,10 +179,86 @@ class TTAMethod(nn.Module):
         return affine_parameters(self.model)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.params, lr=self.lr, momentum=getattr(self.config, "momentum", 0.9))
+        # fused on CUDA: one kernel per step, and loss scaling without a host sync; on the CPU the
+        # single-tensor loop, which is the authors' arithmetic (and as fast for a few norm layers)
+        fused = all(p.is_cuda for p in self.params)
+        return torch.optim.SGD(self.params, lr=self.lr, momentum=getattr(self.config, "momentum", 0.9),
+                               fused=fused or None)
 
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         raise NotImplementedError
+
+    # --- performance ------------------------------------------------------------------------------
+
+    def configure_performance(self, precision: str = "fp32", channels_last: bool = False,
+                              compile: bool | str = False) -> None:
+        """Choose how the method runs (never what it computes); call once, before the stream."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.performance = Performance(precision, channels_last, compile)
+        device = self.device
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and self.params else None
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)  # parameters stay the same objects
+        if compile:
+            # in place, so parameter names, hooks and the state dict are unchanged
+            self.model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+
+    @property
+    def device(self) -> torch.device:
+        first = next(self.model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = PRECISIONS[self.performance.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.performance.channels_last and x.ndim == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits in fp32, under the run's precision and memory format."""
+        with self.autocast():
+            logits = self.model(self.prepare_input(x))
+        return logits.float()
+
+    def reads_are_free(self, tensor: torch.Tensor) -> bool:
+        """Reading a value on the host costs nothing on the CPU; on a GPU it waits for the queue,
+        so there the methods decide on the device instead (same results, see the tests)."""
+        return tensor.device.type == "cpu"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optimizer_step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+    @torch.no_grad()
+    def optimizer_step_if(self, apply: torch.Tensor | bool) -> None:
+        """An optimiser step that takes effect only where ``apply`` holds.
+
+        A bool (or a CPU tensor, free to read) decides on the host. A device tensor is never read:
+        the step runs and the parameters and momentum are put back where ``apply`` is false (the
+        momentum buffers exist from the start, ``_prime_momentum``), so the loop never waits.
+        """
+        if isinstance(apply, bool) or self.reads_are_free(apply):
+            if bool(apply):
+                self.optimizer_step()
+            return
+        state = self._optimizer_tensors()
+        saved = [t.clone() for t in state]
+        self.optimizer_step()
+        for tensor, old in zip(state, saved, strict=True):
+            tensor.copy_(torch.where(apply, tensor, old))
 
     # --- the public loop API ----------------------------------------------------------------------
 
@@ -140,19 +267,22 @@ class TTAMethod(nn.Module):
 
     def step(self, x: torch.Tensor) -> StepResult:
         """Predict on ``x`` with the current model, then adapt ``config.steps`` times."""
+        x = self.prepare_input(x)
         if getattr(self.config, "episodic", False):
             self.reset()
-        result = self.forward_and_adapt(x)
-        for _ in range(getattr(self.config, "steps", 1) - 1):
-            later = self.forward_and_adapt(x)
-            result.reset = result.reset or later.reset
+        with contextlib.nullcontext() if self.amp_aware else self.autocast():
+            result = self.forward_and_adapt(x)
+            for _ in range(getattr(self.config, "steps", 1) - 1):
+                later = self.forward_and_adapt(x)
+                result.reset = _either(result.reset, later.reset)
+        result.logits = result.logits.float()
         self.batches_seen += 1
         return result
 
     @torch.no_grad()
     def reset(self) -> None:
         """Restore the source parameters (and BN statistics, optimiser state) bit for bit."""
-        for param, source in zip(self.params, self._source_params):
+        for param, source in zip(self.params, self._source_params, strict=True):
             param.copy_(source)
         for name, buffer in self._bn_buffers().items():
             if name in self._source_buffers:
@@ -160,16 +290,54 @@ class TTAMethod(nn.Module):
         if self.optimizer is not None and self._source_optim is not None:
             self.optimizer.load_state_dict(copy.deepcopy(self._source_optim))
 
-    def record_reset(self) -> None:
-        self.resets.append(self.batches_seen)
+    @torch.no_grad()
+    def reset_where(self, flag: torch.Tensor, momentum: bool = True) -> None:
+        """``reset()`` where the 0-dim bool ``flag`` holds, decided on the device (no host sync).
+
+        ``torch.where`` picks one of its inputs, so the result is bit for bit either the current
+        tensors or the source ones. The source momentum is zero (``_prime_momentum``).
+        """
+        for param, source in zip(self.params, self._source_params, strict=True):
+            param.copy_(torch.where(flag, source, param))
+        for name, buffer in self._bn_buffers().items():
+            if name in self._source_buffers:
+                buffer.copy_(torch.where(flag, self._source_buffers[name], buffer))
+        if momentum:
+            for buffer in self._momentum_buffers():
+                buffer.masked_fill_(flag, 0.0)
+
+    @property
+    def resets(self) -> list[int]:
+        """Batch indices (0-based) where the model was restored to the source."""
+        self.settle()
+        return self._reset_log
+
+    def record_reset(self, flag: bool | torch.Tensor = True) -> None:
+        """Note a reset of the current batch; a device flag is read later, with others at once."""
+        if isinstance(flag, torch.Tensor):
+            self._pending_resets.append((self.batches_seen, flag.detach()))
+            if len(self._pending_resets) >= PENDING_LIMIT:
+                self.settle()
+        elif flag:
+            self._reset_log.append(self.batches_seen)
+
+    def settle(self) -> None:
+        """Read the flags decided on the device so far (one transfer for all of them)."""
+        if not self._pending_resets:
+            return
+        flags = torch.stack([f for _, f in self._pending_resets]).cpu().tolist()
+        self._reset_log += [i for (i, _), hit in zip(self._pending_resets, flags, strict=True) if hit]
+        self._pending_resets.clear()
 
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict as it stands: the source's but for the adapted tensors.
 
         The source BN running statistics are in the buffers (the hooks never write them, except
-        the ``ema`` statistics, which are the adaptation and are exported as such).
+        the ``ema`` statistics, which are the adaptation and are exported as such). Tensors are
+        contiguous whatever the memory format used while adapting.
         """
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().clone(memory_format=torch.contiguous_format)
+                for k, v in self.model.state_dict().items()}
 
     def stats(self) -> dict[str, Any]:
         """Method-specific state for progress and the run record (e.g. SAR's entropy EMA)."""
@@ -186,6 +354,7 @@ class TTAMethod(nn.Module):
             "adapted_parameters": len(self.param_names),
             "adapted_values": sum(p.numel() for p in self.params),
             "adapted_names": self.param_names,
+            "performance": asdict(self.performance),
         }
 
     def close(self) -> None:
@@ -196,6 +365,29 @@ class TTAMethod(nn.Module):
 
     # --- helpers ----------------------------------------------------------------------------------
 
+    def _prime_momentum(self) -> None:
+        """Create SGD's momentum buffers as zeros before the first step.
+
+        With dampening 0 the first step then computes 0.9 * 0 + g = g, exactly torch's lazily
+        created buffer, and every step can be undone on the device (``optimizer_step_if``).
+        """
+        if self.optimizer is None:
+            return
+        for group in self.optimizer.param_groups:
+            if group.get("momentum", 0):
+                for param in group["params"]:
+                    self.optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+
+    def _momentum_buffers(self) -> list[torch.Tensor]:
+        if self.optimizer is None:
+            return []
+        states = (self.optimizer.state.get(p, {}) for p in self.params)
+        return [s["momentum_buffer"] for s in states if s.get("momentum_buffer") is not None]
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        """Everything an optimiser step writes: the parameters and their momentum."""
+        return [*self.params, *self._momentum_buffers()]
+
     def _bn_buffers(self) -> dict[str, torch.Tensor]:
         return {
             n: b for n, b in self.model.named_buffers() if n.endswith(("running_mean", "running_var"))
@@ -205,17 +397,29 @@ class TTAMethod(nn.Module):
         return {n: b.detach().clone() for n, b in self._bn_buffers().items()}
 
 
+def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:
+    """Logical or of two reset flags, without reading a device flag."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.logical_or(torch.as_tensor(a), torch.as_tensor(b))
+    return a or b
+
+
 def entropy_margin(num_classes: int, factor: float = 0.4) -> float:
     """E0 = 0.4 ln C, the reliable-sample threshold of EATA and SAR."""
     return factor * math.log(num_classes)
 
 
 __all__ = [
+    "NO_GRAD_FIRST_BELOW",
+    "PRECISIONS",
     "EntropyConfig",
     "MethodConfig",
+    "Performance",
     "StepResult",
     "TTAMethod",
     "default_lr",
     "entropy_margin",
+    "masked_mean",
+    "nan_if_empty",
     "softmax_entropy",
 ]

@@ -145,6 +145,12 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(is_batchnorm(m) for m in model.modules())
 
 
+def is_batch_independent(model: nn.Module, bn_mode: str | None) -> bool:
+    """No sample's output depends on another's: no BatchNorm normalises with batch statistics
+    (``source`` statistics are fixed; ``mix`` and ``ema`` use the batch's)."""
+    return not has_batchnorm(model) or bn_mode == "source"
+
+
 def resolve_bn_stats(requested: str, batch_size: int | None) -> BNStats:
     """``auto`` means the authors' batch statistics, except at batch size 1 where they degenerate
     (instance normalisation, or a crash on 1x1 feature maps): there the source statistics are

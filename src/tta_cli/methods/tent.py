@@ -26,13 +26,14 @@ class TentConfig(EntropyConfig):
 class Tent(TTAMethod):
     name = "tent"
     config_class = TentConfig
+    amp_aware = True
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        logits = self.model(x)
+        logits = self.run_model(x)
         loss = softmax_entropy(logits).mean(0)
-        loss.backward()
-        self.optimizer.step()
+        self.backward(loss)
+        self.optimizer_step()
         self.optimizer.zero_grad()
         used = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return StepResult(logits=logits.detach(), used=used)

@@ -13,7 +13,7 @@ from tta_cli.engine import BatchOutputs, Totals
 
 
 class ProgressDisplay:
-    """images/s, ETA, running mean entropy, share used for updates, resets, running accuracy."""
+    """images/s, ETA, running mean entropy, share used for updates, resets, SAR's entropy EMA, accuracy."""
 
     def __init__(self, console: Console, total: int, method: Any, quiet: bool = False) -> None:
         self.console = console
@@ -48,6 +48,9 @@ class ProgressDisplay:
         if self.method.updates_parameters:
             parts.append(f"used {100 * (t.used_share or 0):.0f}%")
             parts.append(f"resets {t.resets}")
+            ema = self.method.stats().get("ema")
+            if ema is not None:
+                parts.append(f"EMA {ema:.3f}")
         if t.accuracy is not None:
             parts.append(f"acc {100 * t.accuracy:.1f}%")
         if t.skipped:
@@ -66,9 +69,10 @@ def summary_table(record: dict[str, Any]) -> Table:
     table.add_column()
     counts, timing = record["counts"], record["timing"]
     method = record["method"]
+    lr = f", lr {method['lr']:.3g} ({method['lr_source']})" if method.get("lr") else ""
     rows = [
         ("model", f"{record['model']['spec']} ({record['model']['architecture']})"),
-        ("method", f"{method['method']}" + (f", lr {method['lr']:.3g} ({method['lr_source']})" if method.get("lr") else "")),
+        ("method", f"{method['method']}{lr}"),
         ("device", record["device"]),
         ("images", str(counts["images"])),
         ("skipped", str(counts["skipped"])),
