@@ -331,11 +331,11 @@ def _load(iterator: Iterator[Batch], device: torch.device, stream: torch.cuda.St
           totals: Totals) -> _Loaded | None:
     start = time.perf_counter()
     batch = next(iterator, None)
+    if batch is None:  # the end of the stream is not a wait for data
+        return None
     waited = time.perf_counter() - start
     totals.data_wait_seconds += waited
     totals.data_waits += int(waited > DATA_WAIT_S)
-    if batch is None:
-        return None
     if not batch.items:
         return _Loaded(batch, None)
     if stream is None:
