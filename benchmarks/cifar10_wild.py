@@ -19,14 +19,13 @@ Steps, each reused from the cache on a rerun (default ~/.cache/tta-cli/bench, or
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, cache_dir, shared_dir
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODELS = {"gn": "cifar10-resnet18-gn", "ln": "cifar10-convnext-atto-ln", "bn": "cifar10-resnet18-bn"}
 METHODS = "source,norm,tent,eata,sar"
@@ -74,17 +73,6 @@ def quick_parts() -> list[Part]:
     parts.append(Part("gn-long", MODELS["gn"], "mild", None, corruptions="gaussian_noise"))
     parts.append(Part("ln-long", MODELS["ln"], "mild", None, corruptions="gaussian_noise"))
     return parts
-
-
-def shared_dir(given: str | None) -> Path:
-    path = Path(given or os.environ.get("TTA_SHARED") or REPO.parent / "shared")
-    if not (path / "data" / "cifar10-jpeg.tar.gz").is_file():
-        sys.exit(f"no data/cifar10-jpeg.tar.gz under {path}: pass --shared or set TTA_SHARED")
-    return path
-
-
-def cache_dir(given: str | None) -> Path:
-    return Path(given or os.environ.get("TTA_BENCH_CACHE") or Path.home() / ".cache" / "tta-cli" / "bench")
 
 
 def extract_cifar(tar_path: Path, cache: Path, fisher_images: int) -> tuple[Path, Path]:
@@ -164,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tta_cli.bench.report import markdown, read_csv
 
-    shared, cache = shared_dir(args.shared), cache_dir(args.cache)
+    shared, cache = shared_dir(args.shared, "data/cifar10-jpeg.tar.gz"), cache_dir(args.cache)
     parts = quick_parts() if args.quick else full_parts()
     args.fisher_size = args.fisher_size or (500 if args.quick else 2000)
     if args.only:

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, cache_dir, shared_dir
+
 ARCH = "tf_efficientnet_lite0"
 METHODS = "source,norm,tent,eata,sar"
 
@@ -61,17 +61,6 @@ def quick_parts() -> list[Part]:
         # Label shift over all 15 corruptions: 32 classes x 15 corrupted versions, class by class.
         Part("label-shift", "label-shift-all", "all", 32),
     ]
-
-
-def shared_dir(given: str | None) -> Path:
-    path = Path(given or os.environ.get("TTA_SHARED") or REPO.parent / "shared")
-    if not (path / "data" / "imagenet-sample-256.tar.gz").is_file():
-        sys.exit(f"no data/imagenet-sample-256.tar.gz under {path}: pass --shared or set TTA_SHARED")
-    return path
-
-
-def cache_dir(given: str | None) -> Path:
-    return Path(given or os.environ.get("TTA_BENCH_CACHE") or Path.home() / ".cache" / "tta-cli" / "bench")
 
 
 def extract_sample(tar_path: Path, cache: Path) -> tuple[Path, list[str]]:
@@ -216,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tta_cli.bench.report import markdown, read_csv
 
-    shared, cache = shared_dir(args.shared), cache_dir(args.cache)
+    shared, cache = shared_dir(args.shared, "data/imagenet-sample-256.tar.gz"), cache_dir(args.cache)
     sample, wnids = extract_sample(shared / "data" / "imagenet-sample-256.tar.gz", cache)
     model = model_folder(cache, wnids)
     clean = corrupted(sample, cache, "clean", None) / "clean" / "5"

@@ -82,12 +82,7 @@ class ETA(TTAMethod):
         # Filters are masks over the whole batch rather than index selections, which would need
         # the selected count on the host (a sync on a GPU); every per-sample value is row-wise.
         logits = self.run_model(x)
-        margin = self.config.margin_factor * math.log(logits.shape[1])
-        entropy = softmax_entropy(logits)
-        reliable = entropy < margin
-        probs = logits.softmax(1)
-        keep = reliable & self._not_redundant(probs)
-        self._update_model_probs(probs, keep)
+        margin, entropy, reliable, keep = self._filter(logits)
         weights = 1 / torch.exp(entropy.detach() - margin)
         loss, n_used = masked_mean(entropy * weights, keep)
         self._update(loss + self.regulariser(), n_used)
@@ -99,12 +94,7 @@ class ETA(TTAMethod):
         """Batch-independent model: the predictions and both filters need no gradient, and only the
         kept rows contribute to the loss, so only they are forwarded again, with autograd."""
         logits = self.run_model(x)
-        margin = self.config.margin_factor * math.log(logits.shape[1])
-        entropy = softmax_entropy(logits)
-        reliable = entropy < margin
-        probs = logits.softmax(1)
-        keep = reliable & self._not_redundant(probs)
-        self._update_model_probs(probs, keep)
+        margin, entropy, reliable, keep = self._filter(logits)
         index = keep.nonzero().squeeze(1)
         self._track_share(index.numel(), x.shape[0])
         if index.numel():
@@ -115,6 +105,16 @@ class ETA(TTAMethod):
             self.optimizer_step()
             self.optimizer.zero_grad()
         return StepResult(logits, keep, (reliable.sum(), keep.sum()))
+
+    def _filter(self, logits: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E0, the entropies, the reliable mask and the kept (reliable, non-redundant) mask; updates m."""
+        margin = self.config.margin_factor * math.log(logits.shape[1])
+        entropy = softmax_entropy(logits)
+        reliable = entropy < margin
+        probs = logits.softmax(1)
+        keep = reliable & self._not_redundant(probs)
+        self._update_model_probs(probs, keep)
+        return margin, entropy, reliable, keep
 
     def _track_share(self, kept: int, batch: int) -> None:
         share = kept / batch
