@@ -47,7 +47,6 @@ import random
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,31 +102,11 @@ def read_cifar_test(tar_path: Path) -> list[tuple[str, int, bytes]]:
     return items
 
 
-@contextlib.contextmanager
-def seeded_impulse_noise() -> Iterator[None]:
-    """Make corrupt-tta's ``impulse_noise`` deterministic for as long as the context is open.
-
-    It calls ``skimage.util.random_noise`` without ``rng``, i.e. with a fresh, unseeded generator.
-    The wrapper passes a seed drawn from numpy's global generator, which the caller seeds.
-    """
-    import corrupt_tta.corruptions as cc
-
-    unseeded: Callable[..., Any] = cc.random_noise
-
-    def seeded(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("rng", int(np.random.randint(2**31)))
-        return unseeded(*args, **kwargs)
-
-    cc.random_noise = seeded
-    try:
-        yield
-    finally:
-        cc.random_noise = unseeded
-
-
 def make_stream(shared: Path, out_dir: Path, n: int, seed: int) -> list[dict[str, Any]]:
     """Write ``n`` corrupted test images and ``labels.csv`` to ``out_dir``; return the rows."""
     import corrupt_tta
+
+    from tta_cli.bench.corrupt import seeded_impulse_noise
 
     items = read_cifar_test(shared / CIFAR_TAR)
     if not 0 < n <= len(items):
@@ -138,7 +117,7 @@ def make_stream(shared: Path, out_dir: Path, n: int, seed: int) -> list[dict[str
     width = max(4, len(str(n - 1)))
     out_dir.mkdir(parents=True)
     rows: list[dict[str, Any]] = []
-    with seeded_impulse_noise():
+    with seeded_impulse_noise(corrupt_tta):
         for index, ((_, label, data), corruption) in enumerate(zip(chosen, corruptions, strict=True)):
             np.random.seed([seed, index])
             img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -32,6 +32,8 @@ class ProgressDisplay:
             transient=False,
         )
         self._task = self._progress.add_task(method.name, total=total, rate="", stats="")
+        self._ema: float | None = None
+        self._ema_read_at = -1.0
 
     def __enter__(self) -> ProgressDisplay:
         self._progress.start()
@@ -48,7 +50,7 @@ class ProgressDisplay:
         if self.method.updates_parameters:
             parts.append(f"used {100 * (t.used_share or 0):.0f}%")
             parts.append(f"resets {t.resets}")
-            ema = self.method.stats().get("ema")
+            ema = self._method_ema()
             if ema is not None:
                 parts.append(f"EMA {ema:.3f}")
         if t.accuracy is not None:
@@ -61,6 +63,16 @@ class ProgressDisplay:
             rate=f"{t.images / elapsed:.1f} img/s",
             stats="  ".join(p for p in parts if p),
         )
+
+
+    def _method_ema(self) -> float | None:
+        """SAR's entropy EMA, read at most twice a second: on a GPU reading it waits for the
+        device, which the per-batch loop otherwise never does."""
+        now = time.perf_counter()
+        if now - self._ema_read_at >= 0.5:
+            self._ema = self.method.stats().get("ema")
+            self._ema_read_at = now
+        return self._ema
 
 
 def summary_table(record: dict[str, Any]) -> Table:
