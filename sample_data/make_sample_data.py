@@ -32,7 +32,7 @@ noise from ``np.random``. ``impulse_noise`` is the exception: it calls scikit-im
 ``random_noise`` without a generator, so it would differ on every run; while corrupting, that call
 is wrapped to pass a generator seeded from ``np.random``.
 
-usage: python tools/make_sample_data.py [--shared DIR] [--out DIR] [--n 320] [--seed 0]
+usage: python sample_data/make_sample_data.py [--shared DIR] [--out DIR] [--n 320] [--seed 0]
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def make_model(shared: Path, out_dir: Path) -> None:
     config = json.loads((src / "config.json").read_text())
     config["derived_from"] = (
         f"float16 copy of shared/{SOURCE_MODEL} (same config; every floating tensor of "
-        "model.safetensors stored as float16), made by tools/make_sample_data.py"
+        "model.safetensors stored as float16), made by sample_data/make_sample_data.py"
     )
     tensors = load_file(src / "model.safetensors")
     half = {
@@ -224,7 +224,7 @@ def write_readme(out: Path, command: str, n: int, seed: int, results: dict[str, 
         "# sample_data",
         "",
         "A small, committed sample for examples, documentation and quick tests that must run without",
-        "`../shared`. Made by `tools/make_sample_data.py`; do not edit by hand, rerun the script.",
+        "`../shared`. Made by `sample_data/make_sample_data.py`; do not edit by hand, rerun the script.",
         "",
         "## What is here",
         "",
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {c: sum(r["corruption"] == c for r in rows) for c in CORRUPTIONS}
     results = {"acc_fp16": acc16, "acc_fp32": acc32, "agree": agree, "corruption_counts": counts}
 
-    command = "python tools/make_sample_data.py"
+    command = "python sample_data/make_sample_data.py"
     extra = [f"--{k} {v}" for k, v, d in (("n", args.n, 320), ("seed", args.seed, 0)) if v != d]
     if extra:
         command += " " + " ".join(extra)
