@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tta_cli.engine import resolve_channels_last, run_stream
+from tta_cli.device import resolve_channels_last
+from tta_cli.engine import run_stream
 from tta_cli.methods import create_method
 from tta_cli.methods.base import TTAMethod, default_lr
 from tta_cli.sources.items import Batch, StreamItem

@@ -15,11 +15,13 @@ from rich.console import Console
 
 from tta_cli import __version__
 from tta_cli.config import AdaptConfig, default_workers
-from tta_cli.engine import Totals, configure_backends, resolve_channels_last, resolve_device, run_stream
+from tta_cli.device import configure_backends, resolve_channels_last, resolve_device
+from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, method_config
 from tta_cli.methods.base import PRECISIONS, TTAMethod
 from tta_cli.models import LoadedModel, export_model, load_model
+from tta_cli.outputs import Totals
 from tta_cli.sinks.predictions import ErrorsWriter, PredictionsWriter
 from tta_cli.sinks.progress import ProgressDisplay, summary_table
 from tta_cli.sources import Stream, VideoOptions, collect_stream

@@ -26,11 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tta_cli.bench.corrupt import CorruptPlan, corrupt_folder, list_class_images
 from tta_cli.bench.data import CorruptedSet, find_corrupted, limit_items
 from tta_cli.bench.settings import Stream, build_streams
-from tta_cli.engine import BatchOutputs, resolve_device, run_stream
+from tta_cli.device import resolve_device
+from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, get_method_class
 from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, load_model
+from tta_cli.outputs import BatchOutputs
 from tta_cli.sources.folder import folder_items
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.loader import iter_batches
