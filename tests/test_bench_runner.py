@@ -102,7 +102,7 @@ def test_eata_without_clean_images_runs_as_eta(corrupted_set: Path, tiny_model_d
 
 def test_method_specs_are_validated() -> None:
     specs = parse_methods("norm:bn_stats=batch:bn_alpha=0.2, sar")
-    assert specs[0].name == "norm" and specs[0].settings == {"bn_stats": "batch", "bn_alpha": "0.2"}
+    assert specs[0].name == "norm" and specs[0].hyperparameters == {"bn_stats": "batch", "bn_alpha": "0.2"}
     with pytest.raises(TTAError, match="unknown method"):
         parse_methods("sra")
     with pytest.raises(TTAError, match="key=value"):

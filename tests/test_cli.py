@@ -133,7 +133,7 @@ def test_progress_and_summary_are_shown(tmp_path: Path, tiny_model_dir: Path, im
 def test_methods_and_models_listing() -> None:
     result = runner.invoke(app, ["methods", "--json"])
     listing = json.loads(result.output)
-    assert set(listing) == set(list_methods()) and "rho" in listing["sar"]["settings"]
+    assert set(listing) == set(list_methods()) and "rho" in listing["sar"]["hyperparameters"]
     assert "vit_base" in runner.invoke(app, ["models"]).output
 
 

@@ -45,8 +45,8 @@ class Recorder:
         self.outputs.append(outputs)
 
 
-def _run(defer: bool, name: str = "sar", **settings: object) -> tuple[Recorder, object]:
-    method = create_method(name, tiny_timm(), batch_size=4, lr=0.05, **settings)
+def _run(defer: bool, name: str = "sar", **hyperparameters: object) -> tuple[Recorder, object]:
+    method = create_method(name, tiny_timm(), batch_size=4, lr=0.05, **hyperparameters)
     recorder = Recorder()
     totals = run_stream(method, _batches([4, 4, 4, 2], skipped_before=2), CPU, [recorder], defer=defer)
     return recorder, totals

@@ -68,10 +68,10 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTA
     fishers = None
     if name == "eata" and config.clean is not None:
         clean = folder_items(config.clean, setup.loaded.class_names)
-        fishers, n = setup.fisher_information(clean, config.batch_size, config.settings)
+        fishers, n = setup.fisher_information(clean, config.batch_size, config.hyperparameters)
         if not config.quiet:
             console.print(f"Fisher information from {n} clean images in {config.clean}")
-    return setup.build_method(name, config.settings, config.batch_size, fishers)
+    return setup.build_method(name, config.hyperparameters, config.batch_size, fishers)
 
 
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,

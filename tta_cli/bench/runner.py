@@ -58,7 +58,7 @@ class MethodSpec:
 
     label: str
     name: str
-    settings: dict[str, str] = field(default_factory=dict)
+    hyperparameters: dict[str, str] = field(default_factory=dict)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
@@ -68,15 +68,15 @@ def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
         if not entry:
             continue
         name, *pairs = entry.split(":")
-        settings = {}
+        hyperparameters = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:
-                raise TTAError(f"invalid method setting {pair!r} in {entry!r}", "use method:key=value")
-            settings[key.strip()] = value.strip()
+                raise TTAError(f"invalid method hyperparameter {pair!r} in {entry!r}", "use method:key=value")
+            hyperparameters[key.strip()] = value.strip()
         get_method_class(name)  # unknown names fail here, with close matches
         if entry not in [s.label for s in specs]:
-            specs.append(MethodSpec(entry, name.strip().lower(), settings))
+            specs.append(MethodSpec(entry, name.strip().lower(), hyperparameters))
     if not specs:
         raise TTAError("no method given", "e.g. --methods source,norm,tent,eata,sar")
     return specs
@@ -341,8 +341,8 @@ def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Ite
     """One method on one stream, from a pristine copy of the source model; ``sinks`` see the
     per-sample outputs too."""
     seed_everything(seed)
-    fishers = fisher.get(stream.batch_size, spec.settings) if spec.name == "eata" and fisher else None
-    method = setup.build_method(spec.name, spec.settings, stream.batch_size, fishers, fresh_copy=True)
+    fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
+    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
     recorder = CurveRecorder()
     progress.start_run(f"{stream.name} {spec.label}", len(stream.items))
     started = time.perf_counter()
@@ -475,7 +475,7 @@ def _resolve_methods(config: BenchConfig, console: Console) -> list[MethodSpec]:
     for spec in config.methods:
         name = method_name(spec.name, config.clean is not None, None if config.quiet else console)
         if name != spec.name:
-            spec = MethodSpec(spec.label.replace(spec.name, name, 1), name, spec.settings)
+            spec = MethodSpec(spec.label.replace(spec.name, name, 1), name, spec.hyperparameters)
         if spec.label not in [s.label for s in specs]:
             specs.append(spec)
     return specs
