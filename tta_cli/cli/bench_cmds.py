@@ -92,7 +92,8 @@ def bench(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="torch CPU threads (default: chosen by timing steps, or OMP_NUM_THREADS).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")] = 0,
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option(
