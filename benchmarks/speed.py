@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tta_cli.engine import resolve_channels_last, run_stream
+from tta_cli.device import resolve_channels_last
+from tta_cli.engine import run_stream
 from tta_cli.methods import create_method
 from tta_cli.methods.base import TTAMethod, default_lr
 from tta_cli.sources.items import Batch, StreamItem
@@ -304,10 +305,10 @@ class Recorder:
 
 def build_tta(setup: Setup, method: str) -> TTAMethod:
     model = setup.fresh_model()
-    settings: dict[str, Any] = {} if method == "source" else {"lr": setup.lr}
+    hyperparameters: dict[str, Any] = {} if method == "source" else {"lr": setup.lr}
     if method in ("eta", "sar"):
-        settings["margin_factor"] = setup.margin
-    tta = create_method(method, model, batch_size=setup.batch_size, **settings)
+        hyperparameters["margin_factor"] = setup.margin
+    tta = create_method(method, model, batch_size=setup.batch_size, **hyperparameters)
     channels_last = resolve_channels_last("auto", model, setup.device)
     tta.configure_performance(setup.precision, channels_last, setup.compile)
     return tta
@@ -472,14 +473,14 @@ def adapt_folder(args: argparse.Namespace) -> dict[str, Any]:
     model = args.models[0]
     spec = f"local-dir:{shared_dir() / 'models' / model}" if model.startswith("cifar10-") else model
     method = args.methods[0]
-    settings: dict[str, Any] = {}
+    hyperparameters: dict[str, Any] = {}
     if method in ("eta", "eata", "sar"):  # the same margin rule as the comparison
         source = load_model(model)
-        settings["margin_factor"] = margin_factor(model, source, load_images(source, args.batch_size))
+        hyperparameters["margin_factor"] = margin_factor(model, source, load_images(source, args.batch_size))
     config = AdaptConfig(inputs=[Path(args.adapt_folder)], model=spec, method=method,
                          pretrained=model.startswith("cifar10-"), batch_size=args.batch_size,
                          device=args.device, out=Path(args.adapt_out), overwrite=True, quiet=True,
-                         settings=settings, precision=args.precision, compile=args.compile,
+                         hyperparameters=hyperparameters, precision=args.precision, compile=args.compile,
                          workers=args.workers)
     record = adapt(config)
     timing = record["timing"]

@@ -2,53 +2,24 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.conftest import make_images
+from tests.helpers import csv_rows, make_images, png_header_only, write_video
 from tta_cli.cli import main
 
 RNG = np.random.default_rng(1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One intra-op thread: on a shared 2-core machine, two spinning threads run a step ~50x slower."""
-    torch.set_num_threads(1)
-
-
-def write_video(path: Path, n: int = 30, rate: int = 10) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n):
-            pixels = np.full((48, 64, 3), (8 * i) % 256, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def _bomb_header(path: Path, width: int, height: int) -> None:
-    """A PNG claiming a huge size in a few bytes, as a decompression bomb would."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _odd_but_good(folder: Path) -> list[str]:
@@ -75,8 +46,8 @@ def _bad(folder: Path) -> dict[str, str]:
     buffer = io.BytesIO()
     Image.fromarray(RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buffer, "JPEG")
     (folder / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    _bomb_header(folder / "bomb.png", 10_000, 10_000)  # PIL would only warn about this one
-    _bomb_header(folder / "bigbomb.png", 20_000, 20_000)
+    png_header_only(folder / "bomb.png", 10_000, 10_000)  # PIL would only warn about this one
+    png_header_only(folder / "bigbomb.png", 20_000, 20_000)
     Image.fromarray(np.array([[-3.0, 1e9]], np.float32)).save(folder / "wild.tif")
     (folder / "dangling.png").symlink_to(folder / "not-there.png")
     return {"zero.png": "empty", "words.jpg": "not an image", "noise.png": "not an image",
@@ -107,11 +78,6 @@ def adapt_args(model: Path, out: Path, *inputs: Path | str) -> list[str]:
     return ["adapt", *map(str, inputs), "-m", f"local-dir:{model}", "-o", str(out), "-b", "4", "--quiet"]
 
 
-def rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_mixed_folder_and_video(mixed: tuple[Path, list[str], dict[str, str]], tmp_path: Path,
                                 tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,11 +88,11 @@ def test_mixed_folder_and_video(mixed: tuple[Path, list[str], dict[str, str]], t
                         "--every", "3", "--workers", "1")
     assert code == 0, err
     assert f"warning: {len(bad)} inputs could not be read" in err and "Traceback" not in err
-    predicted = [r["path"] for r in rows(out / "predictions.csv")]
+    predicted = [r["path"] for r in csv_rows(out / "predictions.csv")]
     frames = [f"{clip.as_posix()}#frame={i:06d}" for i in range(0, 30, 3)]
     assert predicted == sorted(predicted[:len(good)]) + frames  # the folder first, then the video
     assert sorted(p.rsplit("/", 1)[-1] for p in predicted[:len(good)]) == sorted(good)
-    errors = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in rows(out / "errors.csv")}
+    errors = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in csv_rows(out / "errors.csv")}
     assert set(errors) == set(bad)
     for name, word in bad.items():
         assert word in errors[name], (name, errors[name])
@@ -146,7 +112,7 @@ def test_strict_fails_at_the_end_with_all_outputs(mixed: tuple[Path, list[str], 
     code, err = run_cli(monkeypatch, capsys, *args, "--strict", "--workers", "0")
     assert code == 3
     assert err.strip().splitlines()[-1] == f"tta: error: {len(bad)} inputs could not be read (--strict)"
-    assert len(rows(out / "predictions.csv")) == len(good) and len(rows(out / "errors.csv")) == len(bad)
+    assert len(csv_rows(out / "predictions.csv")) == len(good) and len(csv_rows(out / "errors.csv")) == len(bad)
     assert (out / "run.json").is_file()
 
 

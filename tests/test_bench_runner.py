@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from tests.conftest import make_images
+from tests.helpers import csv_rows, invoke, make_class_folders
 from tta_cli.bench.runner import BenchConfig, parse_methods, run_benchmark
 from tta_cli.bench.settings import parse_settings
-from tta_cli.cli import app
 from tta_cli.errors import TTAError
-
-pytest.importorskip("corrupt_tta")
-runner = CliRunner()
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(scope="module")
 def clean_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench") / "clean"
-    for i, name in enumerate(CLASSES):
-        make_images(root / name, 2, seed=i)
+    return make_class_folders(tmp_path_factory.mktemp("bench") / "clean", per_class=2)
+
+
+@pytest.fixture(scope="module")
+def corrupted_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tta corrupt's layout, written directly (no corrupt-tta needed): fog at severity 5."""
+    root = tmp_path_factory.mktemp("bench") / "corrupted"
+    make_class_folders(root / "fog" / "5", per_class=2)
     return root
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
-    with (out / "results.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
+    return csv_rows(out / "results.csv")
 
 
 def _config(model_dir: Path, data: Path, out: Path, methods: str, settings: str, **extra: object) -> BenchConfig:
@@ -40,12 +37,13 @@ def _config(model_dir: Path, data: Path, out: Path, methods: str, settings: str,
 
 
 def test_bench_writes_every_file(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("corrupt_tta")
     out = tmp_path / "out"
     args = ["bench", "--model", f"local-dir:{tiny_model_dir}", "--data", str(clean_set), "--out", str(out),
             "--methods", "source,tent,eata,sar", "--settings", "mild,mixed,bs1,label-shift",
             "--corruptions", "fog,contrast", "--batch-size", "4", "--bs1-limit", "6",
             "--clean", str(clean_set), "--fisher-size", "8", "--threads", "1"]
-    result = runner.invoke(app, args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     streams = {(r["setting"], r["corruption"]) for r in rows}
@@ -68,43 +66,43 @@ def test_bench_writes_every_file(clean_set: Path, tiny_model_dir: Path, tmp_path
     assert source[("mild", "fog")] == source[("label-shift", "fog")]
 
 
-def test_every_run_starts_from_the_source_model(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_every_run_starts_from_the_source_model(corrupted_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """A run after a destructive one (huge learning rate) equals the same run alone."""
-    after = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "a", "tent:lr=5,sar:lr=0.01", "mild",
+    after = run_benchmark(_config(tiny_model_dir, corrupted_set, tmp_path / "a", "tent:lr=5,sar:lr=0.01", "mild",
                                   corruptions=["fog"]))
-    alone = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "b", "sar:lr=0.01", "mild",
+    alone = run_benchmark(_config(tiny_model_dir, corrupted_set, tmp_path / "b", "sar:lr=0.01", "mild",
                                   corruptions=["fog"]))
     first, second = after[1], alone[0]
     assert first.method == second.method == "sar:lr=0.01"
     assert (first.correct, first.mean_entropy, first.resets) == (second.correct, second.mean_entropy, second.resets)
 
 
-def test_resume_runs_only_what_is_missing(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_resume_runs_only_what_is_missing(corrupted_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"]))
+    run_benchmark(_config(tiny_model_dir, corrupted_set, out, "source", "mild", corruptions=["fog"]))
     with pytest.raises(TTAError, match="not empty"):
-        run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"]))
-    added = run_benchmark(_config(tiny_model_dir, clean_set, out, "source,norm", "mild", corruptions=["fog"],
+        run_benchmark(_config(tiny_model_dir, corrupted_set, out, "source", "mild", corruptions=["fog"]))
+    added = run_benchmark(_config(tiny_model_dir, corrupted_set, out, "source,norm", "mild", corruptions=["fog"],
                                   resume=True))
     assert [r.method for r in added] == ["norm"]
     assert [r["method"] for r in _rows(out)] == ["source", "norm"]
     with pytest.raises(TTAError, match="limit changed"):
-        run_benchmark(_config(tiny_model_dir, clean_set, out, "source", "mild", corruptions=["fog"],
+        run_benchmark(_config(tiny_model_dir, corrupted_set, out, "source", "mild", corruptions=["fog"],
                               resume=True, limit=3))
-    fresh = run_benchmark(_config(tiny_model_dir, clean_set, out, "tent", "mild", corruptions=["fog"],
+    fresh = run_benchmark(_config(tiny_model_dir, corrupted_set, out, "tent", "mild", corruptions=["fog"],
                                   overwrite=True))
     assert len(fresh) == 1 and [r["method"] for r in _rows(out)] == ["tent"]
 
 
-def test_eata_without_clean_images_runs_as_eta(clean_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
-    results = run_benchmark(_config(tiny_model_dir, clean_set, tmp_path / "o", "eata,eta", "mild",
+def test_eata_without_clean_images_runs_as_eta(corrupted_set: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    results = run_benchmark(_config(tiny_model_dir, corrupted_set, tmp_path / "o", "eata,eta", "mild",
                                     corruptions=["fog"]))
     assert [r.method for r in results] == ["eta"]
 
 
 def test_method_specs_are_validated() -> None:
     specs = parse_methods("norm:bn_stats=batch:bn_alpha=0.2, sar")
-    assert specs[0].name == "norm" and specs[0].settings == {"bn_stats": "batch", "bn_alpha": "0.2"}
+    assert specs[0].name == "norm" and specs[0].hyperparameters == {"bn_stats": "batch", "bn_alpha": "0.2"}
     with pytest.raises(TTAError, match="unknown method"):
         parse_methods("sra")
     with pytest.raises(TTAError, match="key=value"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_images
+from tests.helpers import make_images
 from tta_cli.bench.data import find_corrupted, limit_items
 from tta_cli.bench.settings import POOLED, build_streams, parse_settings
 from tta_cli.errors import TTAError

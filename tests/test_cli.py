@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,13 +13,12 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import make_images
+from tests.helpers import csv_rows, make_images
 from tta_cli.cli import app
 from tta_cli.errors import TTAError
 from tta_cli.methods import list_methods
 
 runner = CliRunner()
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _adapt(tmp_path: Path, model_dir: Path, inputs: list[str], *flags: str):
@@ -30,8 +28,7 @@ def _adapt(tmp_path: Path, model_dir: Path, inputs: list[str], *flags: str):
 
 
 def _predictions(out: Path) -> list[dict[str, str]]:
-    with (out / "predictions.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
+    return csv_rows(out / "predictions.csv")
 
 
 @pytest.mark.parametrize("method", list_methods())
@@ -133,7 +130,7 @@ def test_progress_and_summary_are_shown(tmp_path: Path, tiny_model_dir: Path, im
 def test_methods_and_models_listing() -> None:
     result = runner.invoke(app, ["methods", "--json"])
     listing = json.loads(result.output)
-    assert set(listing) == set(list_methods()) and "rho" in listing["sar"]["settings"]
+    assert set(listing) == set(list_methods()) and "rho" in listing["sar"]["hyperparameters"]
     assert "vit_base" in runner.invoke(app, ["models"]).output
 
 

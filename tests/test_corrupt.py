@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_images
+from tests.helpers import make_images
 from tta_cli.bench.corrupt import (
     CORRUPTIONS,
     HELD_OUT,

@@ -7,14 +7,12 @@ adapted parameter within 1e-4.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from tta_cli.cli import app
+from tests.helpers import csv_rows, invoke
 
 pytestmark = pytest.mark.shared
 
@@ -27,11 +25,6 @@ CASES = {
 }
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_authors_code(case: str, shared: Path, tmp_path: Path) -> None:
     fixture = shared / "fixtures" / "fidelity"
@@ -41,11 +34,11 @@ def test_matches_authors_code(case: str, shared: Path, tmp_path: Path) -> None:
     args = ["adapt", str(stream), "--labels", str(stream / "labels.csv"),
             "--model", f"local-dir:{shared / 'models' / 'cifar10-resnet18-gn'}",
             *flags, "--out", str(out), "--quiet", "--workers", "0"]
-    result = CliRunner().invoke(app, args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
 
-    ours = _rows(out / "predictions.csv")
-    reference = _rows(fixture / "reference" / f"{case}.csv")
+    ours = csv_rows(out / "predictions.csv")
+    reference = csv_rows(fixture / "reference" / f"{case}.csv")
     assert [r["path"] for r in ours] == [r["file"] for r in reference]
     same = sum(a["pred"] == b["pred"] for a, b in zip(ours, reference, strict=False)) / len(reference)
     assert same >= 0.995, f"{case}: only {same:.2%} of predictions identical"

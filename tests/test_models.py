@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import save_timm_folder
+from tests.helpers import save_timm_folder
 from tta_cli.errors import TTAError
 from tta_cli.models import (
     ALIASES,

@@ -13,30 +13,21 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from typer.testing import CliRunner
 
 import tta_cli.methods.base as base_module
+from tests.helpers import random_inputs, tiny_timm
 from tta_cli.cli import app
 from tta_cli.methods import create_method
 from tta_cli.methods.base import TTAMethod, masked_mean, nan_if_empty, softmax_entropy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    # tiny models: one thread avoids OpenMP barriers stalling on a busy machine (100x slower)
-    torch.set_num_threads(1)
-
-def _model(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    kwargs = {"img_size": 32} if arch == "test_vit" else {}
-    return timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_model = tiny_timm
 
 
 def _stream(n_batches: int = 4, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, 32, 32, generator=g) * 2 for _ in range(n_batches)]
+    return random_inputs(n_batches, batch, seed)
 
 
 def _half_reliable_margin(arch: str, stream: list[torch.Tensor]) -> float:
@@ -283,7 +274,7 @@ def test_cli_precision_and_channels_last_are_applied_and_recorded(tiny_model_dir
     record = json.loads((out / "run.json").read_text())
     assert record["method"]["performance"] == {"precision": "bf16", "channels_last": True, "compile": False}
     assert record["method"]["gradient_rows"] == "reliable only"
-    assert record["timing"]["batches_waiting_for_data"] >= 0
+    assert 0 <= record["timing"]["batches_waiting_for_data"] <= record["counts"]["batches"] == 3
     assert record["config"]["precision"] == "bf16"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_images
+from tests.helpers import make_images
 from tta_cli.errors import TTAError
 from tta_cli.sources.folder import folder_items, natural_key
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_images
+from tests.helpers import make_images, png_header_only, resize_to_tensor
 from tta_cli.sources import Batch, StreamItem, folder_items
 from tta_cli.sources.loader import MAX_IMAGE_PIXELS, decoded_stream, iter_batches, read_image
 
@@ -23,19 +21,7 @@ PIXELS = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    pixels = np.asarray(image.resize((8, 8), Image.BILINEAR), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1) / 255
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims ``width`` x ``height`` pixels but holds almost nothing (a bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
+    return resize_to_tensor(image, 8)
 
 
 def save(path: Path, image: Image.Image, **kwargs: object) -> Path:

@@ -9,42 +9,16 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.helpers import VIDEO_CODECS, write_video
+from tests.helpers import resize_to_tensor as to_tensor
 from tta_cli.cli import main
 from tta_cli.errors import TTAError
 from tta_cli.sources import Stream, VideoPart, collect_stream
 from tta_cli.sources.loader import iter_batches
 from tta_cli.sources.video import FrameSelector, VideoOptions, iter_frames, probe_video
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One intra-op thread: on a shared 2-core machine, two spinning threads run a step ~50x slower."""
-    torch.set_num_threads(1)
-
-
-CODECS = {".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9"}
-
-
-def write_video(path: Path, n: int = 30, rate: int = 10, size: tuple[int, int] = (64, 48),
-                options: dict[str, str] | None = None) -> Path:
-    """``n`` frames of flat grey, frame i at level 8*i, so decoded frames can be told apart."""
-    with av.open(str(path), "w", options=options or {}) as container:
-        stream = container.add_stream(CODECS[path.suffix], rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.bit_rate = 4_000_000  # near-lossless, so the frame levels survive
-        for i in range(n):
-            pixels = np.full((size[1], size[0], 3), (8 * i) % 256, np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """A stand-in for a model's transform: any size to 3 x 32 x 32."""
-    pixels = np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.float32)
-    return torch.from_numpy(pixels).permute(2, 0, 1) / 255
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frames(path: Path, **options: float) -> list[int]:
@@ -57,7 +31,7 @@ def clip(tmp_path: Path) -> Path:
     return write_video(tmp_path / "clip.mp4")
 
 
-@pytest.mark.parametrize("suffix", sorted(CODECS))
+@pytest.mark.parametrize("suffix", sorted(VIDEO_CODECS))
 def test_every_container_gives_every_frame_in_order(tmp_path: Path, suffix: str) -> None:
     path = write_video(tmp_path / f"clip{suffix}")
     decoded = list(iter_frames(path, path.name, VideoOptions()))

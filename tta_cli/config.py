@@ -32,7 +32,7 @@ class AdaptConfig:
     workers: int | None = None
     out: Path | None = None
     overwrite: bool = False
-    settings: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
     """Method hyperparameters (``--lr``, ``--steps``, ``--episodic``, ``--set key=value``)."""
     quiet: bool = False
     strict: bool = False

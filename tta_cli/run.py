@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -13,43 +10,27 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tta_cli import __version__
 from tta_cli.config import AdaptConfig, default_workers
-from tta_cli.engine import Totals, configure_backends, resolve_channels_last, resolve_device, run_stream
+from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
-from tta_cli.methods import create_method, method_config
-from tta_cli.methods.base import PRECISIONS, TTAMethod
-from tta_cli.models import LoadedModel, export_model, load_model
+from tta_cli.methods.base import TTAMethod
+from tta_cli.models import LoadedModel, export_model
+from tta_cli.outputs import Totals
+from tta_cli.runtime import (
+    RunSetup,
+    SpeedOptions,
+    check_precision,
+    method_name,
+    prepare_out_dir,
+    refuse_non_empty,
+    start_run,
+    versions,
+)
 from tta_cli.sinks.predictions import ErrorsWriter, PredictionsWriter
 from tta_cli.sinks.progress import ProgressDisplay, summary_table
 from tta_cli.sources import Stream, VideoOptions, collect_stream
 from tta_cli.sources.folder import folder_items
-from tta_cli.sources.loader import iter_batches
 from tta_cli.sources.paths import check_input
-
-
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless ``overwrite``; check it can be written before any work."""
-    if out.exists() and not out.is_dir():
-        raise TTAError(f"output path {out} exists and is not a folder")
-    _refuse_non_empty(out, overwrite)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tta-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise TTAError(f"cannot write to output folder {out}: {err.strerror}",
-                       "choose another --out") from err
-
-
-def _refuse_non_empty(out: Path, overwrite: bool) -> None:
-    try:
-        non_empty = out.is_dir() and any(out.iterdir())
-    except OSError as err:
-        raise TTAError(f"cannot use output folder {out}: {err.strerror}", "choose another --out") from err
-    if non_empty and not overwrite:
-        raise TTAError(f"output folder {out} is not empty", "choose another --out or pass --overwrite")
 
 
 def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = None,
@@ -60,71 +41,43 @@ def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = N
                           transform, workers)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # numpy is optional for the core
-        pass
-
-
-def _build_method(config: AdaptConfig, loaded: LoadedModel, device: torch.device,
-                  console: Console) -> TTAMethod:
-    name = config.method.lower()
-    if name == "eata" and config.clean is None:
-        console.print("[yellow]eata without --clean: no Fisher regulariser, running eta[/yellow]")
-        name = "eta"
-    method_cfg = method_config(name, **config.settings)
-    loaded.model.to(device)
-    method = create_method(name, loaded.model, method_cfg, batch_size=config.batch_size)
-    configure_backends(device)
-    method.configure_performance(config.precision, resolve_channels_last(config.channels_last, loaded.model, device),
-                                 config.compile)
-    if name == "eata" and config.clean is not None:
-        clean = folder_items(config.clean, loaded.class_names)
-        batches = iter_batches(clean, loaded.transform(), config.batch_size, workers=0)
-        n = method.compute_fisher(b.images.to(device) for b in batches if b.items)
-        if not config.quiet:
-            console.print(f"Fisher information from {n} clean images in {config.clean}")
-    return method
-
-
-def _versions() -> dict[str, str]:
-    import timm
-
-    return {"tta": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-
-
 def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
     """Run one adaptation over the stream; write predictions, the adapted model and run.json."""
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
-    if config.precision not in PRECISIONS:
-        raise TTAError(f"unknown precision {config.precision!r}", f"choose from {', '.join(PRECISIONS)}")
+    check_precision(config.precision)
     out = config.out_dir()
-    _refuse_non_empty(out, config.overwrite)
+    refuse_non_empty(out, config.overwrite)
     VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames).validate()
     for path in config.inputs:  # a mistyped path fails now, not after loading the model
         check_input(path)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    loaded = load_model(config.model, config.pretrained, config.checkpoint, config.num_classes)
+    speed = SpeedOptions(config.precision, config.channels_last, config.compile)
+    setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                      num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
     workers = default_workers() if config.workers is None else config.workers
-    stream = stream_items(config, loaded.class_names, loaded.transform(), workers)
+    stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
     try:
-        return _adapt_stream(config, loaded, stream, workers, device, out, console)
+        return _adapt_stream(config, setup, stream, workers, out, console)
     finally:
         stream.close()
 
 
-def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, workers: int,
-                  device: torch.device, out: Path, console: Console) -> dict[str, Any]:
-    method = _build_method(config, loaded, device, console)
+def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTAMethod:
+    name = method_name(config.method, config.clean is not None, console)
+    fishers = None
+    if name == "eata" and config.clean is not None:
+        clean = folder_items(config.clean, setup.loaded.class_names)
+        fishers, n = setup.fisher_information(clean, config.batch_size, config.hyperparameters)
+        if not config.quiet:
+            console.print(f"Fisher information from {n} clean images in {config.clean}")
+    return setup.build_method(name, config.hyperparameters, config.batch_size, fishers)
+
+
+def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
+                  console: Console) -> dict[str, Any]:
+    loaded, device = setup.loaded, setup.device
+    method = _build_method(config, setup, console)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
@@ -136,11 +89,10 @@ def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, work
     totals = Totals()
     progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
     try:
-        batches = iter_batches(stream, loaded.transform(), config.batch_size, workers,
-                               pin_memory=device.type == "cuda", max_pixels=config.max_pixels)
+        batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
         with progress:
             totals = run_stream(method, batches, device, [predictions, errors, progress],
-                                tune_threads="OMP_NUM_THREADS" not in os.environ)
+                                tune_threads=setup.tune_threads)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
@@ -193,7 +145,7 @@ def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
     return {
         "status": status,
         "config": config.to_record(),
-        "versions": _versions(),
+        "versions": versions(),
         "device": str(device),
         "model": loaded.describe(),
         "preprocessing": loaded.data_config,

@@ -1,13 +1,12 @@
 """``tta bench``: every method on every stream of every setting, each run on a fresh source model.
 
-The adaptation itself is the library's: ``create_method`` + ``iter_batches`` + ``run_stream``. This
+Each run is set up by ``tta_cli.runtime`` (as ``tta adapt`` is) and adapts in ``run_stream``. This
 module only decides what runs, gives each run a pristine copy of the model, records per-run
 results and per-window curves, and shows progress across runs.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import platform
@@ -25,15 +24,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tta_cli.bench.corrupt import CorruptPlan, corrupt_folder, list_class_images
 from tta_cli.bench.data import CorruptedSet, find_corrupted, limit_items
-from tta_cli.bench.settings import Stream, build_streams
-from tta_cli.engine import BatchOutputs, resolve_device, run_stream
+from tta_cli.bench.settings import BenchStream, build_streams
+from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
-from tta_cli.methods import create_method, get_method_class
-from tta_cli.methods.base import TTAMethod
-from tta_cli.models import LoadedModel, load_model
+from tta_cli.methods import get_method_class
+from tta_cli.models import LoadedModel
+from tta_cli.outputs import BatchOutputs, Sink
+from tta_cli.runtime import (
+    Fishers,
+    RunSetup,
+    SpeedOptions,
+    check_precision,
+    method_name,
+    prepare_out_dir,
+    seed_everything,
+    start_run,
+    versions,
+)
 from tta_cli.sources.folder import folder_items
 from tta_cli.sources.items import Batch, StreamItem
-from tta_cli.sources.loader import iter_batches
 
 WINDOW = 64
 """Images per point of the stream curves (one batch at B = 64; 64 batches at B = 1)."""
@@ -49,7 +58,7 @@ class MethodSpec:
 
     label: str
     name: str
-    settings: dict[str, str] = field(default_factory=dict)
+    hyperparameters: dict[str, str] = field(default_factory=dict)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
@@ -59,15 +68,15 @@ def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
         if not entry:
             continue
         name, *pairs = entry.split(":")
-        settings = {}
+        hyperparameters = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:
-                raise TTAError(f"invalid method setting {pair!r} in {entry!r}", "use method:key=value")
-            settings[key.strip()] = value.strip()
+                raise TTAError(f"invalid method hyperparameter {pair!r} in {entry!r}", "use method:key=value")
+            hyperparameters[key.strip()] = value.strip()
         get_method_class(name)  # unknown names fail here, with close matches
         if entry not in [s.label for s in specs]:
-            specs.append(MethodSpec(entry, name.strip().lower(), settings))
+            specs.append(MethodSpec(entry, name.strip().lower(), hyperparameters))
     if not specs:
         raise TTAError("no method given", "e.g. --methods source,norm,tent,eata,sar")
     return specs
@@ -99,6 +108,10 @@ class BenchConfig:
     quiet: bool = False
     cache_mb: int = 1024
     """Decoded streams up to this size are kept in memory and shared by the methods."""
+    precision: str = "fp32"
+    channels_last: str = "auto"
+    compile: bool = False
+    """Speed options, as for ``tta adapt`` (``tta_cli.runtime.SpeedOptions``)."""
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
@@ -279,12 +292,12 @@ def prepare_data(config: BenchConfig, loaded: LoadedModel, console: Console) -> 
     return found
 
 
-def batch_source(stream: Stream, transform: Any, workers: int, cache_bytes: int,
+def batch_source(stream: BenchStream, setup: RunSetup, workers: int, cache_bytes: int,
                  image_bytes: int) -> Callable[[], Iterable[Batch]]:
     """Batches of the stream, decoded once and shared by every method when they fit in the cache;
     else decoded again for each run (the methods never modify their input)."""
     def decode() -> Iterator[Batch]:
-        return iter_batches(stream.items, transform, stream.batch_size, workers)
+        return setup.batches(stream.items, stream.batch_size, workers)
 
     if len(stream.items) * image_bytes > cache_bytes:
         return decode
@@ -307,48 +320,39 @@ def image_bytes(loaded: LoadedModel) -> int:
 
 
 class FisherCache:
-    """EATA's Fisher information per batch size: it depends only on the source model and the clean
-    images, so it is computed once and shared by every EATA run at that batch size."""
+    """EATA's Fisher information per batch size and hyperparameters: it depends only on those,
+    the source model and the clean images, so it is computed once and shared by every such run."""
 
-    def __init__(self, loaded: LoadedModel, clean: list[StreamItem], device: torch.device) -> None:
-        self.loaded = loaded
+    def __init__(self, setup: RunSetup, clean: list[StreamItem]) -> None:
+        self.setup = setup
         self.clean = clean
-        self.device = device
-        self._by_batch: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._fishers: dict[tuple[int, str], Fishers] = {}
 
-    def attach(self, method: TTAMethod, batch_size: int) -> None:
-        if batch_size not in self._by_batch:
-            model = copy.deepcopy(self.loaded.model).to(self.device)
-            probe = create_method("eata", model, batch_size=batch_size)
-            batches = iter_batches(self.clean, self.loaded.transform(), batch_size, workers=0)
-            probe.compute_fisher(b.images.to(self.device) for b in batches if b.items)
-            self._by_batch[batch_size] = probe.fishers or {}
-            probe.close()
-        method.fishers = {k: (f.clone(), a.clone()) for k, (f, a) in self._by_batch[batch_size].items()}
+    def get(self, batch_size: int, hyperparameters: dict[str, str]) -> Fishers:
+        key = (batch_size, json.dumps(hyperparameters, sort_keys=True))
+        if key not in self._fishers:
+            self._fishers[key], _ = self.setup.fisher_information(self.clean, batch_size, hyperparameters)
+        return self._fishers[key]
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def run_one(stream: Stream, spec: MethodSpec, loaded: LoadedModel, batches: Iterable[Batch],
-            device: torch.device, fisher: FisherCache | None, progress: BenchProgress,
-            seed: int) -> tuple[RunResult, list[dict[str, float]]]:
-    """One method on one stream, from a pristine copy of the source model."""
-    seed_all(seed)
-    model = copy.deepcopy(loaded.model).to(device)
-    method = create_method(spec.name, model, batch_size=stream.batch_size, **spec.settings)
-    if spec.name == "eata" and fisher is not None:
-        fisher.attach(method, stream.batch_size)
+def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Iterable[Batch],
+            fisher: FisherCache | None, progress: BenchProgress, seed: int,
+            sinks: Sequence[Sink] = ()) -> tuple[RunResult, list[dict[str, float]]]:
+    """One method on one stream, from a pristine copy of the source model; ``sinks`` see the
+    per-sample outputs too."""
+    seed_everything(seed)
+    fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
+    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
     recorder = CurveRecorder()
     progress.start_run(f"{stream.name} {spec.label}", len(stream.items))
     started = time.perf_counter()
-    totals = run_stream(method, batches, device, [recorder, progress])
+    totals = run_stream(method, batches, setup.device, [recorder, progress, *sinks],
+                        tune_threads=setup.tune_threads)
     wall = time.perf_counter() - started
     info = method.describe()
     method.close()
     last, top_share = recorder.last_tenth()
+    loaded = setup.loaded
     result = RunResult(
         model=loaded.spec, setting=stream.setting, corruption=stream.corruption, method=spec.label,
         batch_size=stream.batch_size, images=totals.images, correct=totals.correct,
@@ -372,11 +376,8 @@ def prepare_out(config: BenchConfig) -> set[tuple[str, str, str, str]]:
     if results.is_file() and config.resume:
         _check_resumable(config)
         return {RunResult(**r).key for r in read_results(results)}  # type: ignore[arg-type]
-    busy = out.is_dir() and any(p.name != "data" for p in out.iterdir())
-    if busy and not config.overwrite:
-        raise TTAError(f"output folder {out} is not empty",
-                       "pass --resume to continue its runs, --overwrite to start again, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out, config.overwrite, ignore=("data",),
+                    hint="pass --resume to continue its runs, --overwrite to start again, or another --out")
     for name in (RESULTS, CURVES):
         (out / name).unlink(missing_ok=True)
     return set()
@@ -439,10 +440,8 @@ def save_run(out: Path, result: RunResult, windows: list[dict[str, float]]) -> N
     append_rows(out / CURVES, CURVE_FIELDS, curve)
 
 
-def write_record(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet, streams: list[Stream],
+def write_record(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet, streams: list[BenchStream],
                  device: torch.device, started: str) -> None:
-    import timm
-
     record = {
         "config": config.to_record(),
         "started": started,
@@ -454,8 +453,7 @@ def write_record(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet, s
         "streams": [{"name": s.name, "images": len(s.items), "batch_size": s.batch_size} for s in streams],
         "machine": {"device": str(device), "platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
     }
     (config.out / "bench.json").write_text(json.dumps(record, indent=2))
 
@@ -472,15 +470,12 @@ def _clean_items(config: BenchConfig, loaded: LoadedModel) -> list[StreamItem]:
 
 
 def _resolve_methods(config: BenchConfig, console: Console) -> list[MethodSpec]:
-    """EATA without clean images has no Fisher term: it runs, and is reported, as ETA."""
-    if config.clean is not None:
-        return config.methods
+    """The methods that run: without clean images EATA runs, and is reported, as ETA."""
     specs: list[MethodSpec] = []
     for spec in config.methods:
-        if spec.name == "eata":
-            if not config.quiet:
-                console.print("[yellow]eata without --clean: no Fisher regulariser, running eta[/yellow]")
-            spec = MethodSpec(spec.label.replace("eata", "eta", 1), "eta", spec.settings)
+        name = method_name(spec.name, config.clean is not None, None if config.quiet else console)
+        if name != spec.name:
+            spec = MethodSpec(spec.label.replace(spec.name, name, 1), name, spec.hyperparameters)
         if spec.label not in [s.label for s in specs]:
             specs.append(spec)
     return specs
@@ -492,42 +487,42 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> list[R
 
     console = console or Console(stderr=True)
     started = datetime.now().isoformat(timespec="seconds")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    check_precision(config.precision)
     done = prepare_out(config)
     record = config.out / "bench.json"
     if done and record.is_file():  # a resumed benchmark started with its first runs
         started = json.loads(record.read_text()).get("started", started)
-    loaded = load_model(config.model, config.pretrained, config.checkpoint)
+    speed = SpeedOptions(config.precision, config.channels_last, config.compile)
+    setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                      device=config.device, seed=config.seed, threads=config.threads, speed=speed)
+    loaded, device = setup.loaded, setup.device
     data = prepare_data(config, loaded, console)
     by_corruption = limit_items(data.by_corruption, config.limit, config.seed)
     streams = build_streams(by_corruption, config.settings, config.batch_size, config.seed, config.bs1_limit)
     methods = _resolve_methods(config, console)
     clean = _clean_items(config, loaded)
-    fisher = FisherCache(loaded, clean, device) if clean else None
+    fisher = FisherCache(setup, clean) if clean else None
     write_record(config, loaded, data, streams, device, started)
-    results = _run_all(config, loaded, streams, methods, device, fisher, done, console)
+    results = _run_all(config, setup, streams, methods, fisher, done, console)
     write_record(config, loaded, data, streams, device, started)
     write_report(config.out, loaded.num_classes, plots=config.plots, console=console)
     return results
 
 
-def _run_all(config: BenchConfig, loaded: LoadedModel, streams: list[Stream], methods: list[MethodSpec],
-             device: torch.device, fisher: FisherCache | None, done: set[tuple[str, str, str, str]],
+def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], methods: list[MethodSpec],
+             fisher: FisherCache | None, done: set[tuple[str, str, str, str]],
              console: Console) -> list[RunResult]:
-    transform = loaded.transform()
+    loaded = setup.loaded
     results: list[RunResult] = []
     with BenchProgress(console, len(streams) * len(methods), config.quiet) as progress:
         for stream in streams:
             todo = [m for m in methods
                     if (loaded.spec, stream.setting, stream.corruption, m.label) not in done]
             progress.skip(len(methods) - len(todo))
-            batches = batch_source(stream, transform, config.workers, config.cache_mb << 20,
+            batches = batch_source(stream, setup, config.workers, config.cache_mb << 20,
                                    image_bytes(loaded))
             for spec in todo:
-                result, windows = run_one(stream, spec, loaded, batches(), device, fisher, progress,
-                                          config.seed)
+                result, windows = run_one(stream, spec, setup, batches(), fisher, progress, config.seed)
                 save_run(config.out, result, windows)
                 progress.end_run(result)
                 results.append(result)

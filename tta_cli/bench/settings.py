@@ -34,7 +34,9 @@ POOLED = "all"
 
 
 @dataclass
-class Stream:
+class BenchStream:
+    """One test stream of a benchmark setting: labelled items in order, fed at one batch size."""
+
     setting: str
     corruption: str
     items: list[StreamItem]
@@ -85,34 +87,34 @@ def class_by_class(items: Sequence[StreamItem], order: list[int]) -> list[Stream
 
 
 def _per_corruption(setting: str, by_corruption: dict[str, list[StreamItem]], batch_size: int, seed: int,
-                    bs1_limit: int | None, order: list[int]) -> list[Stream]:
+                    bs1_limit: int | None, order: list[int]) -> list[BenchStream]:
     streams = []
     for corruption, items in by_corruption.items():
         if setting == "label-shift":
-            streams.append(Stream(setting, corruption, class_by_class(items, order), batch_size))
+            streams.append(BenchStream(setting, corruption, class_by_class(items, order), batch_size))
             continue
         # mild and bs1 share one shuffle per corruption: bs1 differs only in its batch size.
         stream = shuffled(items, seed, corruption)
         if setting == "bs1":
-            streams.append(Stream(setting, corruption, stream[:bs1_limit] if bs1_limit else stream, 1))
+            streams.append(BenchStream(setting, corruption, stream[:bs1_limit] if bs1_limit else stream, 1))
         else:
-            streams.append(Stream(setting, corruption, stream, batch_size))
+            streams.append(BenchStream(setting, corruption, stream, batch_size))
     return streams
 
 
 def build_streams(by_corruption: dict[str, list[StreamItem]], settings: Sequence[str], batch_size: int = 64,
-                  seed: int = 0, bs1_limit: int | None = None) -> list[Stream]:
+                  seed: int = 0, bs1_limit: int | None = None) -> list[BenchStream]:
     """Every stream of the requested settings, settings in the given order."""
     if batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
     pooled = [item for items in by_corruption.values() for item in items]
     order = class_order(pooled, seed)
-    streams: list[Stream] = []
+    streams: list[BenchStream] = []
     for setting in settings:
         if setting == "mixed":
-            streams.append(Stream(setting, POOLED, shuffled(pooled, seed, "mixed"), batch_size))
+            streams.append(BenchStream(setting, POOLED, shuffled(pooled, seed, "mixed"), batch_size))
         elif setting == "label-shift-all":
-            streams.append(Stream(setting, POOLED, class_by_class(pooled, order), batch_size))
+            streams.append(BenchStream(setting, POOLED, class_by_class(pooled, order), batch_size))
         else:
             streams += _per_corruption(setting, by_corruption, batch_size, seed, bs1_limit, order)
     return streams

@@ -6,8 +6,14 @@ from __future__ import annotations
 import os
 import sys
 
+from tta_cli.cli.adapt_cmds import adapt, methods, models
 from tta_cli.cli.app import app
+from tta_cli.cli.bench_cmds import bench, corrupt
 from tta_cli.errors import TTAError
+
+# Every command, registered here and only here (the command modules never import the app).
+for _command in (adapt, methods, models, corrupt, bench):
+    app.command()(_command)
 
 
 def main() -> None:

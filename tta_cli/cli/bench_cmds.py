@@ -1,7 +1,6 @@
 """``tta corrupt`` and ``tta bench``: the wild-setting benchmark commands.
 
-Registered on the app when ``tta_cli.cli.app`` is imported. Like every command, they import the
-library (torch, corrupt-tta, matplotlib) only when they run.
+Like every command, they import the library (torch, corrupt-tta, matplotlib) only when they run.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from tta_cli.cli.app import app
 from tta_cli.cli.options import CheckpointOpt, DeviceOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SeedOpt
 
 SeverityOpt = Annotated[str, typer.Option(
@@ -20,7 +18,6 @@ LimitOpt = Annotated[int | None, typer.Option(
     "--limit", min=1, help="At most N images per corruption (a seeded sample, the same images for each).")]
 
 
-@app.command()
 def corrupt(
     src: Annotated[Path, typer.Argument(help="Class-foldered image set: SRC/<class>/<image>.")],
     dst: Annotated[Path, typer.Argument(help="Output: DST/<corruption>/<severity>/<class>/<image>.png.")],
@@ -69,7 +66,6 @@ def corrupt(
                       f"{report.existing} already there, in {dst}")
 
 
-@app.command()
 def bench(
     model: ModelOpt,
     data: Annotated[Path, typer.Option(
@@ -96,7 +92,8 @@ def bench(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="torch CPU threads (default: chosen by timing steps, or OMP_NUM_THREADS).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")] = 0,
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option(

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 from typing import IO
 
-from tta_cli.engine import BatchOutputs
+from tta_cli.outputs import BatchOutputs
 
 PREDICTION_COLUMNS = [
     "index", "path", "frame", "timestamp", "pred", "pred_name", "confidence", "entropy", "top5",

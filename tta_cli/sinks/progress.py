@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tta_cli.engine import BatchOutputs, Totals
+from tta_cli.outputs import BatchOutputs, Totals
 
 
 class ProgressDisplay:

@@ -1,0 +1,45 @@
+"""The CPU thread tuner: keeps the fastest count, retries when slowed, skips counts that cannot win."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tta_cli.threads import ThreadTuner
+
+
+def test_thread_tuner_keeps_the_fastest_count_and_retries_when_slowed() -> None:
+    torch.set_num_threads(2)
+    tuner = ThreadTuner(period=4)
+    tuner.load.cores = lambda: None  # type: ignore[method-assign]  # no load reading: try every count
+    assert tuner.active and tuner.candidates == [2, 1]
+    per_image = {2: 1.0, 1: 0.1}  # a busy machine: two threads wait for each other
+    seen = []
+    for _ in range(3):  # warm-up on one thread, then one batch at each count
+        threads = tuner.before_step()
+        seen.append(threads)
+        tuner.after_step(per_image[threads] * 8, 8)
+    assert seen == [1, 2, 1] and tuner.chosen == 1
+    assert tuner.before_step() == 1
+    tuner.after_step(0.1 * 8, 8)
+    for _ in range(2):  # another process starts: 5x slower than the trial
+        assert tuner.before_step() == 1
+        tuner.after_step(0.5 * 8, 8)
+    assert tuner.before_step() == 2  # a new trial at once
+    tuner.restore()
+    assert torch.get_num_threads() == 2
+
+
+def test_thread_counts_beyond_the_free_cores_are_not_tried() -> None:
+    torch.set_num_threads(2)
+    tuner = ThreadTuner()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    tuner.load.cores = lambda: cores - 1.0  # type: ignore[method-assign]  # all but one core busy
+    seen = []
+    for _ in range(3):
+        threads = tuner.before_step()
+        seen.append(threads)
+        tuner.after_step(0.1, 8)
+    assert seen == [1, 1, 1] and tuner.chosen == 1
+    tuner.restore()

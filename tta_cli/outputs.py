@@ -1,0 +1,102 @@
+"""What the engine hands to the sinks: per-batch outputs, running totals, and the sink protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tta_cli.sources.items import Batch
+
+
+@dataclass
+class BatchOutputs:
+    """Per-sample results of one batch, on the CPU, in stream order."""
+
+    batch: Batch
+    pred: torch.Tensor
+    confidence: torch.Tensor
+    entropy: torch.Tensor
+    top5: torch.Tensor
+    used: torch.Tensor
+    filtered: tuple[int, ...]
+    reset: bool
+    seconds: float
+
+    @property
+    def correct(self) -> torch.Tensor | None:
+        labels = self.batch.labels
+        return None if labels is None else self.pred == labels
+
+
+def empty_outputs(batch: Batch) -> BatchOutputs:
+    """A batch of only skipped files since the last batch."""
+    empty = torch.empty(0)
+    return BatchOutputs(batch, empty.long(), empty, empty, empty.long(), empty.bool(), (), False, 0.0)
+
+
+class Sink(Protocol):
+    """Anything that takes every batch's outputs, in stream order."""
+
+    def on_batch(self, outputs: BatchOutputs) -> None: ...
+
+
+@dataclass
+class Totals:
+    """Running counts over the stream, for the progress display and the run record."""
+
+    images: int = 0
+    batches: int = 0
+    used: int = 0
+    labelled: int = 0
+    correct: int = 0
+    entropy_sum: float = 0.0
+    skipped: int = 0
+    resets: int = 0
+    filter_counts: list[int] = field(default_factory=list)
+    adapt_seconds: float = 0.0
+    data_wait_seconds: float = 0.0
+    """Time the loop waited for the decoder to hand over a batch."""
+    data_waits: int = 0
+    """Batches that were not ready when the loop asked for them (waited over 1 ms)."""
+    device_busy_seconds: float = 0.0
+    device_idle_seconds: float = 0.0
+    """CUDA only: time the GPU spent on steps and idle between them (waiting for data or the host)."""
+    cpu_threads: list[tuple[int, int]] = field(default_factory=list)
+    """(batch, intra-op threads from that batch on), when the thread count was tuned."""
+
+    def add(self, out: BatchOutputs) -> None:
+        n = len(out.batch.items)
+        self.images += n
+        self.batches += 1 if n else 0
+        self.used += int(out.used.sum())
+        self.entropy_sum += float(out.entropy.sum())
+        self.skipped += len(out.batch.skipped)
+        self.resets += int(out.reset)
+        self.adapt_seconds += out.seconds
+        if not self.filter_counts:
+            self.filter_counts = [0] * len(out.filtered)
+        for i, count in enumerate(out.filtered):
+            self.filter_counts[i] += count
+        correct = out.correct
+        if correct is not None and n:
+            self.labelled += n
+            self.correct += int(correct.sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def mean_entropy(self) -> float | None:
+        return self.entropy_sum / self.images if self.images else None
+
+    @property
+    def used_share(self) -> float | None:
+        return self.used / self.images if self.images else None
+
+    @property
+    def device_idle_share(self) -> float | None:
+        total = self.device_busy_seconds + self.device_idle_seconds
+        return self.device_idle_seconds / total if total > 0 else None

@@ -1,0 +1,182 @@
+"""How a run is set up, the same for ``tta adapt`` and for every run of ``tta bench``.
+
+Seeds, device and backends, CPU threads, the model, the method with its speed options and EATA's
+Fisher information, the versions record and the output folder: one implementation, so that the
+same model, stream and method give the same predictions through either command.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tta_cli import __version__
+from tta_cli.device import configure_backends, resolve_channels_last, resolve_device
+from tta_cli.errors import TTAError
+from tta_cli.methods import create_method, method_config
+from tta_cli.methods.base import PRECISIONS, TTAMethod
+from tta_cli.models import LoadedModel, load_model
+from tta_cli.sources.items import Batch, StreamItem
+from tta_cli.sources.loader import iter_batches
+
+Fishers = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""EATA's Fisher information: parameter name -> (diagonal Fisher, source value)."""
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators (numpy is optional for the core)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed)
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    return {"tta": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise TTAError(f"unknown precision {precision!r}", f"choose from {', '.join(PRECISIONS)}")
+
+
+def cpu_threads(threads: int | None) -> bool:
+    """Set torch's CPU thread count when given; True when the engine should choose it by timing
+    steps instead (neither ``threads`` nor ``OMP_NUM_THREADS`` pins it)."""
+    if threads:
+        torch.set_num_threads(threads)
+        return False
+    return "OMP_NUM_THREADS" not in os.environ
+
+
+# --- the output folder -----------------------------------------------------------------------------
+
+OVERWRITE_HINT = "choose another --out or pass --overwrite"
+
+
+def refuse_non_empty(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint: str = OVERWRITE_HINT) -> None:
+    """A folder with files (other than ``ignore``) is refused unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise TTAError(f"output path {out} exists and is not a folder")
+    try:
+        non_empty = out.is_dir() and any(p.name not in ignore for p in out.iterdir())
+    except OSError as err:
+        raise TTAError(f"cannot use output folder {out}: {err.strerror}", "choose another --out") from err
+    if non_empty and not overwrite:
+        raise TTAError(f"output folder {out} is not empty", hint)
+
+
+def prepare_out_dir(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint: str = OVERWRITE_HINT) -> None:
+    """Refuse a non-empty folder unless ``overwrite``; check it can be written before any work."""
+    refuse_non_empty(out, overwrite, ignore, hint)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".tta-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise TTAError(f"cannot write to output folder {out}: {err.strerror}",
+                       "choose another --out") from err
+
+
+# --- the model and the method ----------------------------------------------------------------------
+
+EATA_WITHOUT_CLEAN = "eata without --clean: no Fisher regulariser, running eta"
+
+
+def method_name(name: str, has_clean: bool, console: Console | None = None) -> str:
+    """The method that runs: EATA without clean images has no Fisher term, so it runs (and is
+    reported) as ETA."""
+    name = name.strip().lower()
+    if name == "eata" and not has_clean:
+        if console is not None:
+            console.print(f"[yellow]{EATA_WITHOUT_CLEAN}[/yellow]")
+        return "eta"
+    return name
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How methods run, never what they compute (docs/PERFORMANCE.md)."""
+
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (autocast)."""
+    channels_last: str = "auto"
+    """auto (conv nets on CUDA), on or off."""
+    compile: bool = False
+
+
+@dataclass
+class RunSetup:
+    """What the runs on one model share: the source model, its transform, the device, the speed
+    options and the CPU thread policy."""
+
+    loaded: LoadedModel
+    device: torch.device
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    tune_threads: bool = False
+    """Let the engine choose the CPU thread count (see ``tta_cli.threads``)."""
+    transform: Callable[[Any], torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transform = self.loaded.transform()
+
+    def batches(self, items: Any, batch_size: int, workers: int = 0, **options: Any) -> Iterator[Batch]:
+        """The items (a list or a ``Stream``) decoded into batches with the model's transform."""
+        return iter_batches(items, self.transform, batch_size, workers,
+                            pin_memory=self.device.type == "cuda", **options)
+
+    def fisher_information(self, clean: Sequence[StreamItem], batch_size: int,
+                           hyperparameters: Mapping[str, Any] | None = None) -> tuple[Fishers, int]:
+        """EATA's Fisher information on ``clean`` and the number of images used, from a copy of the
+        source model: the model that adapts never sees the clean images."""
+        model = copy.deepcopy(self.loaded.model).to(self.device)
+        probe = create_method("eata", model, method_config("eata", **(hyperparameters or {})),
+                              batch_size=batch_size)
+        batches = iter_batches(list(clean), self.transform, batch_size, workers=0)
+        n = probe.compute_fisher(b.images.to(self.device) for b in batches if b.items)  # type: ignore[attr-defined]
+        fishers: Fishers = getattr(probe, "fishers", None) or {}
+        probe.close()
+        return fishers, n
+
+    def build_method(self, name: str, hyperparameters: Mapping[str, Any] | None = None, batch_size: int = 64,
+                     fishers: Fishers | None = None, fresh_copy: bool = False) -> TTAMethod:
+        """The method on the device with the speed options; ``fresh_copy`` wraps a copy of the
+        source model (one run of many), else the loaded model itself (one run)."""
+        model = copy.deepcopy(self.loaded.model) if fresh_copy else self.loaded.model
+        model.to(self.device)
+        method = create_method(name, model, method_config(name, **(hyperparameters or {})), batch_size=batch_size)
+        configure_backends(self.device)
+        channels_last = resolve_channels_last(self.speed.channels_last, model, self.device)
+        method.configure_performance(self.speed.precision, channels_last, self.speed.compile)
+        if fishers:
+            method.fishers = {k: (f.clone(), a.clone()) for k, (f, a) in fishers.items()}  # type: ignore[assignment]
+        return method
+
+
+def start_run(model: str, *, pretrained: bool = True, checkpoint: Path | None = None,
+              num_classes: int | None = None, device: str = "auto", seed: int = 0, threads: int | None = None,
+              speed: SpeedOptions | None = None) -> RunSetup:
+    """Check the options, pick the device and threads, seed, and load the model."""
+    speed = speed or SpeedOptions()
+    check_precision(speed.precision)
+    resolved = resolve_device(device)
+    tune = cpu_threads(threads)
+    seed_everything(seed)
+    loaded = load_model(model, pretrained, checkpoint, num_classes)
+    return RunSetup(loaded, resolved, speed, tune)
