@@ -96,7 +96,8 @@ EveryOpt = Annotated[int | None, typer.Option(
     "--every", min=1, help="Videos: keep every N-th frame.",
 )]
 FpsOpt = Annotated[float | None, typer.Option(
-    "--fps", callback=finite(0, inclusive=False), help="Videos: keep at most F frames per second (resampled in time; never repeats a frame).",
+    "--fps", callback=finite(0, inclusive=False),
+    help="Videos: keep at most F frames per second (resampled in time; never repeats a frame).",
 )]
 StartOpt = Annotated[float, typer.Option(
     "--start", callback=finite(0), help="Videos: skip frames before this time (s).",
@@ -111,14 +112,16 @@ MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", min=0, help="Skip images with more pixels (decompression bombs); 0: no limit.",
 )]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", callback=one_of(*PRECISIONS), help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
-                        "losses, predictions and adapted parameters stay fp32.",
+    "--precision", callback=one_of(*PRECISIONS),
+    help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
+         "losses, predictions and adapted parameters stay fp32.",
 )]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the model (slow first batches, faster after; GPU mostly).",
 )]
 ChannelsLastOpt = Annotated[str, typer.Option(
-    "--channels-last", callback=one_of(*CHANNELS_LAST), help="Channels-last memory format: auto (conv nets on CUDA), on or off.",
+    "--channels-last", callback=one_of(*CHANNELS_LAST),
+    help="Channels-last memory format: auto (conv nets on CUDA), on or off.",
 )]
 LrOpt = Annotated[float | None, typer.Option(
     "--lr", callback=finite(0, inclusive=False),
