@@ -67,7 +67,7 @@ def test_unknown_label_names_the_line(images: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "lists no files"),
     (b"# only a comment\n", "lists no files"),
-    (b"\xff\xfe\x00garbage\x9c", "not a UTF-8 text file"),
+    (b"\xff\xfe\x00garbage\x9c", "line 1 is not valid utf-8"),
 ])
 def test_bad_lists(tmp_path: Path, content: bytes, message: str) -> None:
     lst = tmp_path / "list.txt"

@@ -25,8 +25,8 @@ class AdaptConfig:
     checkpoint: Path | None = None
     num_classes: int | None = None
     labels: Path | None = None
-    labels_encoding: str = "utf-8-sig"
-    """Text encoding of ``labels`` and of list inputs (utf-8-sig: UTF-8, a byte-order mark skipped)."""
+    labels_encoding: str = "utf-8"
+    """Text encoding of ``labels`` and of list inputs (UTF-8: a byte-order mark is skipped)."""
     labels_from_folders: str = "auto"
     """auto, names, index or off (see ``tta_cli.sources.folder.folder_labels``)."""
     clean: Path | None = None

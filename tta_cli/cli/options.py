@@ -52,12 +52,11 @@ def one_of(*choices: str) -> Callable[[str | None], str | None]:
 
 
 def text_encoding(value: str) -> str:
-    """A Python codec name; utf-8 (any spelling) becomes utf-8-sig, so a byte-order mark is skipped."""
+    """A Python codec name (UTF-8 files are read with a byte-order mark skipped)."""
     try:
-        name = codecs.lookup(value).name
+        return codecs.lookup(value).name
     except LookupError:
         raise typer.BadParameter(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
-    return "utf-8-sig" if name == "utf-8" else name
 
 
 ModelOpt = Annotated[str, typer.Option(
