@@ -6,9 +6,9 @@ Exit codes: 0 done; 2 a usage error (a bad option or value, a missing argument) 
 130 interrupted (Ctrl-C or ``typer.Abort``, at any point: the ``tta`` script and ``python -m tta_cli``
 start in :mod:`tta_cli.__main__`, which catches Ctrl-C while this package is imported); 1 an unexpected error.
 Bare ``tta`` prints the help; its exit code is the one the installed click gives a command line
-without arguments: 2 with typer >= 0.23's own click and with click >= 8.2, 0 with older click.
+without arguments: 2 with typer >= 0.26's own click and with click >= 8.2, 0 with older click.
 
-Typer >= 0.23 carries its own copy of click (``typer._click``) whose exceptions are not those of a
+Typer >= 0.26 carries its own copy of click (``typer._click``) whose exceptions are not those of a
 ``click`` that may also be installed, so the classes are looked up in both (:func:`click_exceptions`).
 """
 
@@ -24,7 +24,7 @@ from tta_cli.cli.app import app
 from tta_cli.errors import TTAError
 
 _CLICK_LAYOUTS = ("typer._click.exceptions", "click.exceptions")
-"""Where the click exceptions live: typer's vendored copy (typer >= 0.23), then click itself."""
+"""Where the click exceptions live: typer's vendored copy (typer >= 0.26), then click itself."""
 
 
 def click_exceptions() -> list[ModuleType]:
@@ -83,8 +83,8 @@ def _run() -> int:
 
 def _other_error(err: Exception) -> int:
     """Click's usage errors and aborts (from either click), else an unexpected error."""
-    if isinstance(err, _abort_classes()):
-        return _interrupted("aborted")
+    if isinstance(err, _abort_classes()):  # older click turns Ctrl-C into Abort
+        return _interrupted("interrupted" if isinstance(err.__cause__, KeyboardInterrupt) else "aborted")
     if type(err).__name__ == "NoArgsIsHelpError":  # bare `tta`: the help is the message
         if str(err.format_message()).strip():  # type: ignore[attr-defined]  # rich has printed it already
             err.show()  # type: ignore[attr-defined]
