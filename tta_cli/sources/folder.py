@@ -156,7 +156,7 @@ def _folder_problem(tops: list[str], outside: str | None, unknown: list[str], la
         return None
     shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
     text = f"sub-folders {shown} are not {what} of the model ({len(unknown)} of {len(tops)})"
-    if mode == "auto" and all(labels.by_index(top) is not None for top in tops):
+    if mode == "auto" and all(top.isascii() and top.isdigit() for top in tops):
         text += "; --labels-from-folders index reads them as class indices"
     return text
 
