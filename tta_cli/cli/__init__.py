@@ -55,7 +55,8 @@ def main() -> None:
         code = _run()
     except KeyboardInterrupt:  # between the app's end and the exit
         code = _interrupted()
-    sys.exit(code)
+    if code:  # success returns, so that callers in Python carry on
+        sys.exit(code)
 
 
 def _run() -> int:
