@@ -198,3 +198,114 @@ def test_one_clean_line_or_a_traceback_with_tta_debug(tmp_path: Path, tiny_model
     debug = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "TTAError" in debug.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_odd_file_names_and_numbered_folders(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Names that are not UTF-8 are predicted or skipped, never fatal; formula-like names are
+    neutralised; sub-folders 1/, 2/ (camera ids) are not labels; the bomb reason states the limit."""
+    folder = tmp_path / "cams"
+    make_images(folder / "1", 2)
+    make_images(folder / "2", 1, prefix="=shot", seed=3)
+    raw = os.fsencode(folder)
+    try:
+        os.rename(raw + b"/1/img1.png", raw + b"/1/caf\xe9.png")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (folder / "2" / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
+    _bomb_header(folder / "2" / "-bomb.png", 200, 200)
+    out = tmp_path / "run"
+    args = [a for a in adapt_args(tiny_model_dir, out, folder) if a != "--quiet"]
+    code, err = run_cli(monkeypatch, capsys, *args, "--workers", "1", "--method", "tent", "--max-pixels", "30000")
+    assert code == 0 and "Traceback" not in err, err
+    console = " ".join(err.split())  # rich wraps long lines
+    assert "labels: none (" in console and "sub-folders 1, 2 are not class names" in console
+    text = (out / "predictions.csv").read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    assert "1/caf\\xe9.png" in text
+    assert [r["path"] for r in rows(out / "predictions.csv")] == ["1/caf\\xe9.png", "1/img0.png", "2/=shot0.png"]
+    # (the key column starts with the folder, so "2/=shot0.png" needs no quote; a formula at the start does)
+    errors = {r["path"]: r["reason"] for r in rows(out / "errors.csv")}
+    assert set(errors) == {"2/bad\\xff.png", "2/-bomb.png"}
+    assert "above the limit of 30,000" in errors["2/-bomb.png"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["counts"]["images"] == 3 and record["counts"]["skipped"] == 2 and record["accuracy"] is None
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_formula_like_keys_are_quoted(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    make_images(tmp_path / "x", 1, prefix="=1+1")
+    (tmp_path / "x" / "@bad.png").write_bytes(b"")
+    out = tmp_path / "run"
+    code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, tmp_path / "x"), "--workers", "0",
+                        "--method", "norm")
+    assert code == 0, err
+    (prediction,) = rows(out / "predictions.csv")
+    assert prediction["path"] == "'=1+1" + "0.png" and prediction["index"] == "0"
+    assert float(prediction["confidence"]) > 0  # numbers are left as numbers
+    assert rows(out / "errors.csv")[0]["path"] == "'@bad.png"
+
+
+def _user_error_case(kind: str, root: Path, model: Path) -> tuple[list[str], str]:
+    """Arguments for a run that must stop with one line before any output, and what it must say."""
+    make_images(root / "flat", 2)
+    if kind == "latin-1 labels":
+        (root / "labels.csv").write_bytes("file,label\nimg0.png,caf\u00e9\n".encode("latin-1"))
+        return ["--labels", str(root / "labels.csv")], "line 2 is not valid utf-8 (byte 0xe9) (give its encoding with"
+    if kind == "conflicting labels":
+        (root / "labels.csv").write_text("file,label\nimg0.png,cat\nimg1.png,dog\n./img0.png,dog\n")
+        return ["--labels", str(root / "labels.csv")], "img0.png two labels: 'cat' on line 2 and 'dog' on line 4"
+    if kind == "config list":
+        (root / "m").mkdir()
+        (root / "m" / "config.json").write_text("[1, 2, 3]")
+        return ["-m", f"local-dir:{root / 'm'}"], "holds a JSON list, not an object"
+    if kind == "config without architecture":
+        (root / "m").mkdir()
+        (root / "m" / "config.json").write_text('{"num_classes": 10}')
+        return ["-m", f"local-dir:{root / 'm'}"], "has no 'architecture'"
+    if kind == "nan weights":
+        from safetensors.torch import load_file, save_file
+
+        (root / "m").mkdir()
+        (root / "m" / "config.json").write_text((model / "config.json").read_text())
+        state = load_file(str(model / "model.safetensors"))
+        state["head.weight"][0, 0] = float("nan")
+        save_file(state, str(root / "m" / "model.safetensors"))
+        return ["-m", f"local-dir:{root / 'm'}"], "head.weight holds 1 NaN or infinite values"
+    if kind == "numbered folders as names":
+        make_images(root / "flat" / "7", 1)
+        return ["--labels-from-folders", "names"], "--labels-from-folders names: "
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["latin-1 labels", "conflicting labels", "config list", "config without architecture",
+                                  "nan weights", "numbered folders as names"])
+def test_user_errors_are_one_line_before_any_output(kind: str, tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    extra, message = _user_error_case(kind, tmp_path, tiny_model_dir)
+    out = tmp_path / "run"
+    args = adapt_args(tiny_model_dir, out, tmp_path / "flat")
+    if "-m" in extra:  # replace the model
+        at = args.index("-m")
+        args[at + 1] = extra[extra.index("-m") + 1]
+        extra = []
+    code, err = run_cli(monkeypatch, capsys, *args, *extra, "--workers", "0")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "unexpected error" not in err, err
+    assert lines[0].startswith("tta: error: ") and message in lines[0]
+    assert not out.exists()
+
+
+def test_labels_encoding_reads_a_latin_1_csv(tmp_path: Path, tiny_model_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    make_images(tmp_path / "flat", 2)
+    (tmp_path / "labels.csv").write_bytes("file,label\n./img0.png,ship\nimg1.png,7\n".encode("latin-1"))
+    out = tmp_path / "run"
+    code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, tmp_path / "flat"), "--workers", "0",
+                        "--labels", str(tmp_path / "labels.csv"), "--labels-encoding", "latin-1", "--method", "norm")
+    assert code == 0, err
+    assert [r["label"] for r in rows(out / "predictions.csv")] == ["8", "7"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["labels_encoding"] == "iso8859-1" and record["counts"]["labelled"] == 2

@@ -52,13 +52,13 @@ def test_every_method_writes_the_three_outputs(method: str, tmp_path: Path, tiny
 
 
 def test_subfolder_labels_give_accuracy(tmp_path: Path, tiny_model_dir: Path) -> None:
-    for i, name in enumerate(["cat", "dog", "3"]):
+    for i, name in enumerate(["dog", "cat", "Frog"]):  # class names, matched case-insensitively
         make_images(tmp_path / "data" / name, 3, seed=i)
     result, out = _adapt(tmp_path, tiny_model_dir, [str(tmp_path / "data")], "--method", "tent", "-b", "2")
     assert result.exit_code == 0, result.output
     rows = _predictions(out)
-    assert {r["label"] for r in rows} == {"3", "5"}
-    assert rows[0]["path"] == "3/img0.png"  # natural order of folders too
+    assert {r["label"] for r in rows} == {"3", "5", "6"}
+    assert rows[0]["path"] == "cat/img0.png"  # natural order of folders too
     record = json.loads((out / "run.json").read_text())
     assert record["counts"]["labelled"] == 9 and record["accuracy"] is not None
     assert "acc" in result.output

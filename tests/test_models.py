@@ -153,3 +153,65 @@ def test_weights_missing_offline_say_how_to_get_them(tmp_path: Path) -> None:
     result = _run_offline(code, tmp_path / "empty-hub")
     assert "TTAError cannot load weights for test_vit" in result.stdout, result.stderr[-2000:]
     assert "--no-pretrained" in result.stdout
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 2, 3]", "holds a JSON list, not an object"),
+    ('{"num_classes": 10}', "has no 'architecture'"),
+    ('{"architecture": "no_such_net_v9"}', "unknown architecture 'no_such_net_v9'"),
+    ('{"architecture": ', "is not valid JSON (line 1"),
+])
+def test_bad_config_json_is_a_clear_error(content: str, message: str, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(TTAError) as err:
+        load_model(f"local-dir:{tmp_path}")
+    assert message in err.value.message and "config.json" in err.value.message
+    assert err.value.hint and "architecture" in err.value.hint
+
+
+def test_checkpoint_with_a_wrong_shape_names_the_key_and_both_shapes(tmp_path: Path) -> None:
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=7)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    key = next(k for k, v in state.items() if v.ndim == 4)  # the first convolution
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1], 1, 1)
+    path = tmp_path / "wrong.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(TTAError) as err:
+        load_model("test_resnet", checkpoint=path, num_classes=7)
+    expected = list(model.state_dict()[key].shape)
+    assert key in err.value.message
+    assert f"[{expected[0]}, {expected[1]}, 1, 1] in the checkpoint, {expected} in the model" in err.value.message
+
+
+def test_local_dir_with_wrong_shaped_weights_names_the_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    model = timm.create_model("test_vit", pretrained=False, num_classes=10, img_size=32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.weight"] = torch.zeros(3, state["head.weight"].shape[1])
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(TTAError, match=r"size mismatch for head\.weight"):
+        load_model(f"local-dir:{folder}")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_time(bad: float, tmp_path: Path) -> None:
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=7)
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    state[key].view(-1)[:3] = bad
+    path = tmp_path / "diverged.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(TTAError) as err:
+        load_model("test_resnet", checkpoint=path, num_classes=7)
+    assert f"{key} holds 3 NaN or infinite values" in err.value.message
+    assert "another checkpoint" in (err.value.hint or "")
+
+
+def test_non_finite_local_dir_weights_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = load_model(f"local-dir:{tiny_model_dir}").model
+    model.head.bias.data[0] = float("nan")
+    folder = save_timm_folder(model, tmp_path / "nan_model", [str(i) for i in range(10)])
+    with pytest.raises(TTAError, match=r"head\.bias holds 1 NaN"):
+        load_model(f"local-dir:{folder}")

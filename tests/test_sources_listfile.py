@@ -67,7 +67,7 @@ def test_unknown_label_names_the_line(images: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "lists no files"),
     (b"# only a comment\n", "lists no files"),
-    (b"\xff\xfe\x00garbage\x9c", "not a UTF-8 text file"),
+    (b"\xff\xfe\x00garbage\x9c", "line 1 is not valid utf-8"),
 ])
 def test_bad_lists(tmp_path: Path, content: bytes, message: str) -> None:
     lst = tmp_path / "list.txt"
@@ -81,3 +81,31 @@ def test_csv_row_without_file(tmp_path: Path) -> None:
     lst.write_text("file,label\n,cat\n")
     with pytest.raises(TTAError, match="line 2 has no file"):
         list_items(lst, CLASSES)
+
+
+def test_paths_are_normalised(images: Path) -> None:
+    lst = images / "list.txt"
+    lst.write_text("./imgs/img1.png\nimgs//img0.png\n")
+    items = list_items(lst, CLASSES)
+    assert [i.key for i in items] == ["imgs/img1.png", "imgs/img0.png"]
+    assert items[0].path == images / "imgs/img1.png"
+
+
+def test_conflicting_duplicate_labels_name_both_lines(images: Path) -> None:
+    lst = images / "list.csv"
+    lst.write_text("file,label\nimgs/img0.png,cat\nimgs/img1.png,dog\n./imgs/img0.png,0\n")
+    assert [i.label for i in list_items(lst, CLASSES)] == [0, 1, 0]  # a repeat that agrees is fine
+    lst.write_text("file,label\nimgs/img0.png,cat\nimgs/img1.png,dog\n./imgs/img0.png,bird\n")
+    with pytest.raises(TTAError) as err:
+        list_items(lst, CLASSES)
+    assert "imgs/img0.png two labels: 'cat' on line 2 and 'bird' on line 4" in err.value.message
+
+
+def test_a_list_in_another_encoding(images: Path) -> None:
+    lst = images / "list.csv"
+    lst.write_bytes("file,label\nimgs/img0.png,ch\u00e2teau\n".encode("cp1252"))
+    classes = ["ch\u00e2teau"]
+    with pytest.raises(TTAError, match=r"line 2 is not valid utf-8 \(byte 0xe2\)") as err:
+        list_items(lst, classes)
+    assert "--labels-encoding" in (err.value.hint or "")
+    assert list_items(lst, classes, encoding="cp1252")[0].label == 0

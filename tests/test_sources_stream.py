@@ -36,7 +36,7 @@ def test_several_inputs_are_concatenated_in_order(two_folders: tuple[Path, Path]
     assert len(stream.parts) == 1 and stream.total == 6
     assert keys(stream) == [f"{b.as_posix()}/x0.png", f"{b.as_posix()}/x1.png", f"{a.as_posix()}/img0.png",
                             f"{a.as_posix()}/img1.png", f"{a.as_posix()}/img2.png", (b / "x1.png").as_posix()]
-    assert stream.describe() == "6 images"
+    assert stream.describe() == "6 images, labels: none"
 
 
 def test_a_single_image_is_an_input(two_folders: tuple[Path, Path]) -> None:
@@ -53,7 +53,7 @@ def test_shuffle_is_a_seeded_permutation_of_everything(two_folders: tuple[Path, 
     inputs = list(two_folders)
     plain = keys(collect_stream(inputs, CLASSES))
     first = collect_stream(inputs, CLASSES, shuffle=True, seed=1)
-    assert first.shuffled and first.describe() == "5 images, shuffled"
+    assert first.shuffled and first.describe() == "5 images, shuffled, labels: none"
     assert keys(first) == keys(collect_stream(inputs, CLASSES, shuffle=True, seed=1))
     assert sorted(keys(first)) == sorted(plain)
     orders = {tuple(keys(collect_stream(inputs, CLASSES, shuffle=True, seed=s))) for s in range(6)}

@@ -226,4 +226,4 @@ def test_cli_adapts_on_a_video(clip: Path, tmp_path: Path, tiny_model_dir: Path,
 
 def test_stream_describes_videos(clip: Path) -> None:
     stream = collect_stream([clip], [], video=VideoOptions(every=2))
-    assert isinstance(stream, Stream) and stream.describe() == "0 images and ~15 frames of 1 videos"
+    assert isinstance(stream, Stream) and stream.describe() == "0 images and ~15 frames of 1 videos, labels: none"

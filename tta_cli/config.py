@@ -25,6 +25,10 @@ class AdaptConfig:
     checkpoint: Path | None = None
     num_classes: int | None = None
     labels: Path | None = None
+    labels_encoding: str = "utf-8"
+    """Text encoding of ``labels`` and of list inputs (UTF-8: a byte-order mark is skipped)."""
+    labels_from_folders: str = "auto"
+    """auto, names, index or off (see ``tta_cli.sources.folder.folder_labels``)."""
     clean: Path | None = None
     batch_size: int = 64
     device: str = "auto"

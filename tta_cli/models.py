@@ -98,6 +98,7 @@ def resolve_name(spec: str) -> tuple[str, str]:
                 f"no timm model folder at {path}",
                 "local-dir: needs a folder with config.json and model.safetensors",
             )
+        check_model_config(path / "config.json")
         return f"local-dir:{path}", "local-dir"
     if spec.startswith("hf-hub:"):
         return spec, "hf-hub"
@@ -107,6 +108,61 @@ def resolve_name(spec: str) -> tuple[str, str]:
         hint = f"did you mean {', '.join(matches)}?" if matches else "see timm.list_models() or `tta models`"
         raise TTAError(f"unknown model {spec!r}", hint)
     return name, "registry"
+
+
+_CONFIG_HINT = ("a timm model folder's config.json is a JSON object with an 'architecture' (a timm model name), "
+                "as `tta adapt` writes it in --out/model")
+
+
+def check_model_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` of a ``local-dir:`` folder, checked before timm reads it: valid JSON, an
+    object, and an ``architecture`` that timm knows (timm fails on each with an internal error)."""
+    import timm
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise TTAError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}", _CONFIG_HINT) from None
+    except json.JSONDecodeError as err:
+        raise TTAError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
+                       _CONFIG_HINT) from None
+    if not isinstance(config, dict):
+        raise TTAError(f"{path} holds a JSON {type(config).__name__}, not an object", _CONFIG_HINT)
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise TTAError(f"{path} has no 'architecture'", _CONFIG_HINT)
+    if not timm.is_model(architecture):
+        matches = _close_matches(architecture)
+        hint = f"did you mean {', '.join(matches)}?" if matches else _CONFIG_HINT
+        raise TTAError(f"{path}: unknown architecture {architecture!r}", hint)
+    return config
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse weights (or buffers) holding NaN or infinity: every prediction would be NaN (or class 0)."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() and not tensor.is_complex():
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            raise TTAError(
+                f"the weights from {where} are not finite: {name} holds {int(bad.sum())} NaN or infinite "
+                f"values (of {tensor.numel()})",
+                "the file is corrupt, or was saved after training diverged; use another checkpoint",
+            )
+
+
+Mismatch = tuple[str, tuple[int, ...], tuple[int, ...]]
+"""A state-dict key, its shape in the file, its shape in the model."""
+
+
+def _shape_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> Mismatch | None:
+    """The first key (in the model's order) whose tensor has another shape in ``state``."""
+    for name, tensor in model.state_dict().items():
+        found = state.get(name)
+        if found is not None and found.shape != tensor.shape:
+            return name, tuple(found.shape), tuple(tensor.shape)
+    return None
 
 
 def _offline_hint(name: str) -> str:
@@ -128,11 +184,19 @@ def _create(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
         if pretrained and ("offline" in text.lower() or "connect" in text.lower() or "cache" in text.lower()
                            or type(err).__name__.endswith(("NotFoundError", "ConnectionError", "HTTPError"))):
             raise TTAError(f"cannot load weights for {name}", _offline_hint(name)) from err
-        raise TTAError(f"cannot create model {name}: {text.splitlines()[0] if text else type(err).__name__}") from err
+        raise TTAError(f"cannot create model {name}: {_first_reason(text) or type(err).__name__}") from err
     except Exception as err:  # huggingface_hub errors do not share a base class with the above
         if pretrained and "huggingface" in type(err).__module__:
             raise TTAError(f"cannot load weights for {name}", _offline_hint(name)) from err
         raise
+
+
+def _first_reason(text: str) -> str:
+    """The line of an error that says what is wrong (torch lists size mismatches below a heading)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                  None)
+    return detail or (lines[0] if lines else "")
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -179,9 +243,16 @@ def _load_checkpoint(model: nn.Module, name: str, path: Path, num_classes: int |
         found = _checkpoint_num_classes(model, state)
         if found is not None and found != model.num_classes:
             model = _create(name, False, found)
+    mismatch = _shape_mismatch(model, state)
+    if mismatch is not None:  # load_state_dict raises on these even when not strict
+        key, found, expected = mismatch
+        raise TTAError(
+            f"{path.name} does not fit the architecture {name}: {key} has shape {list(found)} in the "
+            f"checkpoint, {list(expected)} in the model",
+            "check --model names the architecture the checkpoint was trained with (and --num-classes)",
+        )
     result = model.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shapes:
+    if result.missing_keys or result.unexpected_keys:
         problems = []
         if result.missing_keys:
             problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
@@ -229,6 +300,7 @@ def load_model(
         use_pretrained = pretrained or source == "local-dir"
         model = _create(name, use_pretrained, num_classes)
         pretrained = use_pretrained
+    check_finite_weights(model, str(checkpoint) if checkpoint is not None else spec)
     model.eval()
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     data_config = timm.data.resolve_model_data_config(model)

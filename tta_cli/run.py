@@ -38,7 +38,7 @@ def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = N
     """The run's inputs as one stream, every input checked (and videos probed) before any output."""
     video = VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames)
     return collect_stream(config.inputs, class_names, config.labels, video, config.shuffle, config.seed,
-                          transform, workers)
+                          transform, workers, config.labels_encoding, config.labels_from_folders)
 
 
 def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:

@@ -19,6 +19,9 @@ from tta_cli.cli.options import (
     EveryOpt,
     FpsOpt,
     JsonOpt,
+    LabelsEncodingOpt,
+    LabelsFromFoldersOpt,
+    LrOpt,
     MaxFramesOpt,
     MaxPixelsOpt,
     MethodOpt,
@@ -58,11 +61,12 @@ def adapt(
     num_classes: NumClassesOpt = None,
     labels: Annotated[Path | None, typer.Option(
         "--labels", help="CSV with columns file,label (class name or index) for a flat folder.")] = None,
+    labels_encoding: LabelsEncodingOpt = "utf-8",
+    labels_from_folders: LabelsFromFoldersOpt = "auto",
     clean: Annotated[Path | None, typer.Option(
         "--clean", help="Folder of in-distribution images for EATA's Fisher regulariser.")] = None,
     batch_size: BatchSizeOpt = 64,
-    lr: Annotated[float | None, typer.Option(
-        "--lr", help="Learning rate (default: the SAR paper's rule by model family and batch size).")] = None,
+    lr: LrOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Adaptation steps per batch.")] = None,
     episodic: Annotated[bool, typer.Option("--episodic", help="Reset to the source model every batch.")] = False,
     set_: Annotated[list[str] | None, typer.Option(
@@ -98,7 +102,8 @@ def adapt(
         hyperparameters["episodic"] = True
     config = AdaptConfig(
         inputs=inputs, model=model, method=method, pretrained=pretrained, checkpoint=checkpoint,
-        num_classes=num_classes, labels=labels, clean=clean, batch_size=batch_size, device=device,
+        num_classes=num_classes, labels=labels, labels_encoding=labels_encoding,
+        labels_from_folders=labels_from_folders, clean=clean, batch_size=batch_size, device=device,
         seed=seed, workers=workers, out=out, overwrite=overwrite, hyperparameters=hyperparameters, quiet=quiet,
         strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,

@@ -1,11 +1,63 @@
-"""Reusable ``Annotated`` option aliases, shared by the commands."""
+"""Reusable ``Annotated`` option aliases, shared by the commands, and their value checks.
+
+Every value is checked while the command line is parsed, before any output exists: a bad one is a
+click usage error (``Invalid value for '--lr': ...``), exit code 2. Ranges of integers use typer's
+``min``/``max``; floats go through :func:`finite`, because click's ranges let ``nan`` and ``inf``
+through; fixed choices go through :func:`one_of` (plain strings on the command line).
+"""
 
 from __future__ import annotations
 
+import codecs
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""As ``tta_cli.methods.base.PRECISIONS`` (not imported: that module imports torch)."""
+CHANNELS_LAST = ("auto", "on", "off")
+LABELS_FROM_FOLDERS = ("auto", "names", "index", "off")
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def finite(minimum: float, *, inclusive: bool = True) -> Callable[[float | None], float | None]:
+    """A callback accepting finite numbers >= ``minimum`` (> with ``inclusive=False``), or None."""
+    relation = ">=" if inclusive else ">"
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return None
+        in_range = value >= minimum if inclusive else value > minimum
+        if not (math.isfinite(value) and in_range):
+            raise typer.BadParameter(f"must be a finite number {relation} {minimum:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def one_of(*choices: str) -> Callable[[str | None], str | None]:
+    """A callback accepting one of ``choices`` (case-insensitive; returned in lower case), or None."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.lower() not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value.lower()
+
+    return check
+
+
+def text_encoding(value: str) -> str:
+    """A Python codec name (UTF-8 files are read with a byte-order mark skipped)."""
+    try:
+        return codecs.lookup(value).name
+    except LookupError:
+        raise typer.BadParameter(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
+
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
@@ -19,14 +71,14 @@ CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", help="Weights file for the --model architecture: .safetensors, .pth, .pt or .bin.",
 )]
 NumClassesOpt = Annotated[int | None, typer.Option(
-    "--num-classes", min=1, help="Classifier size, when it differs from the pretrained head.",
+    "--num-classes", min=1, max=1_000_000, help="Classifier size, when it differs from the pretrained head.",
 )]
 MethodOpt = Annotated[str, typer.Option(
     "--method", help="Adaptation method (see `tta methods`).",
 )]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch (1 works).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed (0 .. 2**32-1).")]
 WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", min=0, help="Decoding worker processes (default: from the CPU count; 0 decodes inline).",
 )]
@@ -43,12 +95,15 @@ EveryOpt = Annotated[int | None, typer.Option(
     "--every", min=1, help="Videos: keep every N-th frame.",
 )]
 FpsOpt = Annotated[float | None, typer.Option(
-    "--fps", help="Videos: keep at most F frames per second (resampled in time; never repeats a frame).",
+    "--fps", callback=finite(0, inclusive=False),
+    help="Videos: keep at most F frames per second (resampled in time; never repeats a frame).",
 )]
 StartOpt = Annotated[float, typer.Option(
-    "--start", min=0.0, help="Videos: skip frames before this time (s).",
+    "--start", callback=finite(0), help="Videos: skip frames before this time (s).",
 )]
-EndOpt = Annotated[float | None, typer.Option("--end", help="Videos: stop at this time (s).")]
+EndOpt = Annotated[float | None, typer.Option(
+    "--end", callback=finite(0, inclusive=False), help="Videos: stop at this time (s).",
+)]
 MaxFramesOpt = Annotated[int | None, typer.Option(
     "--max-frames", min=1, help="Videos: at most N frames from each video.",
 )]
@@ -56,12 +111,29 @@ MaxPixelsOpt = Annotated[int, typer.Option(
     "--max-pixels", min=0, help="Skip images with more pixels (decompression bombs); 0: no limit.",
 )]
 PrecisionOpt = Annotated[str, typer.Option(
-    "--precision", help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
-                        "losses, predictions and adapted parameters stay fp32.",
+    "--precision", callback=one_of(*PRECISIONS),
+    help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
+         "losses, predictions and adapted parameters stay fp32.",
 )]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the model (slow first batches, faster after; GPU mostly).",
 )]
 ChannelsLastOpt = Annotated[str, typer.Option(
-    "--channels-last", help="Channels-last memory format: auto (conv nets on CUDA), on or off.",
+    "--channels-last", callback=one_of(*CHANNELS_LAST),
+    help="Channels-last memory format: auto (conv nets on CUDA), on or off.",
+)]
+LrOpt = Annotated[float | None, typer.Option(
+    "--lr", callback=finite(0, inclusive=False),
+    help="Learning rate (default: the SAR paper's rule by model family and batch size).",
+)]
+LabelsEncodingOpt = Annotated[str, typer.Option(
+    "--labels-encoding", callback=text_encoding,
+    help="Text encoding of the --labels CSV and of .txt/.csv lists (utf-8 skips a byte-order mark; "
+         "e.g. latin-1, cp1252).",
+)]
+LabelsFromFoldersOpt = Annotated[str, typer.Option(
+    "--labels-from-folders", callback=one_of(*LABELS_FROM_FOLDERS),
+    help="Labels from first-level sub-folders: auto (when every folder is named like a class of the "
+         "model), names (the same, an error otherwise), index (folders named 0, 1, ... are class "
+         "indices) or off.",
 )]

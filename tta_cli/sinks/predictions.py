@@ -1,9 +1,22 @@
-"""``predictions.csv`` and ``errors.csv``: written row by row and flushed every batch, so an
-interrupted run keeps every prediction made so far."""
+r"""``predictions.csv`` and ``errors.csv``: written row by row and flushed every batch, so an
+interrupted run keeps every prediction made so far.
+
+Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:`csv_text`:
+
+* a file name that is not valid UTF-8 (Python holds it with surrogate escapes) is written with
+  each byte that does not decode, and each backslash, as ``\xNN``: the Latin-1 name ``café.jpg``
+  is written ``caf\xe9.jpg``. The file stays valid UTF-8 and :func:`original_bytes` gives back the
+  exact name;
+* a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``
+  (also after leading ``'``, so it can be undone), so a spreadsheet shows it as text instead of
+  running it as a formula. Numeric columns are never changed (a negative number stays a number).
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import re
 from pathlib import Path
 from typing import IO
 
@@ -13,6 +26,33 @@ PREDICTION_COLUMNS = [
     "index", "path", "frame", "timestamp", "pred", "pred_name", "confidence", "entropy", "top5",
     "used_for_update", "label", "correct",
 ]
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def csv_text(value: str) -> str:
+    """``value`` safe for a UTF-8 CSV opened in a spreadsheet (see the module's docstring)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes of bytes that are not UTF-8 (os.fsdecode)
+        raw = os.fsencode(value).replace(b"\\", b"\\x5c")  # so that every escape reads back
+        value = raw.decode("utf-8", "backslashreplace")
+    return "'" + value if _needs_quote(value) else value
+
+
+def _needs_quote(value: str) -> bool:
+    """Starts with a formula character, after any quotes (so that quoting can always be undone)."""
+    return value.lstrip("'").startswith(_FORMULA_START)
+
+
+def original_bytes(cell: str) -> bytes:
+    """The file name's bytes from a path cell written by :func:`csv_text` (for names that were not
+    not UTF-8; in a UTF-8 name, a backslash, ``x`` and two hex digits read back as that byte)."""
+    if cell.startswith("'") and _needs_quote(cell):
+        cell = cell[1:]
+    return _ESCAPED_BYTE.sub(lambda match: bytes([int(match[1], 16)]), cell.encode("utf-8"))
 
 
 class PredictionsWriter:
@@ -30,11 +70,11 @@ class PredictionsWriter:
             pred = int(out.pred[i])
             self._writer.writerow([
                 out.batch.first_index + i,
-                item.key,
+                csv_text(item.key),
                 "" if item.frame is None else item.frame,
                 "" if item.timestamp is None else f"{item.timestamp:.3f}",
                 pred,
-                self.class_names[pred] if pred < len(self.class_names) else pred,
+                csv_text(self.class_names[pred]) if pred < len(self.class_names) else pred,
                 f"{float(out.confidence[i]):.6f}",
                 f"{float(out.entropy[i]):.6f}",
                 " ".join(str(int(j)) for j in out.top5[i]),
@@ -63,7 +103,7 @@ class ErrorsWriter:
             self._file = self.path.open("w", newline="", encoding="utf-8")
             self._writer = csv.writer(self._file)
             self._writer.writerow(["path", "reason"])
-        self._writer.writerow([key, reason])  # type: ignore[union-attr]
+        self._writer.writerow([csv_text(key), csv_text(reason)])  # type: ignore[union-attr]
         self.rows += 1
         self._file.flush()
 

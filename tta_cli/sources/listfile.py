@@ -13,24 +13,19 @@ from pathlib import Path
 
 from tta_cli.errors import TTAError
 from tta_cli.sources.items import StreamItem
-from tta_cli.sources.labels import LabelMap
-from tta_cli.sources.paths import permission_error
+from tta_cli.sources.labels import (
+    DEFAULT_ENCODING,
+    LabelMap,
+    LabelRow,
+    check_duplicates,
+    normalise_key,
+    read_label_text,
+)
 
 LIST_SUFFIXES = frozenset({".txt", ".csv"})
 
 Row = tuple[int, str, str | None]
 """Line number, path as written, label text (None when absent)."""
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except PermissionError:
-        raise permission_error(path) from None
-    except UnicodeDecodeError:
-        raise TTAError(f"{path} is not a UTF-8 text file", "a list holds one path per line") from None
-    except OSError as err:
-        raise TTAError(f"cannot read {path}: {err.strerror}") from None
 
 
 def _txt_rows(text: str) -> list[Row]:
@@ -43,17 +38,18 @@ def _txt_rows(text: str) -> list[Row]:
 
 
 def _csv_rows(text: str, path: Path) -> list[Row]:
-    lines = list(csv.reader(io.StringIO(text)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    lines = [(reader.line_num, cells) for cells in reader]
     if not lines:
         return []
-    header = [cell.strip().casefold() for cell in lines[0]]
+    header = [cell.strip().casefold() for cell in lines[0][1]]
     file_col, label_col, first = 0, 1, 0
     if "file" in header:  # a header row; without one, the columns are file[,label]
         file_col = header.index("file")
         label_col = header.index("label") if "label" in header else -1
         first = 1
     rows = []
-    for number, cells in enumerate(lines[first:], first + 1):
+    for number, cells in lines[first:]:
         if not any(cell.strip() for cell in cells):
             continue
         file = cells[file_col].strip() if file_col < len(cells) else ""
@@ -65,21 +61,31 @@ def _csv_rows(text: str, path: Path) -> list[Row]:
     return rows
 
 
-def list_items(path: Path, class_names: list[str]) -> list[StreamItem]:
-    """The files listed in ``path``, in its order; every one must exist."""
-    text = _read_text(path)
+def list_items(path: Path, class_names: list[str], encoding: str = DEFAULT_ENCODING) -> list[StreamItem]:
+    """The files listed in ``path``, in its order; every one must exist.
+
+    Paths are normalised (``./a.jpg`` is ``a.jpg``); a file listed twice with different labels is
+    an error naming both lines.
+    """
+    text = read_label_text(path, encoding, "list")
     rows = _csv_rows(text, path) if path.suffix.lower() == ".csv" else _txt_rows(text)
     if not rows:
         raise TTAError(f"{path} lists no files", "a .txt holds one path per line, a .csv file[,label] rows")
     labels = LabelMap(class_names)
-    items, missing = [], []
+    items: list[StreamItem] = []
+    missing: list[tuple[int, str, Path]] = []
+    labelled: list[LabelRow] = []
     for number, file, label in rows:
-        target = Path(file).expanduser()
+        key = normalise_key(file)
+        target = Path(key).expanduser()
         target = target if target.is_absolute() else path.parent / target
         if not target.is_file():
             missing.append((number, file, target))
         index = None if label is None else labels.index(label, f"{path} line {number}")
-        items.append(StreamItem(key=file, path=target, label=index))
+        if index is not None:
+            labelled.append((number, key, label, index))
+        items.append(StreamItem(key=key, path=target, label=index))
+    check_duplicates(labelled, path)
     if missing:
         number, file, target = missing[0]
         what = "does not exist" if not target.exists() else "is not a file"

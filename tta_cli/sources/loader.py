@@ -96,11 +96,15 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 _BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 
 
-def describe_error(err: BaseException, path: Path | None = None) -> str:
-    """A short reason for ``errors.csv``: what is wrong with the file, not a traceback."""
+def describe_error(err: BaseException, path: Path | None = None, max_pixels: int | None = None) -> str:
+    """A short reason for ``errors.csv``: what is wrong with the file, not a traceback.
+
+    ``max_pixels`` is the limit in force: PIL's error above twice its limit states twice the limit.
+    """
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         found = _BOMB.search(str(err))
-        size = f"{int(found[1]):,} pixels, above the limit of {int(found[2]):,}" if found else str(err)
+        limit = max_pixels or (int(found[2]) if found else 0)
+        size = f"{int(found[1]):,} pixels, above the limit of {limit:,}" if found else str(err)
         return f"too many pixels ({size}): a decompression bomb? (--max-pixels raises the limit)"
     if isinstance(err, UnidentifiedImageError):
         if path is not None and path.is_file() and path.stat().st_size == 0:
@@ -144,7 +148,7 @@ class _ImageDecoder(torch.utils.data.Dataset):
                 return item, self.cache.read(item), None
             return item, self.transform(read_image(item.path, self.max_pixels)), None
         except Exception as err:  # any unreadable file is skipped, not fatal
-            return item, None, describe_error(err, item.path)
+            return item, None, describe_error(err, item.path, self.max_pixels)
 
 
 class _VideoDecoder(torch.utils.data.IterableDataset):
