@@ -213,7 +213,7 @@ def test_odd_file_names_and_numbered_folders(tmp_path: Path, tiny_model_dir: Pat
     except OSError:
         pytest.skip("this file system refuses names that are not UTF-8")
     (folder / "2" / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
-    _bomb_header(folder / "2" / "-bomb.png", 200, 200)
+    png_header_only(folder / "2" / "-bomb.png", 200, 200)
     out = tmp_path / "run"
     args = [a for a in adapt_args(tiny_model_dir, out, folder) if a != "--quiet"]
     code, err = run_cli(monkeypatch, capsys, *args, "--workers", "1", "--method", "tent", "--max-pixels", "30000")
@@ -222,9 +222,9 @@ def test_odd_file_names_and_numbered_folders(tmp_path: Path, tiny_model_dir: Pat
     assert "labels: none (" in console and "sub-folders 1, 2 are not class names" in console
     text = (out / "predictions.csv").read_bytes().decode("utf-8")  # valid UTF-8 throughout
     assert "1/caf\\xe9.png" in text
-    assert [r["path"] for r in rows(out / "predictions.csv")] == ["1/caf\\xe9.png", "1/img0.png", "2/=shot0.png"]
+    assert [r["path"] for r in csv_rows(out / "predictions.csv")] == ["1/caf\\xe9.png", "1/img0.png", "2/=shot0.png"]
     # (the key column starts with the folder, so "2/=shot0.png" needs no quote; a formula at the start does)
-    errors = {r["path"]: r["reason"] for r in rows(out / "errors.csv")}
+    errors = {r["path"]: r["reason"] for r in csv_rows(out / "errors.csv")}
     assert set(errors) == {"2/bad\\xff.png", "2/-bomb.png"}
     assert "above the limit of 30,000" in errors["2/-bomb.png"]
     record = json.loads((out / "run.json").read_text())
@@ -240,10 +240,10 @@ def test_formula_like_keys_are_quoted(tmp_path: Path, tiny_model_dir: Path, monk
     code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, tmp_path / "x"), "--workers", "0",
                         "--method", "norm")
     assert code == 0, err
-    (prediction,) = rows(out / "predictions.csv")
+    (prediction,) = csv_rows(out / "predictions.csv")
     assert prediction["path"] == "'=1+1" + "0.png" and prediction["index"] == "0"
     assert float(prediction["confidence"]) > 0  # numbers are left as numbers
-    assert rows(out / "errors.csv")[0]["path"] == "'@bad.png"
+    assert csv_rows(out / "errors.csv")[0]["path"] == "'@bad.png"
 
 
 def _user_error_case(kind: str, root: Path, model: Path) -> tuple[list[str], str]:
@@ -306,6 +306,6 @@ def test_labels_encoding_reads_a_latin_1_csv(tmp_path: Path, tiny_model_dir: Pat
     code, err = run_cli(monkeypatch, capsys, *adapt_args(tiny_model_dir, out, tmp_path / "flat"), "--workers", "0",
                         "--labels", str(tmp_path / "labels.csv"), "--labels-encoding", "latin-1", "--method", "norm")
     assert code == 0, err
-    assert [r["label"] for r in rows(out / "predictions.csv")] == ["8", "7"]
+    assert [r["label"] for r in csv_rows(out / "predictions.csv")] == ["8", "7"]
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["labels_encoding"] == "iso8859-1" and record["counts"]["labelled"] == 2
