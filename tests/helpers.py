@@ -4,6 +4,7 @@ and the CLI runner. Fixtures built on them live in ``conftest.py``."""
 from __future__ import annotations
 
 import csv
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -12,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from tta_cli.methods import create_method
+from tta_cli.methods.base import TTAMethod, softmax_entropy
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 """CIFAR-10's class names: the label names of the tiny test models."""
@@ -118,3 +122,32 @@ def invoke(*args: str | Path):
     from tta_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def half_reliable_margin(arch: str, stream: list[torch.Tensor]) -> float:
+    """A margin factor that makes about half of the samples reliable on the source model, so that
+    the filters select some samples and not others (random models are uncertain everywhere)."""
+    with torch.no_grad():
+        entropy = torch.cat([softmax_entropy(tiny_timm(arch).eval()(x)) for x in stream])
+    return float(entropy.median()) / math.log(10) + 1e-6
+
+
+def run_method(name: str, arch: str, stream: list[torch.Tensor], reads_free: bool = True,
+               **config: object) -> tuple[TTAMethod, list[torch.Tensor], list[torch.Tensor]]:
+    """The method over the stream (lr 0.05): the method, the logits and the used masks per batch.
+
+    ``reads_free=False`` is what a GPU run does: decide on the device, never read a count back.
+    """
+    method = create_method(name, tiny_timm(arch), batch_size=stream[0].shape[0], lr=0.05, **config)
+    if not reads_free:
+        method.reads_are_free = lambda tensor: False  # type: ignore[method-assign]
+    logits, used = [], []
+    for x in stream:
+        result = method.step(x)
+        logits.append(result.logits)
+        used.append(result.used)
+    return method, logits, used
+
+
+def max_param_diff(a: TTAMethod, b: TTAMethod) -> float:
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.params, b.params, strict=True))

@@ -1,28 +1,41 @@
-"""What every method shares: configuring the model, the parameters it adapts, reset and export.
+"""What every method shares: configuring the model, the parameters it adapts, step, reset, export.
 
 A method wraps a model. ``method(x)`` returns the logits of the first forward of ``x`` (the
 predictions, made before this batch's update) and adapts on ``x``; ``method.step(x)`` returns the
 same logits plus which samples were used. Subclasses implement ``forward_and_adapt`` (the loss and
-the update) and ``collect_params`` (which norm layers); everything else lives here.
+the update) and, if they adapt other layers than every norm layer, ``collect_params``.
+
+The pieces live in small modules of their own: ``precision`` (autocast, memory format, compile),
+``snapshot`` (the source state for reset), ``fastpaths`` (speed paths with the same results),
+``selection`` (norm layers, BatchNorm statistics), ``hyperparameters`` (checking configs).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tta_cli.methods.selection import (
-    BatchNormStats,
-    affine_parameters,
-    has_batchnorm,
-    resolve_bn_stats,
+from tta_cli.methods import precision as _precision
+from tta_cli.methods.fastpaths import (
+    NO_GRAD_FIRST_BELOW,
+    PENDING_LIMIT,
+    DeviceLog,
+    masked_mean,
+    nan_if_empty,
+    reads_are_free,
+    step_if,
 )
+from tta_cli.methods.hyperparameters import at_least, between, check_config, greater_than
+from tta_cli.methods.precision import PRECISIONS, Performance
+from tta_cli.methods.selection import BatchNormStats, affine_parameters, has_batchnorm, resolve_bn_stats
+from tta_cli.methods.snapshot import SourceSnapshot, bn_buffers, momentum_buffers, prime_momentum
+
+BNStatsChoice = Literal["auto", "batch", "source", "mix", "ema"]
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -30,21 +43,9 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean of ``values[mask]``, count) without a data-dependent shape, so no host sync on a GPU.
-
-    The mean is 0 for an empty mask: its backward then gives the zero gradients that the authors'
-    mean over an empty selection gives (a plain 0/0 would give NaN gradients). Gradients equal
-    those of ``values[mask].mean()`` bit for bit (each selected value gets 1/count).
-    """
-    count = mask.sum()
-    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-    return total / count.clamp(min=1), count
-
-
-def nan_if_empty(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The value the authors' mean reports: NaN for an empty selection."""
-    return torch.where(count > 0, mean.detach(), torch.full_like(mean, math.nan))
+def entropy_margin(num_classes: int, factor: float = 0.4) -> float:
+    """E0 = 0.4 ln C, the reliable-sample threshold of EATA and SAR."""
+    return factor * math.log(num_classes)
 
 
 @dataclass
@@ -67,9 +68,9 @@ class StepResult:
 class MethodConfig:
     """Hyperparameters every method has; each method subclasses it (one dataclass per method)."""
 
-    bn_stats: str = "auto"
+    bn_stats: BNStatsChoice = "auto"
     """BatchNorm statistics: auto|batch|source|mix|ema (auto: batch, or mix at batch size 1)."""
-    bn_alpha: float = 0.1
+    bn_alpha: float = field(default=0.1, metadata=between(0.0, 1.0))
     """Weight of the test batch in the mix (alpha-BN) and ema statistics."""
 
 
@@ -77,36 +78,13 @@ class MethodConfig:
 class EntropyConfig(MethodConfig):
     """Hyperparameters of the gradient-based methods."""
 
-    lr: float | None = None
+    lr: float | None = field(default=None, metadata=greater_than(0.0))
     """SGD learning rate; None applies the SAR paper's rule from the model and batch size."""
-    momentum: float = 0.9
-    steps: int = 1
+    momentum: float = field(default=0.9, metadata=between(0.0, 1.0, high_inclusive=False))
+    steps: int = field(default=1, metadata=at_least(1))
     """Adaptation steps per batch (predictions are always the first forward's)."""
     episodic: bool = False
     """Reset to the source model before every batch."""
-
-
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-NO_GRAD_FIRST_BELOW = 0.5
-"""Expected share of rows that need gradients below which a batch-independent model predicts with a
-no-grad forward and forwards only those rows again with autograd (an extra no-grad forward against
-the full-batch backward: break-even near 0.6 on the CPU, docs/PERFORMANCE.md)."""
-
-PENDING_LIMIT = 1024
-"""Device-side flags kept unread at most this many batches (then read at once: bounded memory)."""
-
-
-@dataclass
-class Performance:
-    """How a method runs, not what it computes: chosen per run and recorded by ``describe``."""
-
-    precision: str = "fp32"
-    """fp32, or autocast to bf16 / fp16 (fp16 with dynamic loss scaling); losses stay in fp32."""
-    channels_last: bool = False
-    """Model and inputs in channels-last memory format (faster convolutions)."""
-    compile: bool | str = False
-    """torch.compile the model in place (a string names the backend)."""
 
 
 def is_vit_like(model: nn.Module) -> bool:
@@ -126,7 +104,7 @@ def default_lr(model: nn.Module, batch_size: int, double_at_bs1: bool = False) -
 
 
 class TTAMethod(nn.Module):
-    """Base class of all methods. Subclasses set ``name``, ``config_class`` and the two hooks."""
+    """Base class of all methods. Subclasses set ``name``, ``config_class`` and the hooks."""
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
@@ -140,6 +118,7 @@ class TTAMethod(nn.Module):
         super().__init__()
         self.model = model
         self.config = config if config is not None else self.config_class()
+        check_config(self.config)
         self.batch_size = batch_size
         self.bn_mode = resolve_bn_stats(self.config.bn_stats, batch_size) if has_batchnorm(model) else None
         given_lr = getattr(self.config, "lr", None)
@@ -153,17 +132,12 @@ class TTAMethod(nn.Module):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = self.build_optimizer() if self.params else None
-        self._prime_momentum()
+        prime_momentum(self.optimizer)
         self.batches_seen = 0
-        self._reset_log: list[int] = []
-        self._pending_resets: list[tuple[int, torch.Tensor]] = []
+        self._reset_flags = DeviceLog()
         self.performance = Performance()
         self.scaler: torch.amp.GradScaler | None = None
-        # The reset snapshot is the adapted tensors and the optimiser state only, never a copy of
-        # the whole model: everything else is frozen, so restoring these restores the source.
-        self._source_params = [p.detach().clone() for p in self.params]
-        self._source_buffers = self._bn_buffers_copy() if self.bn_mode == "ema" else {}
-        self._source_optim = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+        self.source = SourceSnapshot(self.params, self._written_buffers(), self.optimizer)
 
     # --- hooks for subclasses ---------------------------------------------------------------------
 
@@ -188,22 +162,15 @@ class TTAMethod(nn.Module):
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         raise NotImplementedError
 
-    # --- performance ------------------------------------------------------------------------------
+    # --- how it runs (precision.py) ---------------------------------------------------------------
 
     def configure_performance(self, precision: str = "fp32", channels_last: bool = False,
                               compile: bool | str = False) -> None:
         """Choose how the method runs (never what it computes); call once, before the stream."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        _precision.check_precision(precision)
         self.performance = Performance(precision, channels_last, compile)
-        device = self.device
-        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and self.params else None
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)  # parameters stay the same objects
-        if compile:
-            # in place, so parameter names, hooks and the state dict are unchanged
-            self.model.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+        self.scaler = _precision.loss_scaler(precision, self.device, bool(self.params))
+        _precision.apply_to_model(self.model, self.performance)
 
     @property
     def device(self) -> torch.device:
@@ -211,15 +178,10 @@ class TTAMethod(nn.Module):
         return first.device if first is not None else torch.device("cpu")
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = PRECISIONS[self.performance.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return _precision.autocast(self.device, self.performance.precision)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.performance.channels_last and x.ndim == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+        return _precision.prepare_input(x, self.performance.channels_last)
 
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits in fp32, under the run's precision and memory format."""
@@ -228,9 +190,9 @@ class TTAMethod(nn.Module):
         return logits.float()
 
     def reads_are_free(self, tensor: torch.Tensor) -> bool:
-        """Reading a value on the host costs nothing on the CPU; on a GPU it waits for the queue,
-        so there the methods decide on the device instead (same results, see the tests)."""
-        return tensor.device.type == "cpu"
+        """Whether reading ``tensor`` on the host costs nothing (``fastpaths.reads_are_free``);
+        the fast paths ask the method, so a test can declare reads expensive, as on a GPU."""
+        return reads_are_free(tensor)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -242,23 +204,16 @@ class TTAMethod(nn.Module):
         self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
         self.scaler.update()
 
-    @torch.no_grad()
     def optimizer_step_if(self, apply: torch.Tensor | bool) -> None:
-        """An optimiser step that takes effect only where ``apply`` holds.
+        """An optimiser step that takes effect only where ``apply`` holds (``fastpaths.step_if``)."""
+        step_if(self, apply)
 
-        A bool (or a CPU tensor, free to read) decides on the host. A device tensor is never read:
-        the step runs and the parameters and momentum are put back where ``apply`` is false (the
-        momentum buffers exist from the start, ``_prime_momentum``), so the loop never waits.
-        """
-        if isinstance(apply, bool) or self.reads_are_free(apply):
-            if bool(apply):
-                self.optimizer_step()
-            return
-        state = self._optimizer_tensors()
-        saved = [t.clone() for t in state]
-        self.optimizer_step()
-        for tensor, old in zip(state, saved, strict=True):
-            tensor.copy_(torch.where(apply, tensor, old))
+    def optimizer_tensors(self) -> list[torch.Tensor]:
+        """Everything an optimiser step writes: the parameters and their momentum."""
+        return [*self.params, *self.momentum_buffers()]
+
+    def momentum_buffers(self) -> list[torch.Tensor]:
+        return momentum_buffers(self.optimizer, self.params)
 
     # --- the public loop API ----------------------------------------------------------------------
 
@@ -279,55 +234,32 @@ class TTAMethod(nn.Module):
         self.batches_seen += 1
         return result
 
-    @torch.no_grad()
+    # --- reset (snapshot.py) ----------------------------------------------------------------------
+
     def reset(self) -> None:
         """Restore the source parameters (and BN statistics, optimiser state) bit for bit."""
-        for param, source in zip(self.params, self._source_params, strict=True):
-            param.copy_(source)
-        for name, buffer in self._bn_buffers().items():
-            if name in self._source_buffers:
-                buffer.copy_(self._source_buffers[name])
-        if self.optimizer is not None and self._source_optim is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(self._source_optim))
+        self.source.restore(self.params, self._written_buffers(), self.optimizer)
 
-    @torch.no_grad()
     def reset_where(self, flag: torch.Tensor, momentum: bool = True) -> None:
-        """``reset()`` where the 0-dim bool ``flag`` holds, decided on the device (no host sync).
-
-        ``torch.where`` picks one of its inputs, so the result is bit for bit either the current
-        tensors or the source ones. The source momentum is zero (``_prime_momentum``).
-        """
-        for param, source in zip(self.params, self._source_params, strict=True):
-            param.copy_(torch.where(flag, source, param))
-        for name, buffer in self._bn_buffers().items():
-            if name in self._source_buffers:
-                buffer.copy_(torch.where(flag, self._source_buffers[name], buffer))
-        if momentum:
-            for buffer in self._momentum_buffers():
-                buffer.masked_fill_(flag, 0.0)
+        """``reset()`` where the 0-dim bool ``flag`` holds, decided on the device (no host sync);
+        ``momentum=False`` keeps the SGD momentum."""
+        buffers = self.momentum_buffers() if momentum else []
+        self.source.restore_where(flag, self.params, self._written_buffers(), buffers)
 
     @property
     def resets(self) -> list[int]:
         """Batch indices (0-based) where the model was restored to the source."""
-        self.settle()
-        return self._reset_log
+        return [index for index, hit in self._reset_flags.entries() if hit]
 
     def record_reset(self, flag: bool | torch.Tensor = True) -> None:
         """Note a reset of the current batch; a device flag is read later, with others at once."""
-        if isinstance(flag, torch.Tensor):
-            self._pending_resets.append((self.batches_seen, flag.detach()))
-            if len(self._pending_resets) >= PENDING_LIMIT:
-                self.settle()
-        elif flag:
-            self._reset_log.append(self.batches_seen)
+        self._reset_flags.add(self.batches_seen, flag)
 
     def settle(self) -> None:
-        """Read the flags decided on the device so far (one transfer for all of them)."""
-        if not self._pending_resets:
-            return
-        flags = torch.stack([f for _, f in self._pending_resets]).cpu().tolist()
-        self._reset_log += [i for (i, _), hit in zip(self._pending_resets, flags, strict=True) if hit]
-        self._pending_resets.clear()
+        """Read the values decided on the device so far (one transfer for all of them)."""
+        self._reset_flags.settle()
+
+    # --- export and records -----------------------------------------------------------------------
 
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict as it stands: the source's but for the adapted tensors.
@@ -347,7 +279,7 @@ class TTAMethod(nn.Module):
         """What was chosen for this run, for printing and for ``run.json``."""
         return {
             "method": self.name,
-            "config": {k: v for k, v in vars(self.config).items()},
+            "config": dict(vars(self.config)),
             "lr": self.lr if self.params else None,
             "lr_source": self.lr_source if self.params else None,
             "bn_stats": self.bn_mode,
@@ -365,36 +297,21 @@ class TTAMethod(nn.Module):
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def _prime_momentum(self) -> None:
-        """Create SGD's momentum buffers as zeros before the first step.
+    def _written_buffers(self) -> dict[str, torch.Tensor]:
+        """The BN buffers adapting writes (only the ``ema`` statistics), so the ones reset restores."""
+        return bn_buffers(self.model) if self.bn_mode == "ema" else {}
 
-        With dampening 0 the first step then computes 0.9 * 0 + g = g, exactly torch's lazily
-        created buffer, and every step can be undone on the device (``optimizer_step_if``).
-        """
-        if self.optimizer is None:
-            return
-        for group in self.optimizer.param_groups:
-            if group.get("momentum", 0):
-                for param in group["params"]:
-                    self.optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    # names kept for code written before the snapshot/fastpaths split
+    @property
+    def _source_params(self) -> list[torch.Tensor]:
+        return self.source.params
+
+    @property
+    def _source_buffers(self) -> dict[str, torch.Tensor]:
+        return self.source.buffers
 
     def _momentum_buffers(self) -> list[torch.Tensor]:
-        if self.optimizer is None:
-            return []
-        states = (self.optimizer.state.get(p, {}) for p in self.params)
-        return [s["momentum_buffer"] for s in states if s.get("momentum_buffer") is not None]
-
-    def _optimizer_tensors(self) -> list[torch.Tensor]:
-        """Everything an optimiser step writes: the parameters and their momentum."""
-        return [*self.params, *self._momentum_buffers()]
-
-    def _bn_buffers(self) -> dict[str, torch.Tensor]:
-        return {
-            n: b for n, b in self.model.named_buffers() if n.endswith(("running_mean", "running_var"))
-        }
-
-    def _bn_buffers_copy(self) -> dict[str, torch.Tensor]:
-        return {n: b.detach().clone() for n, b in self._bn_buffers().items()}
+        return self.momentum_buffers()
 
 
 def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:
@@ -404,14 +321,11 @@ def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tens
     return a or b
 
 
-def entropy_margin(num_classes: int, factor: float = 0.4) -> float:
-    """E0 = 0.4 ln C, the reliable-sample threshold of EATA and SAR."""
-    return factor * math.log(num_classes)
-
-
 __all__ = [
     "NO_GRAD_FIRST_BELOW",
+    "PENDING_LIMIT",
     "PRECISIONS",
+    "BNStatsChoice",
     "EntropyConfig",
     "MethodConfig",
     "Performance",
@@ -419,6 +333,7 @@ __all__ = [
     "TTAMethod",
     "default_lr",
     "entropy_margin",
+    "is_vit_like",
     "masked_mean",
     "nan_if_empty",
     "softmax_entropy",

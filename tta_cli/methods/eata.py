@@ -9,44 +9,41 @@ exp(E0 - E) and minimise their entropy; EATA adds a Fisher-weighted L2 pull towa
 weights (beta = 2000), the Fisher taken on a small clean set (``compute_fisher``). ETA is EATA
 without that term. No sample left, no update.
 
-Speed, with the same results (docs/PERFORMANCE.md): the filters are masks, so a step never waits
-for the device; on a batch-independent model (no BatchNorm on batch statistics) where few samples
-are kept, the predictions come from a no-grad forward and only the kept rows are forwarded again
-with autograd (``reliable_rows="auto"``).
+Speed paths, each exact and tested on its own (``fastpaths``, docs/PERFORMANCE.md): the filters
+are masks and the update decision stays on the device, so a step never waits for it; on a
+batch-independent model where few samples are kept, the predictions come from a no-grad forward
+and only the kept rows are forwarded again with autograd (``reliable_rows="auto"``,
+``fastpaths.ReliableRows``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_cli.methods import base, register_method
-from tta_cli.methods.base import (
-    EntropyConfig,
-    StepResult,
-    TTAMethod,
-    masked_mean,
-    softmax_entropy,
-)
+from tta_cli.methods._registry import register_method
+from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.fastpaths import ReliableRows, masked_mean, update_if_any
+from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import is_batch_independent
 
 
 @dataclass
 class EATAConfig(EntropyConfig):
-    margin_factor: float = 0.4
+    margin_factor: float = field(default=0.4, metadata=at_least(0.0))
     """Reliable-sample threshold E0 = margin_factor * ln C."""
-    d_margin: float = 0.05
+    d_margin: float = field(default=0.05, metadata=at_least(0.0))
     """Redundancy threshold on |cos(m, p)|."""
-    fisher_alpha: float = 2000.0
+    fisher_alpha: float = field(default=2000.0, metadata=at_least(0.0))
     """beta, the weight of the Fisher regulariser (EATA only)."""
-    probs_momentum: float = 0.9
-    reliable_rows: str = "auto"
+    probs_momentum: float = field(default=0.9, metadata=between(0.0, 1.0))
+    reliable_rows: Literal["auto", "off"] = "auto"
     """auto: when the model is batch-independent and few samples are kept, predict with a no-grad
     forward and forward only the kept rows with autograd (same result, less work); off: never."""
 
@@ -60,65 +57,42 @@ class ETA(TTAMethod):
 
     def __init__(self, model: nn.Module, config: EATAConfig | None = None, batch_size: int = 64) -> None:
         super().__init__(model, config, batch_size)
-        if self.config.reliable_rows not in ("auto", "off"):
-            raise ValueError(f"reliable_rows must be 'auto' or 'off', got {self.config.reliable_rows!r}")
-        self.rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
-        self._share: float | None = None  # running kept share, chooses the kept-rows plan
+        rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
+        # no second forward to shrink: cutting rows pays only after a no-grad first forward
+        self.rows = ReliableRows(enabled=rows_only, after_grad_forward=False)
         self.model_probs: torch.Tensor | None = None
         """EMA of the mean kept probability vector, m; meaningful where ``_has_probs``."""
         self._has_probs: torch.Tensor | None = None  # on the device, so no step reads it back
         self.fishers: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        if self.rows_only and self._share is not None and self._share < base.NO_GRAD_FIRST_BELOW:
-            return self._adapt_kept_rows(x)
-        result = self._adapt_masked(x)
-        if self.rows_only:  # the plan needs the kept share (a host read; this path syncs anyway)
-            self._track_share(int(result.filtered[1]), x.shape[0])
-        return result
-
     @torch.enable_grad()
-    def _adapt_masked(self, x: torch.Tensor) -> StepResult:
-        # Filters are masks over the whole batch rather than index selections, which would need
-        # the selected count on the host (a sync on a GPU); every per-sample value is row-wise.
-        logits = self.run_model(x)
-        margin, entropy, reliable, keep = self._filter(logits)
-        weights = 1 / torch.exp(entropy.detach() - margin)
-        loss, n_used = masked_mean(entropy * weights, keep)
-        self._update(loss + self.regulariser(), n_used)
-        self.optimizer.zero_grad()
-        return StepResult(logits.detach(), keep, (reliable.sum(), n_used))
-
-    @torch.no_grad()
-    def _adapt_kept_rows(self, x: torch.Tensor) -> StepResult:
-        """Batch-independent model: the predictions and both filters need no gradient, and only the
-        kept rows contribute to the loss, so only they are forwarded again, with autograd."""
-        logits = self.run_model(x)
-        margin, entropy, reliable, keep = self._filter(logits)
-        index = keep.nonzero().squeeze(1)
-        self._track_share(index.numel(), x.shape[0])
-        if index.numel():
-            with torch.enable_grad():
-                kept_entropy = softmax_entropy(self.run_model(x.index_select(0, index)))
-                weights = 1 / torch.exp(entropy.index_select(0, index) - margin)
-                self.backward((kept_entropy * weights).mean(0) + self.regulariser())
-            self.optimizer_step()
-            self.optimizer.zero_grad()
-        return StepResult(logits, keep, (reliable.sum(), keep.sum()))
-
-    def _filter(self, logits: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """E0, the entropies, the reliable mask and the kept (reliable, non-redundant) mask; updates m."""
+    def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
+        # 1. reliable samples S1 = {E < E0}, from the forward that gives the predictions
+        logits = self.rows.first_forward(self.run_model, x)
         margin = self.config.margin_factor * math.log(logits.shape[1])
         entropy = softmax_entropy(logits)
         reliable = entropy < margin
+
+        # 2. non-redundant samples S2 = {i in S1 : |cos(m, p_i)| < d}; then update m
         probs = logits.softmax(1)
         keep = reliable & self._not_redundant(probs)
         self._update_model_probs(probs, keep)
-        return margin, entropy, reliable, keep
 
-    def _track_share(self, kept: int, batch: int) -> None:
-        share = kept / batch
-        self._share = share if self._share is None else 0.8 * self._share + 0.2 * share
+        rows = self.rows.rows(x, keep, host=self.reads_are_free(x))
+        if rows.count == 0:  # S2 is empty (known on the host): no update
+            self.rows.count("nothing reliable")
+            return StepResult(logits.detach(), keep, (reliable.sum(), 0))
+        self.rows.count(rows.plan)
+
+        # 3. loss: mean over S2 of exp(E0 - E) E, plus EATA's Fisher regulariser
+        entropy_rows = rows.with_grad(entropy, lambda r: softmax_entropy(self.run_model(r)))
+        weights = 1 / torch.exp(rows.take(entropy).detach() - margin)
+        loss, n_used = masked_mean(entropy_rows * weights, rows.selected)
+
+        # 4. backward and step only if S2 is non-empty
+        update_if_any(self, loss + self.regulariser(), n_used)
+        self.optimizer.zero_grad()
+        return StepResult(logits.detach(), keep, (reliable.sum(), n_used))
 
     def _not_redundant(self, probs: torch.Tensor) -> torch.Tensor:
         """|cos(m, p_i)| < d_margin, or every sample while there is no m yet."""
@@ -139,18 +113,17 @@ class ETA(TTAMethod):
         self.model_probs = torch.where(count > 0, updated, self.model_probs)
         self._has_probs = self._has_probs | (count > 0)
 
-    def _update(self, loss: torch.Tensor, n_used: torch.Tensor) -> None:
-        """Backward and step only if a sample is kept (the authors'), without a sync on a GPU."""
-        if self.reads_are_free(n_used):
-            if int(n_used):
-                self.backward(loss)
-                self.optimizer_step()
-            return
-        self.backward(loss)
-        self.optimizer_step_if(n_used > 0)
-
     def regulariser(self) -> torch.Tensor | float:
         return 0.0
+
+    @property
+    def plans(self) -> dict[str, int]:
+        """How many batches ran each plan of gradient passes (``fastpaths.ROW_PLANS``)."""
+        return self.rows.plans
+
+    @property
+    def rows_only(self) -> bool:
+        return self.rows.enabled
 
     def reset(self) -> None:
         super().reset()

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tta_cli.methods import register_method
-from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod
+from tta_cli.methods._registry import register_method
+from tta_cli.methods.base import BNStatsChoice, MethodConfig, StepResult, TTAMethod
 
 
 @dataclass
 class NormConfig(MethodConfig):
-    bn_stats: str = "batch"
+    bn_stats: BNStatsChoice = "batch"
 
 
 @register_method

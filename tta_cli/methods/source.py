@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tta_cli.methods import register_method
-from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod
+from tta_cli.methods._registry import register_method
+from tta_cli.methods.base import BNStatsChoice, MethodConfig, StepResult, TTAMethod
 
 
 @dataclass
 class SourceConfig(MethodConfig):
-    bn_stats: str = "source"
+    bn_stats: BNStatsChoice = "source"
 
 
 @register_method

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta_cli.methods import register_method
+from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 
 
