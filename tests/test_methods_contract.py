@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from tests.helpers import random_inputs, tiny_timm
