@@ -125,6 +125,8 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
 def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, workers: int,
                   device: torch.device, out: Path, console: Console) -> dict[str, Any]:
     method = _build_method(config, loaded, device, console)
+    if hasattr(method, "reseed"):  # methods with random draws start them from --seed
+        method.reseed(config.seed)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)

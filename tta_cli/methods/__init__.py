@@ -107,7 +107,10 @@ def create_method(
 
 
 # Importing the modules registers the built-in methods.
-from tta_cli.methods import eata, norm, sar, source, tent  # noqa: E402
+from tta_cli.methods import eata, norm, sar, source, tent  # noqa: E402, I001
+from tta_cli.methods import deyo  # noqa: E402, F401  (registers the method)
+from tta_cli.methods import lame  # noqa: E402, F401  (registers the method)
+from tta_cli.methods import rdumb  # noqa: E402, F401  (registers the method)
 
 _ALIASES.update({"bn": "norm", "none": "source", "eta": "eta"})
 
