@@ -78,6 +78,8 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
                   console: Console) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
     method = _build_method(config, setup, console)
+    if hasattr(method, "reseed"):  # methods with random draws start them from --seed
+        method.reseed(config.seed)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)

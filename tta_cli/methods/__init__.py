@@ -29,7 +29,7 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import eata, norm, sar, source, tent
+from tta_cli.methods import deyo, eata, lame, norm, rdumb, sar, source, tent
 
 __all__ = [
     "ALIASES",
@@ -39,12 +39,15 @@ __all__ = [
     "TTAMethod",
     "create_method",
     "default_lr",
+    "deyo",
     "eata",
     "entropy_margin",
     "get_method_class",
+    "lame",
     "list_methods",
     "method_config",
     "norm",
+    "rdumb",
     "register_method",
     "sar",
     "softmax_entropy",

@@ -229,3 +229,27 @@ class BatchNormStats:
         stashed = self._stash.pop(id(module), None)
         if stashed is not None:
             module.running_mean, module.running_var = stashed
+
+
+# --- the SAR/DeYO authors' name rule --------------------------------------------------------------
+
+AUTHORS_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+AUTHORS_SKIPPED_NAME_PARTS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
+
+
+def authors_name_rule_modules(model: nn.Module) -> set[str]:
+    """Norm layers the SAR/DeYO code adapts, chosen by module name as it does.
+
+    Skips modules whose name contains ``layer4``, ``blocks.9``-``blocks.11`` or ``norm.``, or is
+    ``norm``; only BatchNorm2d, LayerNorm and GroupNorm (timm subclasses included) count. The names
+    fit ResNet-50 and ViT-B only: on timm ResNets this is ``sar_norm_modules``, on ConvNeXt (and
+    anything else) it skips nothing, the final ``head.norm`` included. Kept for fidelity to the
+    authors' results; the structural rule above is the general one.
+    """
+    return {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, AUTHORS_NORM_TYPES)
+        and name != "norm"
+        and not any(part in name for part in AUTHORS_SKIPPED_NAME_PARTS)
+    }

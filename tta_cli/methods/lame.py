@@ -1,0 +1,119 @@
+"""lame: Laplacian-adjusted maximum-likelihood estimation, output-only test-time adaptation.
+
+Boudiaf, Mueller, Ben Ayed, Bertinetto. "Parameter-free Online Test-time Adaptation", CVPR 2022.
+https://arxiv.org/abs/2201.05718
+As run by github.com/mariodoebler/test-time-adaptation (``methods/lame.py``, from fiveai/LAME).
+
+Nothing is learned: the model stays the source model (eval mode, source BatchNorm statistics).
+Per batch (spec section 4): the pooled features f and the class probabilities of the model; a
+B x B affinity K between the L2-normalised features (rbf, kNN or linear); then the assignments Y
+that minimise the Laplacian-regularised energy
+    sum_i [ -Y_i log p_i - lambda sum_j K_ij Y_i Y_j + Y_i log Y_i ]
+by the bound-optimisation fixed point Y <- softmax(log p + lambda K Y), at most 100 steps.
+The method returns Y, probabilities; as logits it returns log Y, so that softmax(log Y) = Y.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta_cli.errors import TTAError
+from tta_cli.methods._registry import register_method
+from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod
+
+Affinity = Literal["rbf", "knn", "linear"]
+
+
+@dataclass
+class LAMEConfig(MethodConfig):
+    bn_stats: str = "source"
+    affinity: Affinity = "rbf"
+    """rbf (MD's default, dense), knn (the paper's: 5 nearest neighbours, binary) or linear."""
+    knn: int = 5
+    """knn: neighbours per sample; rbf: sigma is the mean distance to the knn-th closest point
+    (the point itself counts)."""
+    force_symmetry: bool = False
+    """Use (K + K^T) / 2 (the kNN affinity is not symmetric)."""
+    bound_lambda: float = 1.0
+    """Weight of the Laplacian term."""
+    max_steps: int = 100
+
+
+@register_method
+class LAME(TTAMethod):
+    name = "lame"
+    config_class = LAMEConfig
+    updates_parameters = False
+    returns_model_logits: ClassVar[bool] = False
+    """Its outputs are the adjusted assignments (as log-probabilities), not the model's logits."""
+    config: LAMEConfig
+
+    def __init__(self, model: nn.Module, config: LAMEConfig | None = None, batch_size: int = 64) -> None:
+        config = config if config is not None else LAMEConfig()
+        if config.affinity not in get_args(Affinity):
+            raise TTAError(f"invalid value {config.affinity!r} for affinity",
+                           f"choose from {', '.join(get_args(Affinity))}")
+        super().__init__(model, config, batch_size)
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
+        features, logits = self.features_and_logits(x)
+        unary = -torch.log(logits.softmax(dim=1) + 1e-10)
+        features = F.normalize(features, p=2, dim=-1)
+        kernel = affinity_matrix(features, self.config.affinity, self.config.knn)
+        if self.config.force_symmetry:
+            kernel = 1 / 2 * (kernel + kernel.t())
+        assignments = laplacian_optimization(unary, kernel, self.config.bound_lambda, self.config.max_steps)
+        # log of an exact 0 would make the engine's entropy 0 * -inf = NaN; tiny changes nothing else
+        log_probs = assignments.clamp(min=torch.finfo(assignments.dtype).tiny).log()
+        used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return StepResult(logits=log_probs, used=used)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled pre-logits features and the logits, through timm's own split of the model."""
+        feature_map = self.model.forward_features(x)
+        features = self.model.forward_head(feature_map, pre_logits=True)
+        return features.float(), self.model.get_classifier()(features).float()
+
+
+def affinity_matrix(features: torch.Tensor, kind: str, knn: int) -> torch.Tensor:
+    """B x B affinity between L2-normalised features (spec section 4, MD's ops)."""
+    if kind == "linear":
+        return torch.matmul(features, features.t())
+    n = features.size(0)
+    dist = torch.norm(features.unsqueeze(0) - features.unsqueeze(1), dim=-1, p=2)
+    if kind == "knn":
+        neighbours = dist.topk(min(knn + 1, n), -1, largest=False).indices[:, 1:]  # drop the point itself
+        kernel = torch.zeros(n, n, device=features.device)
+        kernel.scatter_(dim=-1, index=neighbours, value=1.0)
+        return kernel
+    kth_dist = dist.topk(k=min(knn, n), dim=-1, largest=False).values[:, -1]
+    sigma = kth_dist.mean()
+    return torch.exp(-dist ** 2 / (2 * sigma ** 2))
+
+
+def laplacian_optimization(unary: torch.Tensor, kernel: torch.Tensor, bound_lambda: float = 1.0,
+                           max_steps: int = 100) -> torch.Tensor:
+    """Fixed-point iterations Y <- softmax(-unary + lambda K Y) until the energy stops changing
+    (relative change <= 1e-8 after the third step)."""
+    old_energy = float("inf")
+    assignments = (-unary).softmax(-1)
+    for step in range(max_steps):
+        pairwise = bound_lambda * kernel.matmul(assignments)
+        assignments = (-unary + pairwise).softmax(-1)
+        energy = entropy_energy(assignments, unary, pairwise, bound_lambda)
+        if step > 1 and abs(energy - old_energy) <= 1e-8 * abs(old_energy):
+            break
+        old_energy = energy
+    return assignments
+
+
+def entropy_energy(assignments: torch.Tensor, unary: torch.Tensor, pairwise: torch.Tensor,
+                   bound_lambda: float) -> float:
+    y = assignments
+    return float((unary * y - bound_lambda * pairwise * y + y * torch.log(y.clip(1e-20))).sum())
