@@ -135,6 +135,8 @@ def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, work
     status = "completed"
     totals = Totals()
     progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
+    if hasattr(method, "reseed"):  # the method's own generator, seeded just before the first batch
+        method.reseed(config.seed)
     try:
         batches = iter_batches(stream, loaded.transform(), config.batch_size, workers,
                                pin_memory=device.type == "cuda", max_pixels=config.max_pixels)
@@ -149,6 +151,7 @@ def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, work
         errors.close()
     elapsed = time.perf_counter() - started
     export_model(loaded, method.adapted_state_dict(), out / "model")
+    _write_extra_exports(method, out)
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
     (out / "run.json").write_text(json.dumps(record, indent=2))
@@ -167,6 +170,14 @@ def _adapt_stream(config: AdaptConfig, loaded: LoadedModel, stream: Stream, work
         if config.strict:
             raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
     return record
+
+
+def _write_extra_exports(method: TTAMethod, out: Path) -> None:
+    """Further state dicts a method exports (e.g. a teacher-student method's student)."""
+    from safetensors.torch import save_file
+
+    for filename, state in (method.extra_exports() if hasattr(method, "extra_exports") else {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / filename))
 
 
 def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream: str,

@@ -108,6 +108,9 @@ def create_method(
 
 # Importing the modules registers the built-in methods.
 from tta_cli.methods import eata, norm, sar, source, tent  # noqa: E402
+from tta_cli.methods import rotta  # noqa: E402, F401
+from tta_cli.methods import cotta  # noqa: E402, F401
+from tta_cli.methods import roid  # noqa: E402, F401
 
 _ALIASES.update({"bn": "norm", "none": "source", "eta": "eta"})
 

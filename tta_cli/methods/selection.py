@@ -229,3 +229,15 @@ class BatchNormStats:
         stashed = self._stash.pop(id(module), None)
         if stashed is not None:
             module.running_mean, module.running_var = stashed
+
+
+def weight_bias_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every module's own ``weight`` and ``bias``, in module order (convolutions, linear layers and
+    norms alike): what CoTTA adapts and restores in the authors' code (other parameters, such as a
+    ViT's class token or position embedding, stay frozen)."""
+    selected = []
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if pname in ("weight", "bias"):
+                selected.append((f"{name}.{pname}" if name else pname, param))
+    return selected
