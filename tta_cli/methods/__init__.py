@@ -107,10 +107,16 @@ def create_method(
 
 
 # Importing the modules registers the built-in methods.
-from tta_cli.methods import eata, norm, sar, source, tent  # noqa: E402
-from tta_cli.methods import rotta  # noqa: E402, F401
-from tta_cli.methods import cotta  # noqa: E402, F401
-from tta_cli.methods import roid  # noqa: E402, F401
+from tta_cli.methods import (  # noqa: E402
+    cotta,  # noqa: F401
+    eata,
+    norm,
+    roid,  # noqa: F401
+    rotta,  # noqa: F401
+    sar,
+    source,
+    tent,
+)
 
 _ALIASES.update({"bn": "norm", "none": "source", "eta": "eta"})
 

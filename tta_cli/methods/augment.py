@@ -95,8 +95,8 @@ def random_affine(img: torch.Tensor, generator: torch.Generator, spec: Augmentat
     height, width = img.shape[-2:]
     angle = _uniform_one(generator, *spec.degrees)
     max_dx, max_dy = spec.translate * width, spec.translate * height
-    tx = int(round(_uniform_one(generator, -max_dx, max_dx)))
-    ty = int(round(_uniform_one(generator, -max_dy, max_dy)))
+    tx = round(_uniform_one(generator, -max_dx, max_dx))  # Python rounding, an int
+    ty = round(_uniform_one(generator, -max_dy, max_dy))
     scale = _uniform_one(generator, *spec.scale)
     return TF.affine(img, angle, [tx, ty], scale, [0.0, 0.0], interpolation=InterpolationMode.BILINEAR,
                      fill=[0.0] * img.shape[-3])

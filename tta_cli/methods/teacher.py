@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,7 +80,7 @@ class RobustBatchNorm:
                 module.forward = self._forward_of(module)  # instance attribute: state dict unchanged
                 self.modules.append(module)
 
-    def _forward_of(self, module: nn.Module):  # noqa: ANN202 - a closure bound to one module
+    def _forward_of(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
             return self._apply(module, x)
 
