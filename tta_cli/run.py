@@ -78,8 +78,6 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
                   console: Console) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
     method = _build_method(config, setup, console)
-    if hasattr(method, "reseed"):  # methods with random draws start them from --seed
-        method.reseed(config.seed)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
@@ -90,6 +88,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     status = "completed"
     totals = Totals()
     progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
+    method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
     try:
         batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
         with progress:
@@ -103,6 +102,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
         errors.close()
     elapsed = time.perf_counter() - started
     export_model(loaded, method.adapted_state_dict(), out / "model")
+    _write_extra_exports(method, out)
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
     (out / "run.json").write_text(json.dumps(record, indent=2))
@@ -121,6 +121,14 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
         if config.strict:
             raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
     return record
+
+
+def _write_extra_exports(method: TTAMethod, out: Path) -> None:
+    """Further state dicts a method exports (e.g. a teacher-student method's student)."""
+    from safetensors.torch import save_file
+
+    for filename, state in method.extra_exports().items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / filename))
 
 
 def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream: str,

@@ -343,6 +343,7 @@ def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Ite
     seed_everything(seed)
     fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
     method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
+    method.reseed(seed)  # as tta adapt: the method's own generator, seeded just before the first batch
     recorder = CurveRecorder()
     progress.start_run(f"{stream.name} {spec.label}", len(stream.items))
     started = time.perf_counter()

@@ -29,7 +29,7 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import deyo, eata, lame, norm, rdumb, sar, source, tent
+from tta_cli.methods import cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
 
 __all__ = [
     "ALIASES",
@@ -37,6 +37,7 @@ __all__ = [
     "MethodConfig",
     "StepResult",
     "TTAMethod",
+    "cotta",
     "create_method",
     "default_lr",
     "deyo",
@@ -49,6 +50,8 @@ __all__ = [
     "norm",
     "rdumb",
     "register_method",
+    "roid",
+    "rotta",
     "sar",
     "softmax_entropy",
     "source",

@@ -113,6 +113,9 @@ class TTAMethod(nn.Module):
     amp_aware: ClassVar[bool] = False
     """The method runs its forwards through ``run_model`` (autocast there, losses in fp32);
     otherwise ``step`` puts the whole batch under autocast (fine for methods with no backward)."""
+    predicts_first_forward: ClassVar[bool] = True
+    """The predictions are the model's first forward of the batch (False: a teacher's, an
+    augmentation average or adjusted outputs; the method's docstring says which)."""
 
     def __init__(self, model: nn.Module, config: MethodConfig | None = None, batch_size: int = 64) -> None:
         super().__init__()
@@ -133,6 +136,7 @@ class TTAMethod(nn.Module):
             p.requires_grad_(True)
         self.optimizer = self.build_optimizer() if self.params else None
         prime_momentum(self.optimizer)
+        self.generator = torch.Generator().manual_seed(0)
         self.batches_seen = 0
         self._reset_flags = DeviceLog()
         self.performance = Performance()
@@ -260,6 +264,15 @@ class TTAMethod(nn.Module):
         self._reset_flags.settle()
 
     # --- export and records -----------------------------------------------------------------------
+
+    def reseed(self, seed: int) -> None:
+        """Start the method's own random draws from ``seed`` (spec section 4: one dedicated CPU
+        generator, nothing else draws from it); the run calls it just before the first batch."""
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Files written next to ``model/`` besides the model (e.g. a teacher method's student)."""
+        return {}
 
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict as it stands: the source's but for the adapted tensors.

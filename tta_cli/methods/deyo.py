@@ -67,12 +67,7 @@ class DeYO(TTAMethod):
         _check_choice("aug", config.aug, Augmentation)
         _check_choice("layers", config.layers, LayerRule)
         super().__init__(model, config, batch_size)
-        self.generator = torch.Generator().manual_seed(0)
         self.counts = {"reliable": 0, "used": 0}
-
-    def reseed(self, seed: int) -> None:
-        """Start the augmentation's random draws from ``seed`` (called before the first batch)."""
-        self.generator = torch.Generator().manual_seed(seed)
 
     def collect_params(self) -> list[tuple[str, nn.Parameter]]:
         if self.config.layers == "all":

@@ -16,7 +16,7 @@ The method returns Y, probabilities; as logits it returns log Y, so that softmax
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class LAME(TTAMethod):
     name = "lame"
     config_class = LAMEConfig
     updates_parameters = False
-    returns_model_logits: ClassVar[bool] = False
+    predicts_first_forward = False
     """Its outputs are the adjusted assignments (as log-probabilities), not the model's logits."""
     config: LAMEConfig
 

@@ -253,3 +253,13 @@ def authors_name_rule_modules(model: nn.Module) -> set[str]:
         and name != "norm"
         and not any(part in name for part in AUTHORS_SKIPPED_NAME_PARTS)
     }
+def weight_bias_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every module's own ``weight`` and ``bias``, in module order (convolutions, linear layers and
+    norms alike): what CoTTA adapts and restores in the authors' code (other parameters, such as a
+    ViT's class token or position embedding, stay frozen)."""
+    selected = []
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if pname in ("weight", "bias"):
+                selected.append((f"{name}.{pname}" if name else pname, param))
+    return selected
