@@ -32,10 +32,16 @@ def corrupt(
     limit: LimitOpt = None,
     crop: Annotated[int | None, typer.Option(
         "--crop", min=2, help="Centre-crop to N x N first (224 for ImageNet, as ImageNet-C).")] = None,
+    preset: Annotated[str, typer.Option(
+        "--preset", help="Corruption parameters: cifar (CIFAR-10-C's, for small images), imagenet "
+                         "(ImageNet-C's, with corrupt-tta) or auto (cifar for images up to 64 px).")] = "auto",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write ImageNet-C style corrupted copies of SRC into DST with corrupt-tta (deterministic for a seed)."""
+    """Write corrupted copies of SRC into DST, deterministic for a seed.
+
+    CIFAR-10-C's severities for small images, ImageNet-C's (corrupt-tta) for large ones (--preset).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -46,12 +52,15 @@ def corrupt(
         import_corrupt_tta,
         list_class_images,
         parse_corruptions,
+        parse_preset,
         parse_severities,
         select_images,
     )
 
-    import_corrupt_tta()  # fail before any work when the extra is missing
-    plan = CorruptPlan(src, dst, parse_corruptions(corruption), parse_severities(severity), seed, limit, crop)
+    plan = CorruptPlan(src, dst, parse_corruptions(corruption), parse_severities(severity), seed, limit, crop,
+                       parse_preset(preset))
+    if plan.concrete_preset() == "imagenet":
+        import_corrupt_tta()  # fail before any work when the extra is missing
     total = len(select_images(list_class_images(src), limit, seed))
     check_destination(plan, overwrite)  # a wrong destination fails before the progress bar shows
     console = Console(stderr=True)
@@ -66,7 +75,7 @@ def corrupt(
     if not quiet:
         console.print(f"{report.images} images x {len(plan.corruptions)} corruptions x "
                       f"{len(plan.severities)} severities: {report.written} written, "
-                      f"{report.existing} already there, in {dst}")
+                      f"{report.existing} already there, in {dst} ({plan.preset} parameters)")
 
 
 @app.command()
