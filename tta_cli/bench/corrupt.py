@@ -61,6 +61,14 @@ def import_corrupt_tta() -> ModuleType:
     return corrupt_tta
 
 
+def import_scipy() -> None:
+    """The CIFAR-10-C corruptions need scipy: a user error that says how to install it."""
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError as err:
+        raise TTAError("the CIFAR-10-C corruptions need scipy, which is not installed", INSTALL_HINT) from err
+
+
 def parse_corruptions(text: str | Sequence[str]) -> list[str]:
     """``all`` (the 15), ``held-out`` (the 4), ``clean`` or names, comma-separated or repeated."""
     parts = [text] if isinstance(text, str) else list(text)
@@ -310,6 +318,8 @@ def corrupt_folder(plan: CorruptPlan, overwrite: bool = False,
                    on_image: Callable[[], None] | None = None) -> CorruptReport:
     """Write the corrupted copies; existing files of a compatible earlier run are kept (resume)."""
     module = import_corrupt_tta() if plan.concrete_preset() == "imagenet" else None
+    if module is None:
+        import_scipy()
     images = select_images(list_class_images(plan.src), plan.limit, plan.seed)
     previous = check_destination(plan, overwrite)
     plan.dst.mkdir(parents=True, exist_ok=True)
