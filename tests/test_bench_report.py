@@ -90,3 +90,23 @@ def test_report_files(tmp_path: Path) -> None:
     assert (tmp_path / "results.md").is_file() and (tmp_path / "accuracy.png").stat().st_size > 1000
     assert sorted(p.name for p in (tmp_path / "curves").iterdir()) == [
         "label-shift_fog.png", "mild_fog.png", "mild_snow.png", "mixed_all.png"]
+
+
+def test_seeds_give_mean_and_standard_deviation_and_speed() -> None:
+    rows = []
+    for seed, (fog, snow) in enumerate([(0.40, 0.20), (0.50, 0.30)]):
+        for corruption, acc in (("fog", fog), ("snow", snow)):
+            row = _row("mild", corruption, "tent", acc) | {"seed": str(seed), "online_k": "2",
+                                                           "online_accuracy": str(acc - 0.1)}
+            rows.append(row)
+    (cell,) = summarise(rows)
+    # Per seed the mean over corruptions (0.30, 0.40); then their mean and sample std.
+    assert cell["accuracy"] == pytest.approx(0.35) and cell["accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert cell["seeds"] == 2 and cell["online_k"] == 2
+    assert cell["online_accuracy"] == pytest.approx(0.25)
+    assert cell["images_per_second"] == pytest.approx(400 / 2.0)
+    text = markdown(rows)
+    assert "| tent | 35.0 ± 7.1 | 200 | 2 | 25.0 ± 7.1 | 0 | 0/4 |" in text
+    assert "| cifar10-resnet18-gn | tent | 35.0 ± 7.1 |" in text
+    # Without the new columns (results of an earlier version) the cells say "-".
+    assert "| tent | 28.0 | 200 | - | - | 0 | 1/2 |" in markdown(ROWS)

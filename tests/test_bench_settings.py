@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import make_images
 from tta_cli.bench.data import find_corrupted, limit_items
-from tta_cli.bench.settings import POOLED, build_streams, parse_settings
+from tta_cli.bench.settings import GRADUAL_LEVELS, POOLED, SETTINGS, build_streams, parse_settings
 from tta_cli.errors import TTAError
 from tta_cli.sources.items import StreamItem
 
@@ -129,3 +129,104 @@ def test_limit_keeps_the_same_images_for_every_corruption() -> None:
     names = [[i.key.split("/", 1)[1] for i in items] for items in limited.values()]
     assert len(names[0]) == 7 and names[0] == names[1] == names[2]
     assert limit_items(_items(), None, seed=0) == _items()
+
+
+def _labels(stream_items: list[StreamItem]) -> list[int]:
+    return [int(item.label) for item in stream_items]  # type: ignore[arg-type]
+
+
+def _class_switches(labels: list[int]) -> int:
+    return len(_runs(labels)) - 1
+
+
+def test_continual_is_the_mild_streams_one_after_another() -> None:
+    data = _items()
+    mild = build_streams(data, ["mild"], batch_size=8, seed=2)
+    (continual,) = build_streams(data, ["continual"], batch_size=8, seed=2)
+    assert continual.corruption == POOLED and continual.batch_size == 8
+    assert [i.key for i in continual.items] == [i.key for s in mild for i in s.items]
+    assert continual.params["order"] == CORRUPTIONS and continual.params["seed"] == 2
+
+
+def test_correlated_labels_follow_the_concentration() -> None:
+    data = _items(per_class=20)
+    strong = build_streams(data, ["correlated"], seed=0, concentration=0.01)
+    weak = build_streams(data, ["correlated"], seed=0, concentration=100.0)
+    assert [s.corruption for s in strong] == CORRUPTIONS
+    for s_strong, s_weak in zip(strong, weak, strict=True):
+        # Every image exactly once.
+        assert sorted(i.key for i in s_strong.items) == sorted(i.key for i in data[s_strong.corruption])
+        assert sorted(i.key for i in s_weak.items) == sorted(i.key for i in data[s_weak.corruption])
+        # Small gamma: few long single-class runs; large gamma: every class in every slot.
+        assert _class_switches(_labels(s_strong.items)) < 25
+        assert _class_switches(_labels(s_weak.items)) >= 90
+        assert s_strong.params["concentration"] == 0.01
+    # Neither shuffled like mild nor ordered class by class like label-shift.
+    (label_shift,) = build_streams({"fog": data["fog"]}, ["label-shift"], seed=0)
+    assert _class_switches(_labels(label_shift.items)) == 9
+    assert _class_switches(_labels(weak[1].items)) > 9
+
+
+def test_correlated_streams_are_deterministic_and_seeded() -> None:
+    data = _items(per_class=10)
+    first = build_streams(data, ["correlated", "mixed-correlated"], seed=1)
+    again = build_streams(data, ["correlated", "mixed-correlated"], seed=1)
+    other = build_streams(data, ["correlated", "mixed-correlated"], seed=2)
+    assert [[i.key for i in s.items] for s in first] == [[i.key for i in s.items] for s in again]
+    assert [i.key for i in first[0].items] != [i.key for i in other[0].items]
+    # Different corruptions get different draws.
+    assert _labels(first[0].items) != _labels(first[1].items)
+    with pytest.raises(TTAError, match="concentration"):
+        build_streams(data, ["correlated"], concentration=0.0)
+
+
+def test_mixed_correlated_pools_corruptions_and_correlates_labels() -> None:
+    data = _items(per_class=20)
+    (stream,) = build_streams(data, ["mixed-correlated"], seed=0, concentration=0.01)
+    assert stream.corruption == POOLED and len(stream.items) == 600
+    assert _class_switches(_labels(stream.items)) < 30
+    corruptions = [i.key.split("/")[0] for i in stream.items]
+    assert len(_runs(corruptions)) > 100  # the corruptions are mixed within a class's run
+    assert stream.params["algorithm"].startswith("NOTE")
+
+
+def _by_severity(per_class: int = 2) -> dict[int, dict[str, list[StreamItem]]]:
+    return {level: {c: [StreamItem(f"{c}/c{k}/{i}.png", Path(f"s{level}/{c}/c{k}/{i}.png"), k)
+                        for k in range(10) for i in range(per_class)] for c in CORRUPTIONS}
+            for level in range(1, 6)}
+
+
+def test_gradual_goes_up_and_down_in_severity_per_corruption() -> None:
+    levels = _by_severity()
+    (stream,) = build_streams(levels[5], ["gradual"], seed=0, by_severity=levels)
+    assert len(stream.items) == 3 * 20 and stream.params["levels"] == list(GRADUAL_LEVELS)
+    seen = [(item.key.split("/")[0], int(item.key.split("/")[1])) for item in stream.items]
+    assert _runs([c for c, _ in seen]) == CORRUPTIONS  # one corruption after another
+    for corruption in CORRUPTIONS:
+        severities = [s for c, s in seen if c == corruption]
+        assert _runs(severities) == [1, 2, 3, 4, 5, 4, 3, 2, 1]
+        # The item at each level is that severity's file of the same image, each image once.
+        items = [i for i in stream.items if i.key.startswith(corruption)]
+        assert all(str(i.path).startswith(f"s{i.key.split('/')[1]}/") for i in items)
+        assert len({i.key.split("/", 2)[2] for i in items}) == 20
+    again = build_streams(levels[5], ["gradual"], seed=0, by_severity=levels)[0]
+    assert [i.key for i in again.items] == [i.key for i in stream.items]
+
+
+def test_gradual_needs_every_severity() -> None:
+    levels = _by_severity()
+    del levels[3]
+    with pytest.raises(TTAError, match="severities 1-5"):
+        build_streams(levels[5], ["gradual"], by_severity=levels)
+
+
+def test_every_setting_records_its_parameters() -> None:
+    levels = _by_severity()
+    streams = build_streams(levels[5], list(SETTINGS), batch_size=16, seed=4, bs1_limit=3,
+                            by_severity=levels)
+    assert {s.setting for s in streams} == set(SETTINGS)
+    for stream in streams:
+        assert stream.params["seed"] == 4 and stream.params["description"] == SETTINGS[stream.setting]
+        assert stream.params["batch_size"] == stream.batch_size
+    assert parse_settings("continual,correlated,mixed-correlated,gradual") == [
+        "continual", "correlated", "mixed-correlated", "gradual"]

@@ -1,4 +1,7 @@
-"""``tta corrupt``: ImageNet-C layout, determinism for a seed, resume, and clear errors."""
+"""``tta corrupt``: ImageNet-C layout, presets, determinism for a seed, resume, and clear errors.
+
+The small generated images get the CIFAR-10-C preset (no corrupt-tta needed); the ImageNet-C
+preset's tests skip without corrupt-tta. The strength of each corruption: tests/test_cifar_c.py."""
 
 from __future__ import annotations
 
@@ -20,13 +23,16 @@ from tta_cli.bench.corrupt import (
     corrupt_folder,
     import_corrupt_tta,
     parse_corruptions,
+    parse_preset,
     parse_severities,
+    preset_for_size,
 )
 from tta_cli.cli import app
 from tta_cli.errors import TTAError
 
-pytest.importorskip("corrupt_tta")
 runner = CliRunner()
+needs_corrupt_tta = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("corrupt_tta") is None, reason="corrupt-tta is not installed")
 
 
 @pytest.fixture
@@ -64,7 +70,8 @@ def test_layout_manifest_and_determinism(clean_set: Path, tmp_path: Path) -> Non
     assert first.written == 6 * 4 * 2 and not first.failed
     assert (tmp_path / "a" / "fog" / "5" / "cat" / "img0.png").is_file()
     manifest = json.loads((tmp_path / "a" / "corrupt.json").read_text())
-    assert manifest["seed"] == 7 and manifest["severities"] == [3, 5]
+    assert manifest["seed"] == 7 and manifest["severities"] == [3, 5] and manifest["preset"] == "cifar"
+    assert manifest["parameters"].startswith("CIFAR-10-C")
     assert manifest["corruptions"] == names
     # Same seed, another folder: identical bytes, impulse_noise included (its generator is seeded).
     corrupt_folder(CorruptPlan(clean_set, tmp_path / "b", names, [5, 3], seed=7))
@@ -126,6 +133,52 @@ def test_cli_corrupt(clean_set: Path, tmp_path: Path) -> None:
     assert len(list(dst.rglob("*.png"))) == 8
     again = runner.invoke(app, ["corrupt", str(clean_set), str(dst), "-c", "fog", "--seed", "4"])
     assert again.exit_code != 0 and isinstance(again.exception, TTAError)
+
+
+def test_presets_by_size_and_recorded(tmp_path: Path) -> None:
+    assert preset_for_size(32, 32) == "cifar" and preset_for_size(64, 48) == "cifar"
+    assert preset_for_size(65, 32) == "imagenet" and preset_for_size(224, 224) == "imagenet"
+    assert parse_preset("CIFAR") == "cifar"
+    with pytest.raises(TTAError, match="unknown preset"):
+        parse_preset("svhn")
+    make_images(tmp_path / "src" / "cat", 1, size=96)
+    assert CorruptPlan(tmp_path / "src", tmp_path / "o", ["fog"]).concrete_preset() == "imagenet"
+    assert CorruptPlan(tmp_path / "src", tmp_path / "o", ["fog"], crop=32).concrete_preset() == "cifar"
+    # An explicit cifar preset works on large images too, without corrupt-tta.
+    corrupt_folder(CorruptPlan(tmp_path / "src", tmp_path / "o", ["contrast"], [5], preset="cifar"))
+    assert _pixels(tmp_path / "o" / "contrast" / "5" / "cat" / "img0.png").shape == (96, 96, 3)
+
+
+def test_another_preset_is_another_identity(clean_set: Path, tmp_path: Path) -> None:
+    corrupt_folder(CorruptPlan(clean_set, tmp_path / "o", ["contrast"], [5]))
+    manifest = tmp_path / "o" / "corrupt.json"
+    # A folder made before the presets existed holds ImageNet-C pixels: it is not resumed as cifar.
+    record = json.loads(manifest.read_text())
+    del record["preset"]
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(TTAError, match="preset imagenet"):
+        corrupt_folder(CorruptPlan(clean_set, tmp_path / "o", ["contrast"], [5]))
+
+
+def test_cli_corrupt_cifar_needs_no_corrupt_tta(clean_set: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "corrupt_tta", None)
+    result = runner.invoke(app, ["corrupt", str(clean_set), str(tmp_path / "c"), "-c", "all,held-out",
+                                 "--preset", "cifar", "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "c").rglob("*.png"))) == 19
+    refused = runner.invoke(app, ["corrupt", str(clean_set), str(tmp_path / "d"), "--preset", "imagenet"])
+    assert isinstance(refused.exception, TTAError) and "corrupt-tta" in str(refused.exception)
+
+
+@needs_corrupt_tta
+def test_imagenet_preset_is_deterministic(tmp_path: Path) -> None:
+    make_images(tmp_path / "src" / "cat", 2, size=80)
+    names = ["gaussian_noise", "impulse_noise", "fog"]
+    for out in ("a", "b"):
+        corrupt_folder(CorruptPlan(tmp_path / "src", tmp_path / out, names, [5], seed=7))
+    assert json.loads((tmp_path / "a" / "corrupt.json").read_text())["preset"] == "imagenet"
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
 def test_cli_stays_light() -> None:

@@ -1,11 +1,18 @@
-"""ImageNet-C style corrupted copies of a class-foldered image set, with ``corrupt-tta``.
+"""Corrupted copies of a class-foldered image set: CIFAR-10-C or ImageNet-C parameters.
+
+Two parameter presets: ``cifar``, the severities of Hendrycks' CIFAR-10-C (``bench/cifar_c.py``,
+numpy/scipy/PIL, for small images) and ``imagenet``, ImageNet-C's (made for 224 px images, with the
+``corrupt-tta`` package). ``auto`` picks ``cifar`` for images of at most ``SMALL_IMAGE`` pixels a
+side (after ``--crop``), judged on the first image of the set.
 
 Output layout (the ImageNet-C one): ``DST/<corruption>/<severity>/<class>/<name>.png`` plus
 ``DST/corrupt.json`` recording how it was made. Every image is corrupted with numpy's global
 generator seeded from (seed, corruption, severity, image path), so an image's pixels do not depend on
 which other images, corruptions or severities are written in the same call, and a rerun resumes.
-``corrupt_tta``'s impulse_noise draws from an unseeded scikit-image generator; it is given a seeded
-one while corrupting (the trap noted in the benchmark spec).
+With the cifar preset each image has its
+own ``numpy.random.Generator`` seeded from the same words. ``corrupt_tta``'s impulse_noise draws
+from an unseeded scikit-image generator; it is given a seeded one while corrupting (the trap noted
+in the benchmark spec).
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ KNOWN: tuple[str, ...] = CORRUPTIONS + HELD_OUT
 # "clean" writes the images as they are (after --crop): the uncorrupted reference in the same layout.
 CLEAN = "clean"
 MANIFEST = "corrupt.json"
+PRESETS: tuple[str, ...] = ("auto", "cifar", "imagenet")
+SMALL_IMAGE = 64
+"""auto: images with both sides at most this many pixels get the CIFAR-10-C parameters."""
 INSTALL_HINT = 'install the optional extra: pip install "tta-cli[bench]" (or pip install corrupt-tta)'
 
 
@@ -49,6 +59,14 @@ def import_corrupt_tta() -> ModuleType:
         raise TTAError("corrupting images needs the corrupt-tta package, which is not installed",
                        INSTALL_HINT) from err
     return corrupt_tta
+
+
+def import_scipy() -> None:
+    """The CIFAR-10-C corruptions need scipy: a user error that says how to install it."""
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError as err:
+        raise TTAError("the CIFAR-10-C corruptions need scipy, which is not installed", INSTALL_HINT) from err
 
 
 def parse_corruptions(text: str | Sequence[str]) -> list[str]:
@@ -176,11 +194,40 @@ def load_rgb(path: Path, crop: int | None) -> np.ndarray:
     return np.asarray(rgb)
 
 
-def corrupt_array(module: ModuleType, pixels: np.ndarray, corruption: str, severity: int,
+def parse_preset(text: str) -> str:
+    name = text.strip().lower()
+    if name not in PRESETS:
+        raise TTAError(f"unknown preset {text!r}", f"choose from {', '.join(PRESETS)}")
+    return name
+
+
+def preset_for_size(width: int, height: int) -> str:
+    return "cifar" if max(width, height) <= SMALL_IMAGE else "imagenet"
+
+
+def detect_preset(images: Sequence[SourceImage], crop: int | None) -> str:
+    """auto's choice: by the size of the first image (as it will be corrupted, after the crop)."""
+    if crop:
+        return preset_for_size(crop, crop)
+    for image in images:
+        try:
+            with Image.open(image.path) as first:
+                return preset_for_size(*first.size)
+        except OSError:
+            continue  # an unreadable file is reported when it is corrupted
+    return "imagenet"
+
+
+def corrupt_array(module: ModuleType | None, pixels: np.ndarray, corruption: str, severity: int,
                   seed_words: list[int]) -> np.ndarray:
-    """One corrupted image as uint8 (corrupt-tta returns floats in [0, 255], unclipped for some)."""
+    """One corrupted image as uint8: CIFAR-10-C parameters when ``module`` is None, else
+    corrupt-tta's ImageNet-C ones (it returns floats in [0, 255], unclipped for some)."""
     if corruption == CLEAN:
         return pixels
+    if module is None:
+        from tta_cli.bench.cifar_c import corrupt_cifar
+
+        return corrupt_cifar(pixels, corruption, severity, np.random.default_rng(seed_words))
     np.random.seed(seed_words)
     out = module.corrupt(pixels, severity=severity, corruption_name=corruption)
     return np.clip(np.asarray(out), 0, 255).astype(np.uint8)
@@ -197,10 +244,18 @@ class CorruptPlan:
     seed: int = 0
     limit: int | None = None
     crop: int | None = None
+    preset: str = "auto"
+    """auto, cifar or imagenet; auto is replaced by the choice on first use."""
+
+    def concrete_preset(self) -> str:
+        if self.preset == "auto":
+            self.preset = detect_preset(list_class_images(self.src), self.crop)
+        return self.preset
 
     def identity(self) -> dict[str, Any]:
         """The settings that change pixels of an existing file: a resumed run must share them."""
-        return {"source": str(self.src.resolve()), "seed": self.seed, "limit": self.limit, "crop": self.crop}
+        return {"source": str(self.src.resolve()), "seed": self.seed, "limit": self.limit, "crop": self.crop,
+                "preset": self.concrete_preset()}
 
 
 @dataclass
@@ -224,14 +279,27 @@ def check_destination(plan: CorruptPlan, overwrite: bool) -> dict[str, Any]:
                            "choose another destination or pass --overwrite")
         return {}
     previous = json.loads(path.read_text())
+    previous.setdefault("preset", "imagenet")  # made before the presets existed
     if not overwrite and any(previous.get(k) != v for k, v in plan.identity().items()):
         raise TTAError(f"{plan.dst} was made with other settings ({MANIFEST}: seed {previous.get('seed')}, "
-                       f"limit {previous.get('limit')}, crop {previous.get('crop')})",
-                       "use the same --seed/--limit/--crop to add to it, another destination, or --overwrite")
+                       f"limit {previous.get('limit')}, crop {previous.get('crop')}, "
+                       f"preset {previous.get('preset')})",
+                       "use the same --seed/--limit/--crop/--preset to add to it, another destination, "
+                       "or --overwrite")
     return previous if not overwrite else {}
 
 
-def _write_manifest(plan: CorruptPlan, previous: dict[str, Any], module: ModuleType, n_images: int) -> None:
+def _parameters(module: ModuleType | None) -> dict[str, Any]:
+    if module is not None:
+        return {"parameters": "ImageNet-C (corrupt-tta)", "corrupt_tta": getattr(module, "__version__", "unknown")}
+    from tta_cli.bench.cifar_c import APPROXIMATED
+
+    return {"parameters": "CIFAR-10-C (make_cifar_c.py severities, tta_cli.bench.cifar_c)",
+            "approximated": APPROXIMATED}
+
+
+def _write_manifest(plan: CorruptPlan, previous: dict[str, Any], module: ModuleType | None,
+                    n_images: int) -> None:
     made = set(previous.get("corruptions", [])) | set(plan.corruptions)
     corruptions = [c for c in (*KNOWN, CLEAN) if c in made]
     severities = sorted(set(previous.get("severities", [])) | set(plan.severities))
@@ -241,21 +309,22 @@ def _write_manifest(plan: CorruptPlan, previous: dict[str, Any], module: ModuleT
         "severities": severities,
         "images_per_corruption": n_images,
         "layout": "<corruption>/<severity>/<class>/<name>.png",
-        "corrupt_tta": getattr(module, "__version__", "unknown"),
         "numpy": np.__version__,
-    }
+    } | _parameters(module)
     (plan.dst / MANIFEST).write_text(json.dumps(record, indent=2))
 
 
 def corrupt_folder(plan: CorruptPlan, overwrite: bool = False,
                    on_image: Callable[[], None] | None = None) -> CorruptReport:
     """Write the corrupted copies; existing files of a compatible earlier run are kept (resume)."""
-    module = import_corrupt_tta()
+    module = import_corrupt_tta() if plan.concrete_preset() == "imagenet" else None
+    if module is None:
+        import_scipy()
     images = select_images(list_class_images(plan.src), plan.limit, plan.seed)
     previous = check_destination(plan, overwrite)
     plan.dst.mkdir(parents=True, exist_ok=True)
     report = CorruptReport(images=len(images))
-    with seeded_impulse_noise(module):
+    with seeded_impulse_noise(module) if module is not None else contextlib.nullcontext():
         for image in images:
             _corrupt_one(module, plan, image, overwrite and not previous, report)
             if on_image is not None:
@@ -264,7 +333,7 @@ def corrupt_folder(plan: CorruptPlan, overwrite: bool = False,
     return report
 
 
-def _corrupt_one(module: ModuleType, plan: CorruptPlan, image: SourceImage, overwrite: bool,
+def _corrupt_one(module: ModuleType | None, plan: CorruptPlan, image: SourceImage, overwrite: bool,
                  report: CorruptReport) -> None:
     """Every corruption and severity of one image (decoded once)."""
     targets = [(c, s, output_path(plan.dst, c, s, image.rel))

@@ -120,3 +120,18 @@ def limit_items(by_corruption: dict[str, list[StreamItem]], limit: int | None,
         keep = sorted(random.Random(seed).sample(range(len(items)), limit))
         out[name] = [items[i] for i in keep]
     return out
+
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def find_levels(root: Path, class_names: list[str], corruptions: list[str]) -> dict[int, dict[str, list[StreamItem]]]:
+    """The images of every severity 1-5 of the given corruptions (the gradual setting), or a
+    clear error naming the severity that is missing."""
+    levels: dict[int, dict[str, list[StreamItem]]] = {}
+    for severity in SEVERITIES:
+        found = find_corrupted(root, class_names, severity, corruptions)
+        if found is None:
+            raise TTAError(f"{root} holds no corrupted images", "the gradual setting needs severities 1-5")
+        levels[severity] = found.by_corruption
+    return levels

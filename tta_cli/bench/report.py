@@ -7,6 +7,7 @@ files of earlier (or resumed, or combined) benchmark runs without running anythi
 from __future__ import annotations
 
 import csv
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,15 +47,37 @@ def adaptation_collapses(rows: list[dict[str, str]]) -> set[tuple[str, str, str,
     such a stream says nothing about the adaptation, so a run only counts when the source model's
     run on the same stream (if any) did not fail the test too.
     """
-    source_failed = {(r["model"], r["setting"], r["corruption"]) for r in rows
+    source_failed = {(r["model"], r["setting"], r["corruption"], _seed(r)) for r in rows
                      if r["method"] == "source" and r["collapsed"] == "True"}
     return {(r["model"], r["setting"], r["corruption"], r["method"]) for r in rows
-            if r["collapsed"] == "True" and (r["model"], r["setting"], r["corruption"]) not in source_failed}
+            if r["collapsed"] == "True" and (r["model"], r["setting"], r["corruption"], _seed(r)) not in source_failed}
+
+
+def _seed(row: dict[str, str]) -> str:
+    """The stream seed of a row (results written before seeds existed used seed 0)."""
+    return row.get("seed") or "0"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean, and the sample standard deviation when there are at least two values."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _per_seed_means(runs: list[dict[str, str]], column: str) -> list[float] | None:
+    """Per stream seed, ``column`` averaged over the setting's streams (None if any is empty)."""
+    by_seed: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        if not r.get(column):
+            return None
+        by_seed[_seed(r)].append(float(r[column]))
+    return [statistics.fmean(v) for v in by_seed.values()]
 
 
 def summarise(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Per model, setting and method: accuracy averaged over the setting's streams (corruptions),
-    resets summed, collapsed streams counted, adaptation seconds per image over all images."""
+    then mean and standard deviation over the stream seeds; resets summed, collapsed runs counted,
+    adaptation seconds per image and images per second over all images; the online view's
+    accuracy (mean over seeds) and its k (the largest of the runs)."""
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
     for row in rows:
         groups[(row["model"], row["setting"], row["method"])].append(row)
@@ -62,12 +85,21 @@ def summarise(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     summary = []
     for (model, setting, method), runs in groups.items():
         images = sum(int(r["images"]) for r in runs)
+        seconds = sum(float(r["adapt_seconds"]) for r in runs)
+        accuracy, accuracy_std = _mean_std(_per_seed_means(runs, "accuracy") or [0.0])
+        online = _per_seed_means(runs, "online_accuracy")
+        ks = [int(r["online_k"]) for r in runs if r.get("online_k")]
         summary.append({
             "model": model, "setting": setting, "method": method, "streams": len(runs), "images": images,
-            "accuracy": sum(float(r["accuracy"]) for r in runs) / len(runs),
+            "seeds": len({_seed(r) for r in runs}),
+            "accuracy": accuracy, "accuracy_std": accuracy_std,
             "resets": sum(int(r["resets"]) for r in runs),
             "collapsed": sum((model, setting, r["corruption"], method) in collapses for r in runs),
-            "seconds_per_image": sum(float(r["adapt_seconds"]) for r in runs) / max(images, 1),
+            "seconds_per_image": seconds / max(images, 1),
+            "images_per_second": images / seconds if seconds > 0 else None,
+            "online_accuracy": _mean_std(online)[0] if online else None,
+            "online_accuracy_std": _mean_std(online)[1] if online else None,
+            "online_k": max(ks) if ks else None,
         })
     return summary
 
@@ -117,7 +149,37 @@ def _acc_cell(cell: dict[str, Any] | None) -> str:
     if cell is None:
         return "-"
     mark = f" ({cell['collapsed']}/{cell['streams']} collapsed)" if cell["collapsed"] else ""
-    return f"{100 * cell['accuracy']:.1f}{mark}"
+    return f"{_percent(cell['accuracy'], cell['accuracy_std'])}{mark}"
+
+
+def _percent(value: float, std: float | None) -> str:
+    """``44.8`` or, over several seeds, ``44.8 ± 0.3`` (mean ± standard deviation, in %)."""
+    return f"{100 * value:.1f}" if std is None else f"{100 * value:.1f} ± {100 * std:.1f}"
+
+
+def speed_tables(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -> str:
+    """Per model and setting: accuracy, images per second, and the online view (k and accuracy)."""
+    models, settings, method_order = _axes(rows, methods)
+    by_key = {(s["model"], s["setting"], s["method"]): s for s in summarise(rows)}
+    parts = []
+    header = ["method", "accuracy", "img/s", "online k", "online accuracy", "resets", "collapsed"]
+    for model in models:
+        for setting in settings:
+            cells = [(m, by_key[(model, setting, m)]) for m in method_order if (model, setting, m) in by_key]
+            if not cells:
+                continue
+            body = [[m, _percent(c["accuracy"], c["accuracy_std"]),
+                     f"{c['images_per_second']:.0f}" if c["images_per_second"] else "-",
+                     str(c["online_k"]) if c["online_k"] else "-",
+                     _percent(c["online_accuracy"], c["online_accuracy_std"]) if c["online_accuracy"] is not None
+                     else "-",
+                     str(c["resets"]), f"{c['collapsed']}/{c['streams']}"] for m, c in cells]
+            seeds = max(c["seeds"] for _, c in cells)
+            note = f", mean ± std over {seeds} stream seeds" if seeds > 1 else ""
+            parts.append(f"**{_model_name(model)}, {setting}** (accuracy %{note})\n")
+            parts.append("\n".join(_table(header, body)))
+            parts.append("")
+    return "\n".join(parts)
 
 
 def _model_name(spec: str) -> str:
@@ -135,7 +197,10 @@ def corruption_tables(rows: list[dict[str, str]], methods: Sequence[str] | None 
             corruptions = _ordered([r["corruption"] for r in runs], list(KNOWN))
             if len(corruptions) < 2:
                 continue
-            acc = {(r["method"], r["corruption"]): float(r["accuracy"]) for r in runs}
+            per_seed: dict[tuple[str, str], list[float]] = defaultdict(list)
+            for r in runs:
+                per_seed[(r["method"], r["corruption"])].append(float(r["accuracy"]))
+            acc = {key: statistics.fmean(values) for key, values in per_seed.items()}
             body = []
             for method in method_order:
                 values = [acc.get((method, c)) for c in corruptions]
@@ -156,8 +221,15 @@ def markdown(rows: list[dict[str, str]], methods: Sequence[str] | None = None) -
             "tenth of its stream (at least 64 images), its accuracy is at or below chance, or it gives one "
             "class to 90% of the images and is wrong on most, while the source model's run on the same "
             "stream does not. Resets: model recoveries (SAR), summed. "
-            "ms/img: adaptation time per image (forward, backward and update; decoding excluded).", "",
-            summary_tables(rows, methods), "", corruption_tables(rows, methods)]
+            "ms/img: adaptation time per image (forward, backward and update; decoding excluded). "
+            "With several stream seeds: mean ± standard deviation over the seeds of the setting's mean.", "",
+            summary_tables(rows, methods), "",
+            "## Speed and the online view", "",
+            "img/s: images per adaptation second. Online (Alfarra et al., ICML 2024): a method k times "
+            "slower than source on the same stream (k = ceil of the speed ratio, measured) adapts on "
+            "every k-th batch only and predicts the others with its current model; re-run on the "
+            "identical stream.", "",
+            speed_tables(rows, methods), "", corruption_tables(rows, methods)]
     return "\n".join(text).rstrip() + "\n"
 
 
@@ -231,8 +303,10 @@ def write_plots(out: Path, rows: Rows, curves: Rows, num_classes: int) -> list[P
     written = [out / "accuracy.png"]
     plot_accuracy(rows, written[0], num_classes)
     streams: dict[tuple[str, str, str], list[dict[str, str]]] = defaultdict(list)
-    for c in curves:
-        streams[(c["model"], c["setting"], c["corruption"])].append(c)
+    first_seed = min((_seed(c) for c in curves), key=int, default="0")
+    for c in curves:  # the curves of one stream order (the first seed): several would overlap
+        if _seed(c) == first_seed:
+            streams[(c["model"], c["setting"], c["corruption"])].append(c)
     folder = out / "curves"
     folder.mkdir(exist_ok=True)
     several = len({k[0] for k in streams}) > 1

@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tta_cli.bench.corrupt import CorruptPlan, corrupt_folder, list_class_images
-from tta_cli.bench.data import CorruptedSet, find_corrupted, limit_items
-from tta_cli.bench.settings import BenchStream, build_streams
+from tta_cli.bench.data import CorruptedSet, find_corrupted, find_levels, limit_items
+from tta_cli.bench.online import EveryKth, online_k
+from tta_cli.bench.settings import DIRICHLET_CONCENTRATION, BenchStream, build_streams
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
-from tta_cli.methods import get_method_class
+from tta_cli.methods import get_method_class, list_methods
 from tta_cli.models import LoadedModel
 from tta_cli.outputs import BatchOutputs, Sink
 from tta_cli.runtime import (
@@ -61,10 +62,19 @@ class MethodSpec:
     hyperparameters: dict[str, str] = field(default_factory=dict)
 
 
+def all_methods() -> list[str]:
+    """Every registered method, ``source`` first (the others' speed is measured against it)."""
+    names = list_methods()
+    return [n for n in names if n == "source"] + [n for n in names if n != "source"]
+
+
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
+    """Comma-separated method specs; ``all`` is every registered method."""
     parts = [text] if isinstance(text, str) else list(text)
     specs: list[MethodSpec] = []
-    for entry in (p.strip() for part in parts for p in part.split(",")):
+    entries = [p.strip() for part in parts for p in part.split(",")]
+    entries = [name for e in entries for name in (all_methods() if e.lower() == "all" else [e])]
+    for entry in entries:
         if not entry:
             continue
         name, *pairs = entry.split(":")
@@ -80,6 +90,21 @@ def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
     if not specs:
         raise TTAError("no method given", "e.g. --methods source,norm,tent,eata,sar")
     return specs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or a range ``0-4``: the stream seeds."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        low, sep, high = part.partition("-")
+        try:
+            values = range(int(low), int(high) + 1) if sep and low else [int(part)]
+        except ValueError:
+            raise TTAError(f"invalid seed {part!r}", "use integers, e.g. --seeds 0,1,2 or 0-4") from None
+        seeds += [v for v in values if v not in seeds]
+    if not seeds:
+        raise TTAError("no seed given", "e.g. --seeds 0,1,2")
+    return seeds
 
 
 @dataclass
@@ -112,6 +137,15 @@ class BenchConfig:
     channels_last: str = "auto"
     compile: bool = False
     """Speed options, as for ``tta adapt`` (``tta_cli.runtime.SpeedOptions``)."""
+    seeds: list[int] | None = None
+    """Stream seeds: each cell runs once per seed, with that seed's stream order (default: [seed])."""
+    concentration: float = DIRICHLET_CONCENTRATION
+    online: bool = True
+    """Re-run methods slower than source in the online view (adapting on every k-th batch)."""
+
+    @property
+    def stream_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
@@ -141,14 +175,22 @@ class RunResult:
     lr: float | None
     last_tenth_top_share: float | None = None
     """Share of the last tenth's predictions that go to its most predicted class."""
+    seed: int = 0
+    """The stream seed (its order); the corrupted images are the same for every seed."""
+    images_per_second: float | None = None
+    """Images over adaptation seconds (forward, backward, update; decoding excluded)."""
+    online_k: int | None = None
+    """ceil(source's images/s / this method's) on the same stream; None without a source run."""
+    online_accuracy: float | None = None
+    """Accuracy when adapting on every online_k-th batch only (equal to accuracy when k = 1)."""
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.model, self.setting, self.corruption, self.method)
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.model, self.setting, self.corruption, self.method, self.seed)
 
 
 RESULT_FIELDS = [f.name for f in fields(RunResult)]
-CURVE_FIELDS = ["model", "setting", "corruption", "method", "window", "images", "n", "correct",
+CURVE_FIELDS = ["model", "setting", "corruption", "method", "seed", "window", "images", "n", "correct",
                 "entropy_sum", "resets"]
 
 
@@ -278,7 +320,8 @@ def prepare_data(config: BenchConfig, loaded: LoadedModel, console: Console) -> 
         return found
     list_class_images(config.data)  # a clear error if it is not a class-foldered set either
     target = config.out / "data"
-    plan = CorruptPlan(config.data, target, config.corruptions or list(CORRUPTIONS), [config.severity],
+    severities = [1, 2, 3, 4, 5] if "gradual" in config.settings else [config.severity]
+    plan = CorruptPlan(config.data, target, config.corruptions or list(CORRUPTIONS), severities,
                        config.seed, config.limit)
     if not config.quiet:
         console.print(f"{config.data} holds clean images: corrupting {len(plan.corruptions)} corruptions at "
@@ -337,17 +380,20 @@ class FisherCache:
 
 def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Iterable[Batch],
             fisher: FisherCache | None, progress: BenchProgress, seed: int,
-            sinks: Sequence[Sink] = ()) -> tuple[RunResult, list[dict[str, float]]]:
+            sinks: Sequence[Sink] = (), adapt_every: int = 1) -> tuple[RunResult, list[dict[str, float]]]:
     """One method on one stream, from a pristine copy of the source model; ``sinks`` see the
-    per-sample outputs too."""
+    per-sample outputs too (with ``adapt_every`` k > 1: the online view, adapting on every k-th
+    batch only)."""
     seed_everything(seed)
     fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
     method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
     method.reseed(seed)  # as tta adapt: the method's own generator, seeded just before the first batch
     recorder = CurveRecorder()
-    progress.start_run(f"{stream.name} {spec.label}", len(stream.items))
+    online = f" online k={adapt_every}" if adapt_every > 1 else ""
+    progress.start_run(f"{stream.name} {spec.label}{online}", len(stream.items))
     started = time.perf_counter()
-    totals = run_stream(method, batches, setup.device, [recorder, progress, *sinks],
+    stepper: Any = EveryKth(method, adapt_every) if adapt_every > 1 else method
+    totals = run_stream(stepper, batches, setup.device, [recorder, progress, *sinks],
                         tune_threads=setup.tune_threads)
     wall = time.perf_counter() - started
     info = method.describe()
@@ -361,6 +407,7 @@ def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Ite
         collapsed=is_collapsed(last, top_share, loaded.num_classes), resets=totals.resets,
         used_share=totals.used_share or 0.0, mean_entropy=totals.mean_entropy or 0.0,
         adapt_seconds=totals.adapt_seconds, wall_seconds=wall, lr=info["lr"], last_tenth_top_share=top_share,
+        seed=seed, images_per_second=totals.images / totals.adapt_seconds if totals.adapt_seconds > 0 else None,
     )
     return result, recorder.finish()
 
@@ -368,7 +415,7 @@ def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Ite
 # --- output files ----------------------------------------------------------------------------------
 
 
-def prepare_out(config: BenchConfig) -> set[tuple[str, str, str, str]]:
+def prepare_out(config: BenchConfig) -> set[tuple[str, str, str, str, int]]:
     """Create ``--out``; the keys of the runs already in its results.csv when resuming."""
     out = config.out
     if out.exists() and not out.is_dir():
@@ -385,7 +432,7 @@ def prepare_out(config: BenchConfig) -> set[tuple[str, str, str, str]]:
 
 
 RESUME_KEYS = ("model", "data", "checkpoint", "severity", "limit", "bs1_limit", "batch_size", "seed", "clean",
-               "fisher_size")
+               "fisher_size", "concentration")
 
 
 def _check_resumable(config: BenchConfig) -> None:
@@ -405,7 +452,7 @@ def _coerce(name: str, value: str) -> Any:
     kind = {f.name: f.type for f in fields(RunResult)}[name]
     if value == "":
         return None
-    if kind == "int":
+    if kind in ("int", "int | None"):
         return int(value)
     if kind in ("float", "float | None"):
         return float(value)
@@ -431,11 +478,12 @@ def append_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> N
 def save_run(out: Path, result: RunResult, windows: list[dict[str, float]]) -> None:
     """Append one run to results.csv and curves.csv as soon as it ends (a long benchmark resumes)."""
     row = asdict(result)
-    for key in ("accuracy", "last_tenth_accuracy", "used_share", "mean_entropy", "last_tenth_top_share"):
-        row[key] = f"{row[key]:.6f}"
+    for key in ("accuracy", "last_tenth_accuracy", "used_share", "mean_entropy", "last_tenth_top_share",
+                "images_per_second", "online_accuracy"):
+        row[key] = "" if row[key] is None else f"{row[key]:.6f}"
     append_rows(out / RESULTS, RESULT_FIELDS, [row])
     head = {"model": result.model, "setting": result.setting, "corruption": result.corruption,
-            "method": result.method}
+            "method": result.method, "seed": result.seed}
     curve = [head | {"window": i} | {k: w[k] for k in ("images", "n", "correct", "entropy_sum", "resets")}
              for i, w in enumerate(windows)]
     append_rows(out / CURVES, CURVE_FIELDS, curve)
@@ -451,7 +499,8 @@ def write_record(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet, s
         "preprocessing": loaded.data_config,
         "data": {"root": str(data.root), "layout": data.layout,
                  "images_per_corruption": {c: len(v) for c, v in data.by_corruption.items()}},
-        "streams": [{"name": s.name, "images": len(s.items), "batch_size": s.batch_size} for s in streams],
+        "streams": [{"name": s.name, "images": len(s.items), "batch_size": s.batch_size} | s.params
+                    for s in streams],
         "machine": {"device": str(device), "platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads()},
         "versions": versions(),
@@ -498,8 +547,7 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> list[R
                       device=config.device, seed=config.seed, threads=config.threads, speed=speed)
     loaded, device = setup.loaded, setup.device
     data = prepare_data(config, loaded, console)
-    by_corruption = limit_items(data.by_corruption, config.limit, config.seed)
-    streams = build_streams(by_corruption, config.settings, config.batch_size, config.seed, config.bs1_limit)
+    streams = seeded_streams(config, loaded, data)
     methods = _resolve_methods(config, console)
     clean = _clean_items(config, loaded)
     fisher = FisherCache(setup, clean) if clean else None
@@ -510,20 +558,69 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> list[R
     return results
 
 
+def seeded_streams(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet) -> list[BenchStream]:
+    """The streams of every setting for every stream seed; the images (and their sample) are the
+    same for every seed, only the order differs."""
+    by_corruption = limit_items(data.by_corruption, config.limit, config.seed)
+    levels = None
+    if "gradual" in config.settings:
+        found = find_levels(data.root, loaded.class_names, data.corruptions)
+        levels = {level: limit_items(items, config.limit, config.seed) for level, items in found.items()}
+    return [stream for seed in config.stream_seeds
+            for stream in build_streams(by_corruption, config.settings, config.batch_size, seed, config.bs1_limit,
+                                        config.concentration, levels)]
+
+
+def source_speeds(out: Path) -> dict[tuple[str, str, str, int], float]:
+    """images/s of the source runs already in results.csv, per (model, setting, corruption, seed)."""
+    path = out / RESULTS
+    rows = read_results(path) if path.is_file() else []
+    return {(r["model"], r["setting"], r["corruption"], r.get("seed") or 0): r["images_per_second"]
+            for r in rows if r["method"] == "source" and r.get("images_per_second")}
+
+
+def run_cell_method(config: BenchConfig, stream: BenchStream, spec: MethodSpec, setup: RunSetup,
+                    batches: Callable[[], Iterable[Batch]], fisher: FisherCache | None,
+                    progress: BenchProgress, source_speed: float | None) -> tuple[RunResult, list[dict[str, float]]]:
+    """One method on one stream, then (when slower than source) again in the online view."""
+    seed = int(stream.params.get("seed", config.seed))
+    result, windows = run_one(stream, spec, setup, batches(), fisher, progress, seed)
+    if spec.name == "source" or source_speed is None:
+        result.online_k = 1 if spec.name == "source" else None
+        result.online_accuracy = result.accuracy if spec.name == "source" else None
+        return result, windows
+    result.online_k = online_k(source_speed, result.images_per_second)
+    result.online_accuracy = result.accuracy
+    if result.online_k > 1 and config.online:
+        online, _ = run_one(stream, spec, setup, batches(), fisher, progress, seed,
+                            adapt_every=result.online_k)
+        result.online_accuracy = online.accuracy
+    elif result.online_k > 1:
+        result.online_accuracy = None
+    return result, windows
+
+
 def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], methods: list[MethodSpec],
-             fisher: FisherCache | None, done: set[tuple[str, str, str, str]],
+             fisher: FisherCache | None, done: set[tuple[str, str, str, str, int]],
              console: Console) -> list[RunResult]:
     loaded = setup.loaded
     results: list[RunResult] = []
+    speeds = source_speeds(config.out)
+    # source first: every other method's online view needs its speed on the same stream.
+    methods = sorted(methods, key=lambda m: m.name != "source")
     with BenchProgress(console, len(streams) * len(methods), config.quiet) as progress:
         for stream in streams:
-            todo = [m for m in methods
-                    if (loaded.spec, stream.setting, stream.corruption, m.label) not in done]
+            seed = int(stream.params.get("seed", config.seed))
+            cell = (loaded.spec, stream.setting, stream.corruption, seed)
+            todo = [m for m in methods if (*cell[:3], m.label, seed) not in done]
             progress.skip(len(methods) - len(todo))
             batches = batch_source(stream, setup, config.workers, config.cache_mb << 20,
                                    image_bytes(loaded))
             for spec in todo:
-                result, windows = run_one(stream, spec, setup, batches(), fisher, progress, config.seed)
+                result, windows = run_cell_method(config, stream, spec, setup, batches, fisher, progress,
+                                                  speeds.get(cell))
+                if spec.name == "source" and result.images_per_second:
+                    speeds[cell] = result.images_per_second
                 save_run(config.out, result, windows)
                 progress.end_run(result)
                 results.append(result)

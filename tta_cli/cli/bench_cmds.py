@@ -29,10 +29,16 @@ def corrupt(
     limit: LimitOpt = None,
     crop: Annotated[int | None, typer.Option(
         "--crop", min=2, help="Centre-crop to N x N first (224 for ImageNet, as ImageNet-C).")] = None,
+    preset: Annotated[str, typer.Option(
+        "--preset", help="Corruption parameters: cifar (CIFAR-10-C's, for small images), imagenet "
+                         "(ImageNet-C's, with corrupt-tta) or auto (cifar for images up to 64 px).")] = "auto",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write ImageNet-C style corrupted copies of SRC into DST with corrupt-tta (deterministic for a seed)."""
+    """Write corrupted copies of SRC into DST, deterministic for a seed.
+
+    CIFAR-10-C's severities for small images, ImageNet-C's (corrupt-tta) for large ones (--preset).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -43,12 +49,15 @@ def corrupt(
         import_corrupt_tta,
         list_class_images,
         parse_corruptions,
+        parse_preset,
         parse_severities,
         select_images,
     )
 
-    import_corrupt_tta()  # fail before any work when the extra is missing
-    plan = CorruptPlan(src, dst, parse_corruptions(corruption), parse_severities(severity), seed, limit, crop)
+    plan = CorruptPlan(src, dst, parse_corruptions(corruption), parse_severities(severity), seed, limit, crop,
+                       parse_preset(preset))
+    if plan.concrete_preset() == "imagenet":
+        import_corrupt_tta()  # fail before any work when the extra is missing
     total = len(select_images(list_class_images(src), limit, seed))
     check_destination(plan, overwrite)  # a wrong destination fails before the progress bar shows
     console = Console(stderr=True)
@@ -63,7 +72,7 @@ def corrupt(
     if not quiet:
         console.print(f"{report.images} images x {len(plan.corruptions)} corruptions x "
                       f"{len(plan.severities)} severities: {report.written} written, "
-                      f"{report.existing} already there, in {dst}")
+                      f"{report.existing} already there, in {dst} ({plan.preset} parameters)")
 
 
 def bench(
@@ -72,11 +81,21 @@ def bench(
         "--data", help="Corrupted set (tta corrupt's layout, or a flat folder whose labels.csv has a "
                        "corruption column), or a clean class-foldered set to corrupt into OUT/data first.")],
     methods: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods; method:key=value sets a hyperparameter "
-                          "(e.g. norm:bn_stats=batch).")] = "source,norm,tent,eata,sar",
+        "--methods", help="Comma-separated methods, or all (every registered method); method:key=value "
+                          "sets a hyperparameter (e.g. norm:bn_stats=batch).")] = "all",
     settings: Annotated[str, typer.Option(
-        "--settings", help="Comma-separated: mild, mixed, bs1, label-shift, label-shift-all.")]
+        "--settings", help="Comma-separated: mild, mixed, bs1, label-shift, label-shift-all, continual, "
+                           "correlated, mixed-correlated, gradual.")]
         = "mild,mixed,bs1,label-shift",
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Stream seeds, e.g. 0,1,2: each cell runs once per seed (another stream order); "
+                        "results show mean and standard deviation. Default: --seed.")] = None,
+    concentration: Annotated[float, typer.Option(
+        "--concentration", min=1e-6, help="Dirichlet concentration of the correlated settings "
+                                          "(small: long single-class runs).")] = 0.1,
+    online: Annotated[bool, typer.Option(
+        "--online/--no-online", help="Re-run methods slower than source adapting on every k-th batch "
+                                     "(the online view, Alfarra et al. 2024).")] = True,
     corruptions: Annotated[str | None, typer.Option(
         "--corruptions", help="Corruptions to run (default: the 15 test ones found in --data).")] = None,
     severity: Annotated[int, typer.Option("--severity", "-s", min=1, max=5, help="Severity 1-5.")] = 5,
@@ -110,7 +129,7 @@ def bench(
     from datetime import datetime
 
     from tta_cli.bench.corrupt import parse_corruptions
-    from tta_cli.bench.runner import BenchConfig, parse_methods, run_benchmark
+    from tta_cli.bench.runner import BenchConfig, parse_methods, parse_seeds, run_benchmark
     from tta_cli.bench.settings import parse_settings
 
     config = BenchConfig(
@@ -121,6 +140,7 @@ def bench(
         bs1_limit=bs1_limit, batch_size=batch_size, clean=clean, fisher_size=fisher_size, device=device,
         seed=seed, workers=workers, threads=threads, checkpoint=checkpoint, resume=resume,
         overwrite=overwrite, plots=plots, quiet=quiet,
+        seeds=parse_seeds(seeds) if seeds else None, concentration=concentration, online=online,
     )
     run_benchmark(config)
     if not quiet:
