@@ -1,17 +1,19 @@
-"""Mapping label text (a class name or an index) to the model's class index."""
+"""Mapping label text (a class name, a class id or an index) to the model's class index."""
 
 from __future__ import annotations
 
+from tta_cli.classes import class_ids_of
 from tta_cli.errors import TTAError
 
 
 class LabelMap:
-    """Label strings to class indices: exact names first, then case-insensitive, then indices."""
+    """Label strings to class indices: exact names or ids first, then case-insensitive, then indices."""
 
     def __init__(self, class_names: list[str]) -> None:
         self.class_names = class_names
-        self._exact = {name: i for i, name in enumerate(class_names)}
-        self._folded = {name.casefold(): i for i, name in enumerate(class_names)}
+        both = list(enumerate(class_ids_of(class_names))) + list(enumerate(class_names))
+        self._exact = {name: i for i, name in reversed(both)}  # ids win; of equal names the first
+        self._folded = {name.casefold(): i for i, name in reversed(both)}
 
     def lookup(self, text: str) -> int | None:
         text = text.strip()
