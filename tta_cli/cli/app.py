@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from tta_cli import __version__
+from tta_cli.cli import report_cmd
 from tta_cli.cli.options import (
     BatchSizeOpt,
     ChannelsLastOpt,
@@ -167,6 +168,8 @@ def models(as_json: JsonOpt = False) -> None:
     for alias, name in ALIASES.items():
         typer.echo(f"{alias:12s} {name}")
 
+
+app.command()(report_cmd.report)
 
 # The benchmark commands register themselves on the app (kept in their own module).
 from tta_cli.cli import bench_cmds  # noqa: E402, F401
