@@ -95,7 +95,7 @@ def test_image_paths_from_the_recorded_inputs(tmp_path: Path) -> None:
 
 
 def test_not_a_run_folder(tmp_path: Path) -> None:
-    with pytest.raises(TTAError, match="no predictions.csv"):
+    with pytest.raises(TTAError, match=r"no predictions\.csv"):
         write_report(tmp_path)
 
 
