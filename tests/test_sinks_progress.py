@@ -55,15 +55,22 @@ def test_outside_a_terminal_a_full_line_every_interval_and_one_at_the_end() -> N
     out = io.StringIO()
     console = Console(file=out, width=80)
     assert not console.is_terminal
-    run(console, Clock())
+    run(console, Clock(), steps=5)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3  # at 6 s, 12 s (batches 3 and 6) and at the end
+    assert len(lines) == 2  # at 6 s (batch 3) and at the end (10 s: batch 5 came too soon for a line)
     assert all(len(line) > 80 for line in lines)  # never cut or wrapped to the console width
     last = lines[-1]
-    assert last.startswith("sar_with_a_long_name" * 3 + ": 48/48 images, 4.0 img/s, 12s")
+    assert last.startswith("sar_with_a_long_name" * 3 + ": 40/48 images, 4.0 img/s, 10s")
     for part in ("H 0.400", "used 50%", "resets 1", "EMA 0.250", "acc 75.0%"):
         assert part in last
     assert "ETA 6s" in lines[0]  # 24 of 48 images at 4 img/s
+
+
+def test_the_end_line_is_not_repeated_when_the_last_batch_printed_one() -> None:
+    out = io.StringIO()
+    run(Console(file=out, width=80), Clock(), steps=6)  # lines at batches 3 and 6 (6 s, 12 s), none after
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and ": 48/48 images, 4.0 img/s, 12s" in lines[-1]
 
 
 def test_quiet_prints_nothing() -> None:

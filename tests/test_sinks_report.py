@@ -135,7 +135,11 @@ def test_report_of_a_real_run_on_the_sample(tmp_path: Path) -> None:
         "adapt", str(sample / "stream"), "--labels", str(sample / "stream" / "labels.csv"),
         "--model", f"local-dir:{sample / 'model'}", "--out", str(out), "--quiet", "--workers", "0"])
     assert result.exit_code == 0, result.output
+    with (out / "predictions.csv").open() as f:
+        first = next(csv.DictReader(f))
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert first["pred_id"] == first["pred_name"] == cifar[int(first["pred"])]  # no descriptions: id = name
     report = write_report(out)
     page = report.html.read_text()
-    assert "accuracy along the stream" not in page or "accuracy.png" in [p.name for p in report.pngs]
+    assert "accuracy.png" in [p.name for p in report.pngs]  # the sample is labelled
     assert page.count('src="data:image/png;base64,') == len(report.pngs) == 5

@@ -33,6 +33,7 @@ class ProgressDisplay:
         self.totals = Totals()
         self.start = clock()
         self._last_line = self.start
+        self._line_done = 0  # images counted in the last plain line
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -55,7 +56,8 @@ class ProgressDisplay:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
-        if self.plain and not self.quiet and self.totals.images + self.totals.skipped:
+        done = self.totals.images + self.totals.skipped
+        if self.plain and not self.quiet and done and done != self._line_done:
             self._print_line()
 
     def on_batch(self, out: BatchOutputs) -> None:
@@ -103,6 +105,7 @@ class ProgressDisplay:
 
     def _print_line(self) -> None:
         self._last_line = self.clock()
+        self._line_done = self.totals.images + self.totals.skipped
         self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False, emoji=False)
 
     def _method_ema(self) -> float | None:
