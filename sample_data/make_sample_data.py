@@ -288,7 +288,7 @@ def write_readme(out: Path, command: str, args: argparse.Namespace, results: dic
         "`python -m tta_cli adapt sample_data/stream --labels sample_data/stream/labels.csv",
         "--model local-dir:sample_data/model --method M --out DIR`, with each method:",
         "",
-        "| `--method` | accuracy | wall time |",
+        "| `--method` | accuracy | seconds (run.json) |",
         "|---|---|---|",
         *method_rows,
         "",
