@@ -5,26 +5,35 @@ The project's examples, documentation and quick tests need a real image stream a
 without the (large, not redistributed) ``../shared`` folder. This script makes both from ``shared``
 and rebuilds them from scratch each time it runs:
 
+The point of the sample is the quick start: it must show test-time adaptation improving the
+predictions. So the model has BatchNorm (whose statistics the methods re-estimate on the test
+stream) and the stream has one shift that BatchNorm adaptation is known to correct (sensor noise).
+
 ``<out>/stream/``
     ``--n`` (320) CIFAR-10 *test* images, drawn with ``--seed`` from
-    ``shared/data/cifar10-jpeg.tar.gz``, each corrupted at severity 5 by one of the 15 ImageNet-C
-    corruptions (chosen per image with the seed) using the ``corrupt-tta`` package: a mixed-shift
-    stream. A flat folder of PNG files whose names give the stream order (``0000.png``, ...), plus
-    ``labels.csv`` with the header ``file,label,class,corruption`` (``label`` is the class index in
-    the standard CIFAR-10 order).
+    ``shared/data/cifar10-jpeg.tar.gz``, each corrupted by ``--corruptions`` (default
+    ``gaussian_noise``; with several, one chosen per image with the seed) at ``--severity`` (3) using
+    the ``corrupt-tta`` package. A flat folder of PNG files whose names give the stream order
+    (``0000.png``, ...), plus ``labels.csv`` with the header ``file,label,class,corruption``
+    (``label`` is the class index in the standard CIFAR-10 order).
 
 ``<out>/model/``
-    A timm model folder (``config.json`` + ``model.safetensors``) that is the float16 copy of
-    ``shared/models/cifar10-convnext-atto-ln``: the same ``config.json`` (plus a ``derived_from``
-    note) with every floating tensor stored as float16, which halves its size. timm casts the
-    tensors back into the float32 model when it loads the folder.
+    A timm model folder (``config.json`` + ``model.safetensors``) derived from
+    ``shared/models/cifar10-resnet18-bn`` (timm ``resnet18`` with BatchNorm, trained on CIFAR-10
+    train): the second residual block of its last stage is left out (``model_args`` ``layers``
+    ``[2, 2, 2, 1]``, 6.5 M instead of 11.2 M parameters, so that the folder stays well under 20 MB;
+    residual networks lose little from dropping one non-downsampling block, and the clean accuracy
+    is measured below) and every floating tensor is stored as float16. timm casts the tensors back
+    into the float32 model when it loads the folder.
 
 ``<out>/README.md``
     What is there, the command that made it, the accuracies measured below and a licence note.
 
 After building, the script checks that ``timm.create_model("local-dir:<out>/model",
-pretrained=True)`` loads the float16 copy strictly, and compares its top-1 accuracy on the stream
-with that of the float32 original (the model's own preprocessing in both cases).
+pretrained=True)`` loads the folder strictly; measures its top-1 accuracy on the clean and the
+corrupted images, and that of the full float32 original; and runs ``python -m tta_cli adapt`` on the
+stream with each method in ``METHODS`` (the quick start's command, ``--method`` varied), recording
+the accuracy each reports in its ``run.json``.
 
 Determinism: the sample is drawn with ``random.Random(seed)``, and numpy's global generator is
 re-seeded from ``(seed, index)`` before each image is corrupted, since most corruptions draw their
@@ -33,6 +42,7 @@ noise from ``np.random``. ``impulse_noise`` is the exception: it calls scikit-im
 is wrapped to pass a generator seeded from ``np.random``.
 
 usage: python sample_data/make_sample_data.py [--shared DIR] [--out DIR] [--n 320] [--seed 0]
+           [--corruptions gaussian_noise] [--severity 3]
 """
 
 from __future__ import annotations
@@ -45,8 +55,10 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +66,13 @@ import numpy as np
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCE_MODEL = "models/cifar10-convnext-atto-ln"
+SOURCE_MODEL = "models/cifar10-resnet18-bn"
+LAYERS = [2, 2, 2, 1]
+DROPPED = "layer4.1."  # the tensors of the block left out
+METHODS = ["source", "norm", "tent", "sar"]
 CIFAR_TAR = "data/cifar10-jpeg.tar.gz"
-SEVERITY = 5
+SEVERITY = 3
+DEFAULT_CORRUPTIONS = ["gaussian_noise"]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CORRUPTIONS = [
     "gaussian_noise",
@@ -102,7 +118,8 @@ def read_cifar_test(tar_path: Path) -> list[tuple[str, int, bytes]]:
     return items
 
 
-def make_stream(shared: Path, out_dir: Path, n: int, seed: int) -> list[dict[str, Any]]:
+def make_stream(shared: Path, out_dir: Path, n: int, seed: int, corruptions: list[str],
+                severity: int) -> list[dict[str, Any]]:
     """Write ``n`` corrupted test images and ``labels.csv`` to ``out_dir``; return the rows."""
     import corrupt_tta
 
@@ -113,44 +130,48 @@ def make_stream(shared: Path, out_dir: Path, n: int, seed: int) -> list[dict[str
         raise SystemExit(f"--n must be in 1..{len(items)}, got {n}")
     rng = random.Random(seed)
     chosen = rng.sample(items, n)
-    corruptions = [rng.choice(CORRUPTIONS) for _ in chosen]
+    per_image = [rng.choice(corruptions) for _ in chosen]
     width = max(4, len(str(n - 1)))
     out_dir.mkdir(parents=True)
     rows: list[dict[str, Any]] = []
     with seeded_impulse_noise(corrupt_tta):
-        for index, ((_, label, data), corruption) in enumerate(zip(chosen, corruptions, strict=True)):
+        for index, ((_, label, data), corruption) in enumerate(zip(chosen, per_image, strict=True)):
             np.random.seed([seed, index])
             img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-            corrupted = corrupt_tta.corrupt(img, severity=SEVERITY, corruption_name=corruption)
+            corrupted = corrupt_tta.corrupt(img, severity=severity, corruption_name=corruption)
             img = np.clip(np.asarray(corrupted), 0, 255).astype(np.uint8)
             name = f"{index:0{width}d}.png"
             Image.fromarray(img).save(out_dir / name)
-            rows.append({"file": name, "label": label, "class": CLASSES[label], "corruption": corruption})
+            rows.append({"file": name, "label": label, "class": CLASSES[label], "corruption": corruption,
+                         "clean_jpeg": data})
     with open(out_dir / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "label", "class", "corruption"])
+        writer = csv.DictWriter(f, fieldnames=["file", "label", "class", "corruption"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return rows
 
 
 def make_model(shared: Path, out_dir: Path) -> None:
-    """Write the float16 copy of the shared ConvNeXt-Atto model folder to ``out_dir``."""
+    """Write the shallower float16 copy of the shared ResNet-18 (BatchNorm) folder to ``out_dir``."""
     import torch
     from safetensors.torch import load_file, save_file
 
     src = shared / SOURCE_MODEL
     config = json.loads((src / "config.json").read_text())
+    config["model_args"] = {**config.get("model_args", {}), "layers": LAYERS}
     config["derived_from"] = (
-        f"float16 copy of shared/{SOURCE_MODEL} (same config; every floating tensor of "
-        "model.safetensors stored as float16), made by sample_data/make_sample_data.py"
+        f"shared/{SOURCE_MODEL} without the second residual block of its last stage ({DROPPED}*, "
+        f"model_args layers {LAYERS}) and with every floating tensor stored as float16, made by "
+        "sample_data/make_sample_data.py"
     )
     tensors = load_file(src / "model.safetensors")
-    half = {
-        key: (t.to(torch.float16) if t.is_floating_point() else t).contiguous() for key, t in tensors.items()
+    kept = {
+        key: (t.to(torch.float16) if t.is_floating_point() else t).contiguous()
+        for key, t in tensors.items() if not key.startswith(DROPPED)
     }
     out_dir.mkdir(parents=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(half, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(kept, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "model.safetensors").chmod(0o644)  # save_file creates it private (0600)
 
 
@@ -175,20 +196,32 @@ def check_loaded(model: Any, weights: Path) -> None:
             raise SystemExit(f"{key}: loaded tensor differs from {weights}")
 
 
-def evaluate(model_dir: Path, stream_dir: Path, rows: list[dict[str, Any]]) -> tuple[float, list[int]]:
-    """Load ``model_dir`` strictly with timm; return its top-1 accuracy and predictions on the stream."""
+def evaluate(model_dir: Path, images: list[Image.Image], labels: list[int]) -> float:
+    """Load ``model_dir`` strictly with timm; its top-1 accuracy on ``images`` (eval mode, the
+    model's own preprocessing)."""
     import timm
     import torch
 
     model = timm.create_model(f"local-dir:{model_dir}", pretrained=True, pretrained_strict=True).eval()
     check_loaded(model, model_dir / "model.safetensors")
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
-    x = torch.stack([transform(Image.open(stream_dir / r["file"]).convert("RGB")) for r in rows])
+    x = torch.stack([transform(image.convert("RGB")) for image in images])
     with torch.inference_mode():
         preds = torch.cat([model(batch).argmax(1) for batch in x.split(64)]).tolist()
-    labels = [r["label"] for r in rows]
-    acc = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(rows)
-    return acc, preds
+    return sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
+
+
+def adapt_accuracy(out: Path, method: str, scratch: Path) -> tuple[float, float]:
+    """The quick start's command with ``--method method``: (accuracy from its run.json, seconds)."""
+    run_dir = scratch / method
+    command = [
+        sys.executable, "-m", "tta_cli", "adapt", str(out / "stream"), "--labels", str(out / "stream" / "labels.csv"),
+        "--model", f"local-dir:{out / 'model'}", "--method", method, "--out", str(run_dir), "--quiet",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
+    record = json.loads((run_dir / "run.json").read_text())
+    return float(record["accuracy"]), float(record["timing"]["seconds"])
 
 
 def dir_size(path: Path) -> int:
@@ -200,19 +233,22 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for dist in ("corrupt-tta", "numpy", "scipy", "scikit-image", "opencv-python", "pillow"):
+    for dist in ("corrupt-tta", "numpy", "scipy", "scikit-image", "opencv-python", "pillow", "torch", "timm"):
         with contextlib.suppress(PackageNotFoundError):
             found.append(f"{dist} {version(dist)}")
     return ", ".join(found)
 
 
-def write_readme(out: Path, command: str, n: int, seed: int, results: dict[str, Any]) -> None:
+def write_readme(out: Path, command: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
     import textwrap
 
     import corrupt_tta
 
+    n, seed, severity, corruptions = args.n, args.seed, args.severity, args.corruptions
     counts = results["corruption_counts"]
-    mix = "Corruptions in the stream: " + ", ".join(f"{c} {counts[c]}" for c in CORRUPTIONS) + "."
+    shift = (f"corrupted by `{corruptions[0]}` at severity {severity}" if len(corruptions) == 1 else
+             f"each corrupted at severity {severity} by one of {', '.join(corruptions)} (chosen per image)")
+    mix = "Corruptions in the stream: " + ", ".join(f"{c} {counts[c]}" for c in corruptions) + "."
     how = (
         f"The images are drawn from `shared/{CIFAR_TAR}` (test split) with `random.Random({seed})`, "
         "which also picks each image's corruption; numpy's global generator is re-seeded from "
@@ -220,34 +256,41 @@ def write_readme(out: Path, command: str, n: int, seed: int, results: dict[str, 
         "scikit-image's `random_noise` without a generator) is given a seeded one, so the output is "
         f"deterministic. Made with {versions()}; other versions of these may give slightly different pixels."
     )
+    method_rows = [f"| `{m}` | {acc:.2%} | {seconds:.1f} s |" for m, (acc, seconds) in results["methods"].items()]
     lines = [
         "# sample_data",
         "",
-        "A small, committed sample for examples, documentation and quick tests that must run without",
-        "`../shared`. Made by `sample_data/make_sample_data.py`; do not edit by hand, rerun the script.",
+        "A small, committed sample for the quick start, examples, documentation and quick tests that must",
+        "run without `../shared`. Made by `sample_data/make_sample_data.py`; do not edit by hand, rerun the",
+        "script.",
         "",
         "## What is here",
         "",
-        f"* `stream/`: {n} CIFAR-10 test images (32x32 PNG), each corrupted at severity {SEVERITY} by one of",
-        "  the 15 ImageNet-C corruptions (chosen per image), in random order: a mixed-shift stream. The",
-        "  stream order is the file-name order (`0000.png`, `0001.png`, ...). `stream/labels.csv` has the",
-        "  header `file,label,class,corruption`; `label` is the class index in the standard CIFAR-10 order",
-        f"  ({', '.join(CLASSES)}).",
-        "* `model/`: a timm model folder (`config.json` + `model.safetensors`), the float16 copy of",
-        f"  `shared/{SOURCE_MODEL}` (timm `convnext_atto` with LayerNorm, 10 classes,",
-        "  trained on CIFAR-10 train). Same `config.json` plus a `derived_from` note; every tensor is",
-        "  stored as float16, and timm casts it back into the float32 model on loading:",
-        '  `timm.create_model("local-dir:sample_data/model", pretrained=True)`.',
+        f"* `stream/`: {n} CIFAR-10 test images (32x32 PNG), {shift}, in random order.",
+        "  The stream order is the file-name order (`0000.png`, `0001.png`, ...). `stream/labels.csv` has",
+        "  the header `file,label,class,corruption`; `label` is the class index in the standard CIFAR-10",
+        f"  order ({', '.join(CLASSES)}).",
+        f"* `model/`: a timm model folder (`config.json` + `model.safetensors`) derived from `shared/{SOURCE_MODEL}`",
+        "  (timm `resnet18` with BatchNorm, 10 classes, trained on CIFAR-10 train): the second residual",
+        f"  block of its last stage is left out (`model_args` `layers` {LAYERS}: 6.5 M instead of 11.2 M",
+        "  parameters, to keep this folder small) and every tensor is stored as float16; timm casts it back",
+        '  into the float32 model on loading: `timm.create_model("local-dir:sample_data/model", pretrained=True)`.',
         "",
-        "Top-1 accuracy on `stream/` with the model's own preprocessing",
-        "(`timm.data.resolve_model_data_config` + `timm.data.create_transform`, 32x32, CIFAR-10 mean/std):",
+        "Top-1 accuracy, eval mode, the model's own preprocessing (32x32, CIFAR-10 mean/std):",
         "",
-        "| model | top-1 |",
-        "|---|---|",
-        f"| `model/` (float16 copy) | {results['acc_fp16']:.2%} |",
-        f"| `shared/{SOURCE_MODEL}` (float32 original) | {results['acc_fp32']:.2%} |",
+        "| model | clean images | `stream/` |",
+        "|---|---|---|",
+        f"| `model/` | {results['clean']:.2%} | {results['stream']:.2%} |",
+        f"| `shared/{SOURCE_MODEL}` (full depth, float32) | {results['clean_full']:.2%} "
+        f"| {results['stream_full']:.2%} |",
         "",
-        f"The two agree on {results['agree']} of {n} predictions.",
+        "(\"clean images\": the same test images before corruption.) The quick start's command on `stream/`,",
+        "`python -m tta_cli adapt sample_data/stream --labels sample_data/stream/labels.csv",
+        "--model local-dir:sample_data/model --method M --out DIR`, with each method:",
+        "",
+        "| `--method` | accuracy | seconds (run.json) |",
+        "|---|---|---|",
+        *method_rows,
         "",
         *textwrap.wrap(mix, 100),
         "",
@@ -267,8 +310,8 @@ def write_readme(out: Path, command: str, n: int, seed: int, results: dict[str, 
         "* `stream/`: corrupted versions of images from the CIFAR-10 test set (Krizhevsky, 2009,",
         "  https://www.cs.toronto.edu/~kriz/cifar.html), used here as a small sample for testing.",
         f"* `model/`: derived from the project's shared model `shared/{SOURCE_MODEL}`",
-        "  (trained by the project on CIFAR-10 train with `shared/tools/train_cifar_source.py`); only",
-        "  its storage type was changed.",
+        "  (trained by the project on CIFAR-10 train with `shared/tools/train_cifar_source.py`); one block",
+        "  left out and the storage type changed.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
@@ -282,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--n", type=int, default=320, help="number of stream images")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corruptions", nargs="+", default=DEFAULT_CORRUPTIONS, choices=CORRUPTIONS, metavar="NAME",
+                    help=f"one or more of the 15 ImageNet-C corruptions (default: {' '.join(DEFAULT_CORRUPTIONS)})")
+    ap.add_argument("--severity", type=int, default=SEVERITY, choices=range(1, 6))
     args = ap.parse_args(argv)
     shared: Path = args.shared.resolve()
     out: Path = args.out.resolve()
@@ -295,26 +341,37 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = make_stream(shared, stream_dir, args.n, args.seed)
+    rows = make_stream(shared, stream_dir, args.n, args.seed, args.corruptions, args.severity)
     make_model(shared, model_dir)
 
-    acc16, pred16 = evaluate(model_dir, stream_dir, rows)
-    acc32, pred32 = evaluate(shared / SOURCE_MODEL, stream_dir, rows)
-    agree = sum(a == b for a, b in zip(pred16, pred32, strict=True))
-    counts = {c: sum(r["corruption"] == c for r in rows) for c in CORRUPTIONS}
-    results = {"acc_fp16": acc16, "acc_fp32": acc32, "agree": agree, "corruption_counts": counts}
+    labels = [r["label"] for r in rows]
+    clean = [Image.open(io.BytesIO(r["clean_jpeg"])) for r in rows]
+    stream = [Image.open(stream_dir / r["file"]) for r in rows]
+    results: dict[str, Any] = {
+        "clean": evaluate(model_dir, clean, labels),
+        "stream": evaluate(model_dir, stream, labels),
+        "clean_full": evaluate(shared / SOURCE_MODEL, clean, labels),
+        "stream_full": evaluate(shared / SOURCE_MODEL, stream, labels),
+        "corruption_counts": {c: sum(r["corruption"] == c for r in rows) for c in args.corruptions},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        results["methods"] = {m: adapt_accuracy(out, m, Path(scratch)) for m in METHODS}
 
     command = "python sample_data/make_sample_data.py"
-    extra = [f"--{k} {v}" for k, v, d in (("n", args.n, 320), ("seed", args.seed, 0)) if v != d]
+    defaults = {"n": 320, "seed": 0, "severity": SEVERITY, "corruptions": DEFAULT_CORRUPTIONS}
+    extra = [f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, d in defaults.items()
+             if (v := getattr(args, k)) != d]
     if extra:
         command += " " + " ".join(extra)
-    write_readme(out, command, args.n, args.seed, results)
+    write_readme(out, command, args, results)
 
     print(f"stream: {len(rows)} images, {dir_size(stream_dir) / 1e6:.2f} MB in {stream_dir}")
     print(f"model:  {dir_size(model_dir) / 1e6:.2f} MB in {model_dir}")
     print(f"total:  {dir_size(out) / 1e6:.2f} MB in {out}")
-    print(f"top-1 on the stream: float16 copy {acc16:.2%}, float32 original {acc32:.2%}")
-    print(f"predictions agreeing: {agree}/{len(rows)}")
+    print(f"top-1 of model/: clean {results['clean']:.2%}, stream {results['stream']:.2%}; full original: "
+          f"clean {results['clean_full']:.2%}, stream {results['stream_full']:.2%}")
+    for method, (acc, seconds) in results["methods"].items():
+        print(f"tta adapt --method {method}: {acc:.2%} in {seconds:.1f} s")
     return 0
 
 

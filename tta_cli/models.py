@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tta_cli.classes import ClassNames, class_ids_of
 from tta_cli.errors import TTAError
 
 # The SAR paper's models, pinned to the weights the paper used (timm's default tags drift).
@@ -39,6 +40,7 @@ class LoadedModel:
     """registry, hf-hub, local-dir or checkpoint."""
     tag: str | None
     class_names: list[str]
+    """Readable names (a ``ClassNames``, which also carries the class ids)."""
     data_config: dict[str, Any]
     weights_sha256: str
     checkpoint: str | None = None
@@ -265,21 +267,46 @@ def _load_checkpoint(model: nn.Module, name: str, path: Path, num_classes: int |
     return model
 
 
-def class_names_of(model: nn.Module) -> list[str]:
-    """Class names from the model's config; ImageNet-1k names for 1000-class models; else indices."""
+def class_names_of(model: nn.Module) -> ClassNames:
+    """Readable class names with their ids, all offline: ids from the config's ``label_names``
+    (else ImageNet's WordNet ids for an ImageNet head, else indices); names from its
+    ``label_descriptions``, else ImageNet's lemmas for WordNet ids, else the ids."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    names = cfg.get("label_names")
     n = int(getattr(model, "num_classes", 0) or 0)
-    if isinstance(names, dict):
-        names = [names.get(str(i), names.get(i, str(i))) for i in range(n)]
-    if names and len(names) == n:
-        return [str(x) for x in names]
-    if n == 1000:
-        from timm.data import ImageNetInfo
+    ids = _label_ids(cfg.get("label_names"), n)
+    info = _imagenet_info(model)
+    if ids is None:
+        ids = list(info.label_names()) if info is not None else [str(i) for i in range(n)]
+    descriptions = cfg.get("label_descriptions")
+    descriptions = descriptions if isinstance(descriptions, dict) else {}
+    known = set(info.label_names()) if info is not None else set()
+    names = [
+        str(descriptions[i]) if i in descriptions
+        else info.label_name_to_description(i) if info is not None and i in known
+        else i
+        for i in ids
+    ]
+    return ClassNames(names, ids)
 
-        info = ImageNetInfo()
-        return [info.index_to_description(i) for i in range(n)]
-    return [str(i) for i in range(n)]
+
+def _label_ids(label_names: Any, n: int) -> list[str] | None:
+    """``label_names`` as a list of n ids (timm allows a list or an index -> name dict with gaps)."""
+    if isinstance(label_names, dict):
+        label_names = [label_names.get(str(i), label_names.get(i, str(i))) for i in range(n)]
+    if isinstance(label_names, (list, tuple)) and label_names and len(label_names) == n:
+        return [str(x) for x in label_names]
+    return None
+
+
+def _imagenet_info(model: nn.Module) -> Any:
+    """timm's bundled ImageNet class info for ImageNet-sized heads (1k, 12k, 21k, 22k), else None."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    return info if info.num_classes() == int(getattr(model, "num_classes", 0) or 0) else None
 
 
 def load_model(
@@ -329,10 +356,20 @@ def export_model(loaded: LoadedModel, state_dict: dict[str, torch.Tensor], direc
     save_config_for_hf(
         loaded.model,
         str(directory / "config.json"),
-        model_config={"label_names": loaded.class_names},
+        model_config=_label_config(loaded.class_names),
     )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _label_config(class_names: list[str]) -> dict[str, Any]:
+    """The ids as ``label_names`` and the readable names as ``label_descriptions`` (where they differ),
+    so that the exported folder names its classes as the run did."""
+    config: dict[str, Any] = {"label_names": class_ids_of(class_names)}
+    descriptions = class_names.descriptions() if isinstance(class_names, ClassNames) else {}
+    if descriptions:
+        config["label_descriptions"] = descriptions
+    return config
 
 
 def read_config(directory: Path) -> dict[str, Any]:

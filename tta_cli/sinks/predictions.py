@@ -20,10 +20,11 @@ import re
 from pathlib import Path
 from typing import IO
 
+from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
 
 PREDICTION_COLUMNS = [
-    "index", "path", "frame", "timestamp", "pred", "pred_name", "confidence", "entropy", "top5",
+    "index", "path", "frame", "timestamp", "pred", "pred_name", "pred_id", "confidence", "entropy", "top5",
     "used_for_update", "label", "correct",
 ]
 
@@ -58,6 +59,7 @@ def original_bytes(cell: str) -> bytes:
 class PredictionsWriter:
     def __init__(self, path: Path, class_names: list[str]) -> None:
         self.class_names = class_names
+        self.class_ids = class_ids_of(class_names)
         self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         self._writer.writerow(PREDICTION_COLUMNS)
@@ -75,6 +77,7 @@ class PredictionsWriter:
                 "" if item.timestamp is None else f"{item.timestamp:.3f}",
                 pred,
                 csv_text(self.class_names[pred]) if pred < len(self.class_names) else pred,
+                csv_text(self.class_ids[pred]) if pred < len(self.class_ids) else pred,
                 f"{float(out.confidence[i]):.6f}",
                 f"{float(out.entropy[i]):.6f}",
                 " ".join(str(int(j)) for j in out.top5[i]),

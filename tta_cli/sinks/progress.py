@@ -1,8 +1,9 @@
-"""The live progress bar and the end-of-run summary table (rich)."""
+"""The progress display (a live bar on a terminal, plain lines in a log) and the end-of-run summary table."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -13,13 +14,26 @@ from tta_cli.outputs import BatchOutputs, Totals
 
 
 class ProgressDisplay:
-    """images/s, ETA, running mean entropy, share used for updates, resets, SAR's entropy EMA, accuracy."""
+    """images/s, ETA, running mean entropy, share used for updates, resets, SAR's entropy EMA, accuracy.
 
-    def __init__(self, console: Console, total: int, method: Any, quiet: bool = False) -> None:
+    On a terminal: a live rich progress bar. Elsewhere (a log file, nohup, CI, Slurm), where a live
+    bar shows nothing until the end and is cut to 80 columns: a plain, complete line every
+    ``interval`` seconds and one at the end.
+    """
+
+    def __init__(self, console: Console, total: int | None, method: Any, quiet: bool = False,
+                 interval: float = 5.0, clock: Callable[[], float] = time.perf_counter) -> None:
         self.console = console
         self.method = method
+        self.total = total
+        self.quiet = quiet
+        self.plain = not console.is_terminal
+        self.interval = interval
+        self.clock = clock
         self.totals = Totals()
-        self.start = time.perf_counter()
+        self.start = clock()
+        self._last_line = self.start
+        self._line_done = 0  # images counted in the last plain line
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -28,7 +42,7 @@ class ProgressDisplay:
             TimeRemainingColumn(),
             TextColumn("{task.fields[stats]}"),
             console=console,
-            disable=quiet,
+            disable=quiet or self.plain,
             transient=False,
         )
         self._task = self._progress.add_task(method.name, total=total, rate="", stats="")
@@ -36,17 +50,35 @@ class ProgressDisplay:
         self._ema_read_at = -1.0
 
     def __enter__(self) -> ProgressDisplay:
+        self.start = self._last_line = self.clock()
         self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
+        done = self.totals.images + self.totals.skipped
+        if self.plain and not self.quiet and done and done != self._line_done:
+            self._print_line()
 
     def on_batch(self, out: BatchOutputs) -> None:
         self.totals.add(out)
+        if self.plain:
+            if not self.quiet and self.clock() - self._last_line >= self.interval:
+                self._print_line()
+            return
+        self._progress.update(
+            self._task,
+            advance=len(out.batch.items) + len(out.batch.skipped),
+            rate=f"{self._rate():.1f} img/s",
+            stats="  ".join(self._stats()),
+        )
+
+    def _rate(self) -> float:
+        return self.totals.images / max(self.clock() - self.start, 1e-9)
+
+    def _stats(self) -> list[str]:
         t = self.totals
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        parts = [f"H {t.mean_entropy:.3f}" if t.mean_entropy is not None else ""]
+        parts = [f"H {t.mean_entropy:.3f}"] if t.mean_entropy is not None else []
         if self.method.updates_parameters:
             parts.append(f"used {100 * (t.used_share or 0):.0f}%")
             parts.append(f"resets {t.resets}")
@@ -57,23 +89,33 @@ class ProgressDisplay:
             parts.append(f"acc {100 * t.accuracy:.1f}%")
         if t.skipped:
             parts.append(f"skipped {t.skipped}")
-        self._progress.update(
-            self._task,
-            advance=len(out.batch.items) + len(out.batch.skipped),
-            rate=f"{t.images / elapsed:.1f} img/s",
-            stats="  ".join(p for p in parts if p),
-        )
+        return parts
 
+    def line(self) -> str:
+        """The plain progress line: everything the bar shows, in one unwrapped line."""
+        t = self.totals
+        done = t.images + t.skipped
+        count = f"{done}/{self.total}" if self.total else str(done)
+        rate = self._rate()
+        head = [f"{self.method.name}: {count} images", f"{rate:.1f} img/s",
+                f"{self.clock() - self.start:.0f}s"]
+        if self.total and rate > 0 and done < self.total:
+            head.append(f"ETA {(self.total - done) / rate:.0f}s")
+        return ", ".join(head + self._stats())
+
+    def _print_line(self) -> None:
+        self._last_line = self.clock()
+        self._line_done = self.totals.images + self.totals.skipped
+        self.console.print(self.line(), soft_wrap=True, markup=False, highlight=False, emoji=False)
 
     def _method_ema(self) -> float | None:
         """SAR's entropy EMA, read at most twice a second: on a GPU reading it waits for the
         device, which the per-batch loop otherwise never does."""
-        now = time.perf_counter()
+        now = self.clock()
         if now - self._ema_read_at >= 0.5:
             self._ema = self.method.stats().get("ema")
             self._ema_read_at = now
         return self._ema
-
 
 def summary_table(record: dict[str, Any]) -> Table:
     table = Table(title="tta adapt", show_header=False, title_justify="left")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
+from tta_cli.classes import class_ids_of
 from tta_cli.errors import TTAError
 from tta_cli.sources.paths import permission_error
 
@@ -21,12 +22,13 @@ NO_LABELS = "none"
 
 
 class LabelMap:
-    """Label strings to class indices: exact names first, then case-insensitive, then indices."""
+    """Label strings to class indices: exact names or ids first, then case-insensitive, then indices."""
 
     def __init__(self, class_names: list[str]) -> None:
         self.class_names = class_names
-        self._exact = {name: i for i, name in enumerate(class_names)}
-        self._folded = {name.casefold(): i for i, name in enumerate(class_names)}
+        both = list(enumerate(class_ids_of(class_names))) + list(enumerate(class_names))
+        self._exact = {name: i for i, name in reversed(both)}  # ids win; of equal names the first
+        self._folded = {name.casefold(): i for i, name in reversed(both)}
 
     def by_name(self, text: str) -> int | None:
         """The class named ``text`` (exactly, else case-insensitively); never an index."""

@@ -1,0 +1,444 @@
+"""``tta report RUN_DIR``: one self-contained HTML page (charts and thumbnails embedded) and PNGs.
+
+Reads only the run's ``predictions.csv`` and ``run.json`` (and the images, found from the inputs
+recorded in ``run.json``). Shows along the stream, in windows of one batch: mean entropy, the share
+used for updates, accuracy where labels exist, the share of the window's most frequent predicted
+class (a collapse shows as a window that is nearly all one class), with the method's resets marked;
+the predicted-class histogram of the adapted run against the source model's; the images whose
+prediction adaptation changed; the configuration.
+
+The source model's predictions come from a ``source_pred`` column of ``predictions.csv`` where the
+run wrote one; without it the report shows the adapted run alone and says so.
+
+The charts are drawn with Pillow (a core dependency): each is written as a PNG and the same bytes
+are embedded in the page, so the report needs no plotting library and no network to view.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from tta_cli.errors import TTAError
+
+MAX_CHANGED_THUMBNAILS = 60
+MAX_HISTOGRAM_CLASSES = 30
+THUMBNAIL_PX = 96
+COLLAPSE_SHARE = 0.8
+"""A window whose most frequent predicted class has at least this share is marked."""
+
+ADAPTED, SOURCE, ACCENT, GRID, INK = "#1f77b4", "#ff7f0e", "#d62728", "#dddddd", "#222222"
+
+
+@dataclass
+class Series:
+    name: str
+    xs: list[float]
+    ys: list[float]
+    color: str = ADAPTED
+
+
+@dataclass
+class Report:
+    html: Path
+    pngs: list[Path]
+
+
+# --- reading the run ---------------------------------------------------------------------------
+
+
+def read_run(run_dir: Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    predictions, record = run_dir / "predictions.csv", run_dir / "run.json"
+    if not predictions.is_file():
+        raise TTAError(f"no predictions.csv in {run_dir}", "pass the --out folder of a `tta adapt` run")
+    try:
+        run = json.loads(record.read_text()) if record.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise TTAError(f"{record} is not valid JSON: {err.msg}") from err
+    with predictions.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "pred" not in reader.fieldnames:
+            raise TTAError(f"{predictions} has no 'pred' column", "is it a tta predictions file?")
+        rows = list(reader)
+    return rows, run
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def window_size(rows: list[dict[str, str]], run: dict[str, Any]) -> int:
+    batch = (run.get("config") or {}).get("batch_size")
+    size = int(batch) if isinstance(batch, int) and batch > 0 else 64
+    return max(1, min(size, max(1, len(rows) // 4)))  # at least four points on a short stream
+
+
+def windows(rows: list[dict[str, str]], size: int) -> list[list[dict[str, str]]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def stream_series(rows: list[dict[str, str]], size: int) -> dict[str, Series]:
+    """Per-window means along the stream; x is the position of the window's last image."""
+    out: dict[str, Series] = {k: Series(k, [], []) for k in ("entropy", "used", "accuracy", "top_class")}
+    end = 0
+    for chunk in windows(rows, size):
+        end += len(chunk)
+        entropy = [v for v in (_float(r.get("entropy")) for r in chunk) if v is not None]
+        if entropy:
+            out["entropy"].xs.append(end)
+            out["entropy"].ys.append(sum(entropy) / len(entropy))
+        used = [v for v in (_int(r.get("used_for_update")) for r in chunk) if v is not None]
+        if used:
+            out["used"].xs.append(end)
+            out["used"].ys.append(sum(used) / len(used))
+        correct = [v for v in (_int(r.get("correct")) for r in chunk) if v is not None]
+        if correct:
+            out["accuracy"].xs.append(end)
+            out["accuracy"].ys.append(sum(correct) / len(correct))
+        counts = Counter(r["pred"] for r in chunk)
+        out["top_class"].xs.append(end)
+        out["top_class"].ys.append(counts.most_common(1)[0][1] / len(chunk))
+    return out
+
+
+def source_series(rows: list[dict[str, str]], size: int) -> Series | None:
+    """Accuracy of the source model's predictions along the stream, where both columns exist."""
+    if not rows or "source_pred" not in rows[0]:
+        return None
+    series = Series("source", [], [], SOURCE)
+    end = 0
+    for chunk in windows(rows, size):
+        end += len(chunk)
+        pairs = [(r["source_pred"], r.get("label", "")) for r in chunk if r.get("label", "") != ""]
+        if pairs:
+            series.xs.append(end)
+            series.ys.append(sum(p == y for p, y in pairs) / len(pairs))
+    return series if series.xs else None
+
+
+def reset_positions(run: dict[str, Any]) -> list[int]:
+    """Image positions of the method's resets (``resets_at_batch`` times the batch size)."""
+    batch = (run.get("config") or {}).get("batch_size") or 0
+    return [int(b) * int(batch) for b in run.get("resets_at_batch") or [] if isinstance(b, int)]
+
+
+def class_names(rows: list[dict[str, str]]) -> dict[str, str]:
+    names = {r["pred"]: r.get("pred_name") or r["pred"] for r in rows}
+    if rows and "source_pred_name" in rows[0]:
+        for r in rows:
+            names.setdefault(r["source_pred"], r.get("source_pred_name") or r["source_pred"])
+    return names
+
+
+def changed_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    if not rows or "source_pred" not in rows[0]:
+        return []
+    return [r for r in rows if r["source_pred"] != "" and r["source_pred"] != r["pred"]]
+
+
+# --- charts ------------------------------------------------------------------------------------
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def line_chart(title: str, series: Sequence[Series], y_range: tuple[float, float] | None = None,
+               events: Sequence[int] = (), event_label: str = "reset", percent: bool = False,
+               size: tuple[int, int] = (960, 300), threshold: float | None = None) -> Image.Image:
+    """Lines over the stream position, a vertical mark at each event, a legend, axis labels."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 36, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(12)
+    draw.text((left, 8), title, fill=INK, font=font)
+    xs = [x for s in series for x in s.xs] + list(events)
+    ys = [y for s in series for y in s.ys]
+    x_max = max(xs, default=1) or 1
+    lo, hi = y_range if y_range is not None else (min(ys, default=0.0), max(ys, default=1.0))
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return (left + (width - left - right) * x / x_max,
+                height - bottom - (height - top - bottom) * (y - lo) / (hi - lo))
+
+    for k in range(5):
+        value = lo + (hi - lo) * k / 4
+        _, y = point(0, value)
+        draw.line([(left, y), (width - right, y)], fill=GRID)
+        label = f"{100 * value:.0f}%" if percent else f"{value:.2f}"
+        draw.text((left - 8, y), label, fill=INK, font=small, anchor="rm")
+    for k in range(5):
+        x, _ = point(x_max * k / 4, lo)
+        draw.text((x, height - bottom + 6), f"{round(x_max * k / 4)}", fill=INK, font=small, anchor="mt")
+    draw.text((width - right, height - 6), "images in stream order", fill=INK, font=small, anchor="rd")
+    if threshold is not None:
+        _, y = point(0, threshold)
+        draw.line([(left, y), (width - right, y)], fill=ACCENT, width=1)
+    for event in events:
+        x, _ = point(event, lo)
+        draw.line([(x, top), (x, height - bottom)], fill=ACCENT, width=2)
+    for s in series:
+        points = [point(x, y) for x, y in zip(s.xs, s.ys, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=s.color, width=2)
+        for px, py in points:
+            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=s.color)
+    legend = [(s.name, s.color) for s in series] + ([(event_label, ACCENT)] if events else [])
+    x = width - right
+    for name, color in reversed(legend):
+        text_width = draw.textlength(name, font=small)
+        x -= text_width + 24
+        draw.rectangle([x, 14, x + 12, 24], fill=color)
+        draw.text((x + 16, 19), name, fill=INK, font=small, anchor="lm")
+    return image
+
+
+def bar_chart(title: str, labels: list[str], groups: Sequence[tuple[str, list[int], str]],
+              size: tuple[int, int] = (960, 360)) -> Image.Image:
+    """Grouped vertical bars, one group per label, with rotated-free short labels underneath."""
+    width, height = size
+    left, right, top, bottom = 60, 20, 36, 110
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font, small = _font(16), _font(11)
+    draw.text((left, 8), title, fill=INK, font=font)
+    peak = max((v for _, values, _ in groups for v in values), default=1) or 1
+    slot = (width - left - right) / max(1, len(labels))
+    bar = slot * 0.8 / max(1, len(groups))
+    for k in range(5):
+        value = peak * k / 4
+        y = height - bottom - (height - top - bottom) * k / 4
+        draw.line([(left, y), (width - right, y)], fill=GRID)
+        draw.text((left - 8, y), f"{value:.0f}", fill=INK, font=small, anchor="rm")
+    for i, label in enumerate(labels):
+        x0 = left + slot * i + slot * 0.1
+        for g, (_, values, color) in enumerate(groups):
+            h = (height - top - bottom) * values[i] / peak
+            draw.rectangle([x0 + bar * g, height - bottom - h, x0 + bar * (g + 1) - 1, height - bottom], fill=color)
+        _vertical_label(image, label, (left + slot * i + slot / 2, height - bottom + 4), small)
+    x = width - right
+    for name, _, color in reversed(groups):
+        x -= draw.textlength(name, font=small) + 24
+        draw.rectangle([x, 14, x + 12, 24], fill=color)
+        draw.text((x + 16, 19), name, fill=INK, font=small, anchor="lm")
+    return image
+
+
+def _vertical_label(image: Image.Image, text: str, anchor: tuple[float, float], font: Any) -> None:
+    text = text if len(text) <= 18 else text[:17] + "…"
+    probe = ImageDraw.Draw(image)
+    w = int(probe.textlength(text, font=font)) + 4
+    label = Image.new("RGB", (w, 16), "white")
+    ImageDraw.Draw(label).text((w - 2, 8), text, fill=INK, font=font, anchor="rm")
+    rotated = label.rotate(90, expand=True)
+    image.paste(rotated, (int(anchor[0] - rotated.width / 2), int(anchor[1])))
+
+
+def histogram_chart(rows: list[dict[str, str]], names: dict[str, str]) -> tuple[Image.Image, str]:
+    adapted = Counter(r["pred"] for r in rows)
+    has_source = bool(rows) and "source_pred" in rows[0]
+    source = Counter(r["source_pred"] for r in rows if r["source_pred"] != "") if has_source else Counter()
+    classes = sorted(set(adapted) | set(source), key=lambda c: (-(adapted[c] + source[c]), _int(c) or 0, c))
+    shown = classes[:MAX_HISTOGRAM_CLASSES]
+    note = "" if len(classes) <= len(shown) else f" (the {len(shown)} most frequent of {len(classes)} classes)"
+    groups = [("adapted", [adapted[c] for c in shown], ADAPTED)]
+    if has_source:
+        groups.append(("source model", [source[c] for c in shown], SOURCE))
+    title = "predicted classes" + note
+    return bar_chart(title, [names.get(c, c) for c in shown], groups), note
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def image_path(key: str, run: dict[str, Any], run_dir: Path) -> Path | None:
+    """Where a prediction's image is: the key relative to an input folder, the input itself, or the
+    key as a path (absolute, or relative to the run folder's parent or the working folder)."""
+    inputs = [Path(p) for p in (run.get("config") or {}).get("inputs") or []]
+    candidates = [Path(key)]
+    for given in inputs:
+        if given.is_dir():
+            candidates.append(given / key)
+        elif given.name == key:
+            candidates.append(given)
+        else:
+            candidates.append(given.parent / key)  # a list file's entries are relative to it
+    candidates.append(run_dir.parent / key)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def thumbnail_data_uri(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            if max(image.size) < THUMBNAIL_PX:  # small images (CIFAR's 32 px): enlarged, pixels kept
+                scale = THUMBNAIL_PX // max(image.size)
+                image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+            return _data_uri(image, "JPEG")
+    except (OSError, ValueError):
+        return None
+
+
+def _data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    mime = "image/png" if fmt == "PNG" else "image/jpeg"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1000px;color:#222}
+h1{font-size:1.5em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse} td,th{padding:2px 10px;text-align:left;border-bottom:1px solid #eee}
+img.chart{max-width:100%} .note{color:#666}
+.grid{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;width:130px;font-size:12px}
+figure img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#f4f4f4}
+.old{color:#ff7f0e} .new{color:#1f77b4} .truth{color:#555}
+pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
+"""
+
+
+def _table(pairs: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                               for k, v in pairs) + "</table>"
+
+
+def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str, str]]:
+    model, method = run.get("model") or {}, run.get("method") or {}
+    correct = [v for v in (_int(r.get("correct")) for r in rows) if v is not None]
+    pairs = [("model", str(model.get("spec", "?"))), ("method", str(method.get("method", "?"))),
+             ("status", str(run.get("status", "?"))), ("images", str(len(rows)))]
+    if correct:
+        pairs.append(("accuracy (adapted)", f"{100 * sum(correct) / len(correct):.2f}% of {len(correct)} labelled"))
+    if rows and "source_pred" in rows[0] and rows[0].get("label", "") != "":
+        labelled = [r for r in rows if r.get("label", "") != ""]
+        hits = sum(r["source_pred"] == r["label"] for r in labelled)
+        pairs.append(("accuracy (source model)", f"{100 * hits / len(labelled):.2f}%"))
+    if rows and "source_pred" in rows[0]:
+        pairs.append(("predictions changed by adaptation", str(len(changed_rows(rows)))))
+    pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
+    return pairs
+
+
+def _figure(row: dict[str, str], run: dict[str, Any], run_dir: Path, names: dict[str, str]) -> str:
+    key = row.get("path", "")
+    uri = None if "#frame=" in key else thumbnail_data_uri(image_path(key, run, run_dir))
+    picture = f'<img src="{uri}" alt="">' if uri else '<div class="note">(image not found)</div>'
+    old = html.escape(names.get(row["source_pred"], row["source_pred"]))
+    new = html.escape(row.get("pred_name") or row["pred"])
+    truth = ""
+    if row.get("label", "") != "":
+        truth = f'<br><span class="truth">label: {html.escape(names.get(row["label"], row["label"]))}</span>'
+    return (f'<figure>{picture}<figcaption>{html.escape(key)}<br><span class="old">source: {old}</span>'
+            f'<br><span class="new">adapted: {new}</span>{truth}</figcaption></figure>')
+
+
+def render(rows: list[dict[str, str]], run: dict[str, Any], run_dir: Path, out: Path) -> Report:
+    out.mkdir(parents=True, exist_ok=True)
+    size = window_size(rows, run)
+    series = stream_series(rows, size)
+    resets = reset_positions(run)
+    names = class_names(rows)
+    charts: list[tuple[str, Image.Image, str]] = [
+        ("entropy", line_chart(f"mean prediction entropy (windows of {size} images)", [series["entropy"]],
+                               events=resets), ""),
+        ("used", line_chart("share of images used for updates", [series["used"]], (0.0, 1.0), resets,
+                            percent=True), ""),
+        ("top_class", line_chart(f"share of the most frequent predicted class per window (marked line: "
+                                 f"{COLLAPSE_SHARE:.0%}, a possible collapse)", [series["top_class"]], (0.0, 1.0),
+                                 resets, percent=True, threshold=COLLAPSE_SHARE), ""),
+    ]
+    if series["accuracy"].xs:
+        lines = [Series("adapted", series["accuracy"].xs, series["accuracy"].ys, ADAPTED)]
+        source = source_series(rows, size)
+        if source is not None:
+            lines.append(source)
+        charts.insert(0, ("accuracy", line_chart("accuracy along the stream", lines, (0.0, 1.0), resets,
+                                                 percent=True), ""))
+    histogram, _ = histogram_chart(rows, names)
+    charts.append(("classes", histogram, ""))
+    pngs = []
+    for name, image, _ in charts:
+        path = out / f"{name}.png"
+        image.save(path)
+        pngs.append(path)
+    page = _page(rows, run, run_dir, names, charts, size, resets)
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return Report(html_path, pngs)
+
+
+def _page(rows: list[dict[str, str]], run: dict[str, Any], run_dir: Path, names: dict[str, str],
+          charts: list[tuple[str, Image.Image, str]], size: int, resets: list[int]) -> str:
+    has_source = bool(rows) and "source_pred" in rows[0]
+    collapsed = sum(y >= COLLAPSE_SHARE for y in stream_series(rows, size)["top_class"].ys)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tta report: {html.escape(run_dir.name)}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>tta report: {html.escape(str(run_dir))}</h1>", _table(_summary(rows, run)),
+             "<h2>Along the stream</h2>"]
+    if resets:
+        parts.append(f"<p>Red vertical lines: the method's {len(resets)} resets (after a collapse was detected).</p>")
+    if collapsed:
+        parts.append(f"<p>{collapsed} windows are at least {COLLAPSE_SHARE:.0%} one predicted class.</p>")
+    for name, image, _ in charts:
+        if name == "classes":
+            parts.append("<h2>Predicted classes</h2>")
+            if not has_source:
+                parts.append("<p class='note'>This run has no source-model predictions (no source_pred column in "
+                             "predictions.csv): only the adapted run's classes are shown.</p>")
+        parts.append(f'<img class="chart" alt="{name}" src="{_data_uri(image)}">')
+    parts.append("<h2>Images whose prediction adaptation changed</h2>")
+    changed = changed_rows(rows)
+    if not has_source:
+        parts.append("<p class='note'>Not available: the run did not record the source model's predictions.</p>")
+    elif not changed:
+        parts.append("<p>None: every prediction equals the source model's.</p>")
+    else:
+        shown = changed[:MAX_CHANGED_THUMBNAILS]
+        if len(shown) < len(changed):
+            parts.append(f"<p>The first {len(shown)} of {len(changed)}, in stream order.</p>")
+        parts.append('<div class="grid">' + "".join(_figure(r, run, run_dir, names) for r in shown) + "</div>")
+    config = {k: run[k] for k in ("config", "method", "model", "preprocessing", "versions", "device") if k in run}
+    parts += ["<h2>Configuration (run.json)</h2>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
+              "</body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Report:
+    """The report of the run in ``run_dir``, written to ``out`` (default ``RUN_DIR/report``)."""
+    rows, run = read_run(run_dir)
+    if not rows:
+        raise TTAError(f"{run_dir / 'predictions.csv'} has no predictions", "the run made none")
+    return render(rows, run, run_dir, out if out is not None else run_dir / "report")
