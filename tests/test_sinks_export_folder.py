@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tta_cli.classes import ClassNames
-from tta_cli.outputs import BatchOutputs
 from tta_cli.errors import TTAError
+from tta_cli.outputs import BatchOutputs
 from tta_cli.sinks import export_folder as ef
 from tta_cli.sinks.export_folder import ExportFolder, class_folders, safe_name
 from tta_cli.sources.items import Batch, StreamItem
@@ -177,7 +177,7 @@ def test_video_frames_are_written_as_png(tmp_path: Path) -> None:
 
 
 def test_real_video_frames(tmp_path: Path) -> None:
-    from .test_sources_video import write_video
+    from tests.helpers import write_video
 
     video = write_video(tmp_path / "v.mp4", n=6)
     items = [StreamItem(f"v.mp4#frame={n:06d}", video, frame=n) for n in (1, 4)]

@@ -28,8 +28,8 @@ from typing import IO, Literal
 from PIL import Image
 
 from tta_cli.classes import class_ids_of
-from tta_cli.outputs import BatchOutputs
 from tta_cli.errors import TTAError
+from tta_cli.outputs import BatchOutputs
 from tta_cli.sources.items import StreamItem
 
 ExportMode = Literal["hardlink", "symlink", "copy"]
