@@ -28,6 +28,18 @@ CASES = {
     "sar_bs1_lr1e-4": ["--method", "sar", "--batch-size", "1", "--lr", "0.0001"],
 }
 
+PARAM_TOLERANCE = 1e-4
+AVX2_TOLERANCE = {"tent_bs16_lr1e-3": 1.5e-4}
+"""The fixtures were made on a CPU with AVX-512 kernels. On an AVX2-only CPU oneDNN's convolution
+gradients round differently, and a plain loop of the authors' Tent (docs/METHODS.md, "Fidelity")
+ends 1.27e-4 from the reference, exactly where ``tta`` ends, with 100% identical predictions."""
+
+
+def param_tolerance(case: str) -> float:
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return PARAM_TOLERANCE
+    return AVX2_TOLERANCE.get(case, PARAM_TOLERANCE)
+
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_authors_code(case: str, shared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -61,4 +73,4 @@ def test_matches_authors_code(case: str, shared: Path, tmp_path: Path, monkeypat
         assert set(expected) <= set(adapted)
         worst = max(float((adapted[k].float() - v.float()).abs().max()) for k, v in expected.items())
         record_property("max_param_diff", worst)
-        assert worst <= 1e-4, f"{case}: a parameter is {worst:.2e} from the reference"
+        assert worst <= param_tolerance(case), f"{case}: a parameter is {worst:.2e} from the reference"
