@@ -40,7 +40,7 @@ def test_library_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(timm, "create_model", tiny)
     namespace: dict[str, object] = {"loader": random_inputs(n_batches=2, batch=4)}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(code, "README.md", "exec"), namespace)
     assert created, "the example creates its model with timm.create_model"
     logits = namespace.get("logits")
     assert isinstance(logits, torch.Tensor) and logits.shape == (4, 10)
