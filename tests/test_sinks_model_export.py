@@ -15,7 +15,7 @@ from tta_cli.sources.items import Batch, StreamItem
 
 
 def outputs(images: torch.Tensor, pred: torch.Tensor, first: int) -> BatchOutputs:
-    items = [StreamItem(Path(f"{first + i}.png"), f"{first + i}.png") for i in range(len(pred))]
+    items = [StreamItem(f"{first + i}.png", Path(f"{first + i}.png")) for i in range(len(pred))]
     n = len(pred)
     return BatchOutputs(Batch(items, images, first), pred, torch.ones(n), torch.zeros(n),
                         torch.zeros(n, 5, dtype=torch.long), torch.zeros(n, dtype=torch.bool), (), False, 0.0)
