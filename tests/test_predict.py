@@ -127,3 +127,11 @@ def test_exported_bn_model_agrees_with_the_late_predictions(labelled: Path, bn_m
 def test_methods_and_models_json(tmp_path: Path) -> None:
     assert "sar" in json.loads(invoke("methods", "--json").stdout)
     assert "vit_base" in json.loads(invoke("models", "--json").stdout)
+
+
+def test_report_reads_jsonl_and_prints_json(labelled: Path, bn_model_dir: Path, tmp_path: Path) -> None:
+    run("predict", labelled, bn_model_dir, tmp_path / "j", "--format", "jsonl")
+    result = invoke("report", tmp_path / "j", "--json")
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)
+    assert Path(written["html"]).is_file() and all(Path(p).is_file() for p in written["pngs"])
