@@ -18,10 +18,10 @@ def test_every_public_name_resolves(name: str) -> None:
 def test_public_names_are_the_library_objects() -> None:
     from tta_cli.engine import run_stream
     from tta_cli.methods import TTAMethod, create_method
-    from tta_cli.run import adapt
+    from tta_cli.run import adapt, predict
 
     assert tta_cli.create_method is create_method and tta_cli.TTAMethod is TTAMethod
-    assert tta_cli.adapt is adapt and tta_cli.run_stream is run_stream
+    assert tta_cli.adapt is adapt and tta_cli.run_stream is run_stream and tta_cli.predict is predict
     with pytest.raises(AttributeError, match="no attribute"):
         tta_cli.no_such_name  # noqa: B018
 

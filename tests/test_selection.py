@@ -160,3 +160,45 @@ def test_ema_mode_updates_running_stats() -> None:
     BatchNormStats(model, "ema", alpha=0.1)
     model(torch.randn(4, 3, 8, 8) + 3)
     assert not torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("mode", ["batch", "mix"])
+def test_stream_statistics_make_the_eval_model_normalise_as_the_run(mode: str) -> None:
+    model = _bn_model()
+    x = torch.randn(8, 3, 8, 8) + 2
+    hooks = BatchNormStats(model, mode, alpha=0.3)  # type: ignore[arg-type]
+    hooks.track_stream(model, momentum=0.5)
+    with torch.no_grad():
+        during = model(x)
+    stream = hooks.stream_running_stats(model)
+    hooks.remove()
+    assert set(stream) == {"1.running_mean", "1.running_var"}
+    model.load_state_dict(stream, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(model(x), during, atol=1e-5)  # one batch: the EMA is its statistics
+
+
+def test_stream_statistics_are_an_ema_over_forwards() -> None:
+    model = _bn_model()
+    hooks = BatchNormStats(model, "batch")
+    hooks.track_stream(model, momentum=0.25)
+    feats = []
+    with torch.no_grad():
+        for shift in range(6):
+            x = torch.randn(4, 3, 8, 8) + shift
+            feats.append(model[0](x).mean(dim=(0, 2, 3)))
+            model(x)
+    expected = feats[0]
+    for k, mean in enumerate(feats[1:], start=2):  # a plain mean until 1/k < momentum
+        expected = torch.lerp(expected, mean, max(0.25, 1 / k))
+    assert torch.allclose(hooks.stream_running_stats(model)["1.running_mean"], expected, atol=1e-5)
+
+
+def test_stream_statistics_are_not_tracked_for_source_or_ema() -> None:
+    model = _bn_model()
+    for mode in ("source", "ema"):
+        hooks = BatchNormStats(model, mode)  # type: ignore[arg-type]
+        hooks.track_stream(model, momentum=0.5)
+        model(torch.randn(4, 3, 8, 8))
+        assert hooks.stream_running_stats(model) == {}
+        hooks.remove()

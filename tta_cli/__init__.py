@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         register_method,
     )
     from tta_cli.models import load_model
-    from tta_cli.run import adapt
+    from tta_cli.run import adapt, predict
 
 _LAZY = {
     "create_method": "tta_cli.methods",
@@ -41,6 +41,7 @@ _LAZY = {
     "StepResult": "tta_cli.methods",
     "load_model": "tta_cli.models",
     "adapt": "tta_cli.run",
+    "predict": "tta_cli.run",
     "run_stream": "tta_cli.engine",
     "TTAError": "tta_cli.errors",
 }
@@ -56,6 +57,7 @@ __all__ = [
     "list_methods",
     "load_model",
     "method_config",
+    "predict",
     "register_method",
     "run_stream",
 ]

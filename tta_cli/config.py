@@ -55,6 +55,19 @@ class AdaptConfig:
     """Videos: which frames enter the stream (see ``tta_cli.sources.video.VideoOptions``)."""
     max_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels are skipped (decompression bombs); 0: no limit."""
+    predict_only: bool = False
+    """``tta predict``: the ``source`` method, no adaptation and no model export."""
+    export_folder: Path | None = None
+    """Also file every image under ``export_folder/<predicted class>/`` (``sinks.export_folder``)."""
+    export_mode: str = "hardlink"
+    """hardlink (a copy where impossible), symlink or copy."""
+    min_confidence: float | None = None
+    """Predictions below this confidence are exported to ``_uncertain/``."""
+    export_bn: str = "stream"
+    """BatchNorm running statistics of the exported model where the run normalised with test-batch
+    statistics: ``stream`` (an EMA over the stream's, see ``sinks.stream_bn``) or ``source``."""
+    format: str = "csv"
+    """predictions.csv or predictions.jsonl."""
 
     def out_dir(self) -> Path:
         if self.out is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from tta_cli.runtime import (
     start_run,
     versions,
 )
-from tta_cli.sinks.predictions import ErrorsWriter, PredictionsWriter
+from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
+from tta_cli.sinks.model_export import EXPORT_BN_CHOICES, LastInputs, agreement, exported_state, track_stream_statistics
+from tta_cli.sinks.predictions import PREDICTION_FORMATS, ErrorsWriter, PredictionsWriter
 from tta_cli.sinks.progress import ProgressDisplay, summary_table
 from tta_cli.sources import Stream, VideoOptions, collect_stream
 from tta_cli.sources.folder import folder_items
@@ -50,6 +53,7 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
     out = config.out_dir()
     refuse_non_empty(out, config.overwrite)
     VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames).validate()
+    check_output_options(config)
     for path in config.inputs:  # a mistyped path fails now, not after loading the model
         check_input(path)
     speed = SpeedOptions(config.precision, config.channels_last, config.compile)
@@ -61,6 +65,26 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
         return _adapt_stream(config, setup, stream, workers, out, console)
     finally:
         stream.close()
+
+
+def check_output_options(config: AdaptConfig) -> None:
+    """The output choices, before the model loads (a library call has no click to check them)."""
+    choices = {"format": (config.format, PREDICTION_FORMATS), "export_mode": (config.export_mode, EXPORT_MODES),
+               "export_bn": (config.export_bn, EXPORT_BN_CHOICES)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TTAError(f"unknown --{name.replace('_', '-')} {value!r}", f"choose from {', '.join(allowed)}")
+    if config.min_confidence is not None and not 0.0 <= config.min_confidence <= 1.0:
+        raise TTAError(f"--min-confidence must be between 0 and 1, got {config.min_confidence}")
+    if config.export_folder is not None:
+        refuse_non_empty(config.export_folder, config.overwrite,
+                         hint="choose another --export-folder or pass --overwrite")
+
+
+def predict(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
+    """``tta predict``: the adapt flow with the ``source`` method (eval mode, no update) and no
+    model export; the same inputs, labels, bad-file handling, predictions, errors.csv and run.json."""
+    return adapt(replace(config, method="source", hyperparameters={}, clean=None, predict_only=True), console)
 
 
 def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTAMethod:
@@ -82,8 +106,12 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
 
-    predictions = PredictionsWriter(out / "predictions.csv", loaded.class_names)
+    if not config.predict_only and config.export_bn == "stream":
+        track_stream_statistics(method, config.batch_size)
+    predictions = PredictionsWriter(out / f"predictions.{config.format}", loaded.class_names, config.format)
     errors = ErrorsWriter(out / "errors.csv")
+    export = _export_folder(config, loaded)
+    last = LastInputs()
     started = time.perf_counter()
     status = "completed"
     totals = Totals()
@@ -92,23 +120,31 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     try:
         batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
         with progress:
-            totals = run_stream(method, batches, device, [predictions, errors, progress],
-                                tune_threads=setup.tune_threads)
+            sinks = [predictions, errors, *([export] if export else []), *([] if config.predict_only else [last]),
+                     progress]
+            totals = run_stream(method, batches, device, sinks, tune_threads=setup.tune_threads)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
     finally:
         predictions.close()
         errors.close()
+        if export is not None:
+            export.close()
     elapsed = time.perf_counter() - started
-    export_model(loaded, method.adapted_state_dict(), out / "model")
-    _write_extra_exports(method, out)
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
+    if not config.predict_only:
+        record["model_export"] = _export_run_model(config, loaded, method, out, last, device)
+    if export is not None:
+        record["export_folder"] = _export_record(export)
     (out / "run.json").write_text(json.dumps(record, indent=2))
     method.close()
     if not config.quiet:
         console.print(summary_table(record))
+    if export is not None and export.failed:
+        console.print(f"[yellow]warning: {len(export.failed)} images could not be exported to "
+                      f"{export.directory} (listed in run.json)[/yellow]")
     if status == "interrupted":
         raise TTAError("interrupted: the predictions so far, the model and run.json are in " + str(out),
                        exit_code=130)
@@ -121,6 +157,29 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
         if config.strict:
             raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
     return record
+
+
+def _export_folder(config: AdaptConfig, loaded: LoadedModel) -> ExportFolder | None:
+    if config.export_folder is None:
+        return None
+    return ExportFolder(config.export_folder, loaded.class_names, config.export_mode, config.min_confidence,
+                        overwrite=config.overwrite)
+
+
+def _export_record(export: ExportFolder) -> dict[str, Any]:
+    return {"directory": str(export.directory), "mode": export.mode, "min_confidence": export.min_confidence,
+            "files": export.stats.files, "uncertain": export.stats.uncertain,
+            "copied_instead_of_linked": export.stats.copied_instead_of_linked,
+            "failed": [{"path": key, "reason": reason} for key, reason in export.failed]}
+
+
+def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, out: Path,
+                      last: LastInputs, device: torch.device) -> dict[str, Any]:
+    """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
+    state, bn_statistics = exported_state(method, config.export_bn)
+    export_model(loaded, state, out / "model")
+    _write_extra_exports(method, out)
+    return {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
 
 
 def _write_extra_exports(method: TTAMethod, out: Path) -> None:

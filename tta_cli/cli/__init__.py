@@ -20,14 +20,14 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from tta_cli.cli.adapt_cmds import adapt, methods, models
+from tta_cli.cli.adapt_cmds import adapt, methods, models, predict
 from tta_cli.cli.app import app
 from tta_cli.cli.bench_cmds import bench, corrupt
 from tta_cli.cli.report_cmd import report
 from tta_cli.errors import TTAError
 
 # Every command, registered here and only here (the command modules never import the app).
-for _command in (adapt, methods, models, corrupt, bench, report):
+for _command in (adapt, predict, methods, models, corrupt, bench, report):
     app.command()(_command)
 
 _CLICK_LAYOUTS = ("typer._click.exceptions", "click.exceptions")

@@ -17,14 +17,21 @@ from tta_cli.cli.options import (
     DeviceOpt,
     EndOpt,
     EveryOpt,
+    ExportBnOpt,
+    ExportFolderOpt,
+    ExportModeOpt,
+    FormatOpt,
     FpsOpt,
+    InputsArg,
     JsonOpt,
     LabelsEncodingOpt,
     LabelsFromFoldersOpt,
+    LabelsOpt,
     LrOpt,
     MaxFramesOpt,
     MaxPixelsOpt,
     MethodOpt,
+    MinConfidenceOpt,
     ModelOpt,
     NumClassesOpt,
     OutOpt,
@@ -35,6 +42,8 @@ from tta_cli.cli.options import (
     SeedOpt,
     ShuffleOpt,
     StartOpt,
+    StrictOpt,
+    SummaryJsonOpt,
     WorkersOpt,
 )
 from tta_cli.errors import TTAError
@@ -52,15 +61,13 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 
 
 def adapt(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.")],
+    inputs: InputsArg,
     model: ModelOpt,
     method: MethodOpt = "sar",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
     num_classes: NumClassesOpt = None,
-    labels: Annotated[Path | None, typer.Option(
-        "--labels", help="CSV with columns file,label (class name or index) for a flat folder.")] = None,
+    labels: LabelsOpt = None,
     labels_encoding: LabelsEncodingOpt = "utf-8",
     labels_from_folders: LabelsFromFoldersOpt = "auto",
     clean: Annotated[Path | None, typer.Option(
@@ -86,10 +93,16 @@ def adapt(
     workers: WorkersOpt = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input was skipped.")] = False,
+    output_format: FormatOpt = "csv",
+    export_folder: ExportFolderOpt = None,
+    export_mode: ExportModeOpt = "hardlink",
+    min_confidence: MinConfidenceOpt = None,
+    export_bn: ExportBnOpt = "stream",
+    strict: StrictOpt = False,
     quiet: QuietOpt = False,
+    as_json: SummaryJsonOpt = False,
 ) -> None:
-    """Adapt MODEL on the images in INPUTS; write predictions.csv, model/ and run.json to --out."""
+    """Adapt MODEL on the images in INPUTS; write predictions, model/ and run.json to --out."""
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
 
@@ -107,8 +120,66 @@ def adapt(
         seed=seed, workers=workers, out=out, overwrite=overwrite, hyperparameters=hyperparameters, quiet=quiet,
         strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
+        export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
+        export_bn=export_bn, format=output_format,
     )
-    run_adapt(config)
+    print_summary(run_adapt(config), as_json)
+
+
+def predict(
+    inputs: InputsArg,
+    model: ModelOpt,
+    pretrained: PretrainedOpt = True,
+    checkpoint: CheckpointOpt = None,
+    num_classes: NumClassesOpt = None,
+    labels: LabelsOpt = None,
+    labels_encoding: LabelsEncodingOpt = "utf-8",
+    labels_from_folders: LabelsFromFoldersOpt = "auto",
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    compile_model: CompileOpt = False,
+    channels_last: ChannelsLastOpt = "auto",
+    seed: SeedOpt = 0,
+    shuffle: ShuffleOpt = False,
+    every: EveryOpt = None,
+    fps: FpsOpt = None,
+    start: StartOpt = 0.0,
+    end: EndOpt = None,
+    max_frames: MaxFramesOpt = None,
+    max_pixels: MaxPixelsOpt = 89_478_485,
+    workers: WorkersOpt = None,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    output_format: FormatOpt = "csv",
+    export_folder: ExportFolderOpt = None,
+    export_mode: ExportModeOpt = "hardlink",
+    min_confidence: MinConfidenceOpt = None,
+    strict: StrictOpt = False,
+    quiet: QuietOpt = False,
+    as_json: SummaryJsonOpt = False,
+) -> None:
+    """Predict with MODEL on the images in INPUTS, without adapting; write predictions and run.json to --out."""
+    from tta_cli.config import AdaptConfig
+    from tta_cli.run import predict as run_predict
+
+    config = AdaptConfig(
+        inputs=inputs, model=model, method="source", pretrained=pretrained, checkpoint=checkpoint,
+        num_classes=num_classes, labels=labels, labels_encoding=labels_encoding,
+        labels_from_folders=labels_from_folders, batch_size=batch_size, device=device, seed=seed,
+        workers=workers, out=out, overwrite=overwrite, quiet=quiet, strict=strict, shuffle=shuffle,
+        every=every, fps=fps, start=start, end=end, max_frames=max_frames, max_pixels=max_pixels,
+        precision=precision, compile=compile_model, channels_last=channels_last,
+        export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
+        format=output_format,
+    )
+    print_summary(run_predict(config), as_json)
+
+
+def print_summary(record: dict[str, object], as_json: bool) -> None:
+    """``--json``: the command's final summary as one JSON object on stdout."""
+    if as_json:
+        typer.echo(json.dumps(record))
 
 
 def methods(as_json: JsonOpt = False) -> None:
@@ -126,7 +197,7 @@ def methods(as_json: JsonOpt = False) -> None:
             "hyperparameters": {f.name: f.default for f in dataclasses.fields(cls.config_class)},
         }
     if as_json:
-        typer.echo(json.dumps(listing, indent=2))
+        print_summary(listing, True)
         return
     from rich.console import Console
     from rich.table import Table
@@ -143,7 +214,7 @@ def models(as_json: JsonOpt = False) -> None:
     from tta_cli.models import ALIASES
 
     if as_json:
-        typer.echo(json.dumps(ALIASES, indent=2))
+        print_summary(dict(ALIASES), True)
         return
     for alias, name in ALIASES.items():
         typer.echo(f"{alias:12s} {name}")

@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from tta_cli.cli.options import CheckpointOpt, DeviceOpt, ModelOpt, OutOpt, OverwriteOpt, QuietOpt, SeedOpt
+from tta_cli.cli.adapt_cmds import print_summary
+from tta_cli.cli.options import (
+    CheckpointOpt,
+    DeviceOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    SummaryJsonOpt,
+)
 
 SeverityOpt = Annotated[str, typer.Option(
     "--severity", "-s", help="Severity 1-5 (tta corrupt also takes lists 3,5 and ranges 1-5).")]
@@ -34,6 +44,7 @@ def corrupt(
                          "(ImageNet-C's, with corrupt-tta) or auto (cifar for images up to 64 px).")] = "auto",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    as_json: SummaryJsonOpt = False,
 ) -> None:
     """Write corrupted copies of SRC into DST, deterministic for a seed.
 
@@ -73,6 +84,10 @@ def corrupt(
         console.print(f"{report.images} images x {len(plan.corruptions)} corruptions x "
                       f"{len(plan.severities)} severities: {report.written} written, "
                       f"{report.existing} already there, in {dst} ({plan.preset} parameters)")
+    print_summary({"destination": str(dst), "preset": plan.preset, "corruptions": list(plan.corruptions),
+                   "severities": list(plan.severities), "images": report.images, "written": report.written,
+                   "existing": report.existing,
+                   "failed": [{"path": key, "reason": reason} for key, reason in report.failed]}, as_json)
 
 
 def bench(
@@ -121,6 +136,7 @@ def bench(
     plots: Annotated[bool, typer.Option(
         "--plots/--no-plots", help="Write PNG plots (needs matplotlib).")] = True,
     quiet: QuietOpt = False,
+    as_json: SummaryJsonOpt = False,
 ) -> None:
     """Run each method on each wild setting, a fresh source model per run; write results to --out.
 
@@ -142,6 +158,10 @@ def bench(
         overwrite=overwrite, plots=plots, quiet=quiet,
         seeds=parse_seeds(seeds) if seeds else None, concentration=concentration, online=online,
     )
-    run_benchmark(config)
-    if not quiet:
+    import dataclasses
+
+    results = run_benchmark(config)
+    if as_json:
+        print_summary({"out": str(config.out), "results": [dataclasses.asdict(r) for r in results]}, True)
+    elif not quiet:
         typer.echo(f"results: {config.out / 'results.csv'}, {config.out / 'results.md'}")

@@ -20,6 +20,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 """As ``tta_cli.methods.base.PRECISIONS`` (not imported: that module imports torch)."""
 CHANNELS_LAST = ("auto", "on", "off")
 LABELS_FROM_FOLDERS = ("auto", "names", "index", "off")
+EXPORT_MODES = ("hardlink", "symlink", "copy")
+"""As ``tta_cli.sinks.export_folder.EXPORT_MODES``."""
+EXPORT_BN = ("stream", "source")
+PREDICTION_FORMATS = ("csv", "jsonl")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 
@@ -137,3 +141,26 @@ LabelsFromFoldersOpt = Annotated[str, typer.Option(
          "model), names (the same, an error otherwise), index (folders named 0, 1, ... are class "
          "indices) or off.",
 )]
+InputsArg = Annotated[list[Path], typer.Argument(
+    help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.")]
+LabelsOpt = Annotated[Path | None, typer.Option(
+    "--labels", help="CSV with columns file,label (class index, id or name) for a flat folder.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input was skipped.")]
+ExportFolderOpt = Annotated[Path | None, typer.Option(
+    "--export-folder", help="Also write every image into DIR/<predicted class>/ (with manifest.csv).")]
+ExportModeOpt = Annotated[str, typer.Option(
+    "--export-mode", callback=one_of(*EXPORT_MODES),
+    help="hardlink (a copy where a link is impossible), symlink or copy.")]
+MinConfidenceOpt = Annotated[float | None, typer.Option(
+    "--min-confidence", callback=finite(0),
+    help="Export predictions below this confidence (0..1) to DIR/_uncertain/.")]
+ExportBnOpt = Annotated[str, typer.Option(
+    "--export-bn", callback=one_of(*EXPORT_BN),
+    help="BatchNorm running statistics of the exported model/ where the run used test-batch "
+         "statistics: stream (an EMA over the late stream, as the run normalised) or source.")]
+FormatOpt = Annotated[str, typer.Option(
+    "--format", callback=one_of(*PREDICTION_FORMATS),
+    help="predictions.csv or predictions.jsonl (one JSON object per row, same fields).")]
+SummaryJsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the final summary (run.json's record) as one JSON object on stdout.")]
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -229,6 +230,57 @@ class BatchNormStats:
         stashed = self._stash.pop(id(module), None)
         if stashed is not None:
             module.running_mean, module.running_var = stashed
+
+    # --- the test stream's statistics, for an exported model that normalises as the run did -----
+
+    def track_stream(self, model: nn.Module, momentum: float) -> None:
+        """Keep an EMA (``momentum`` per forward; a plain mean while fewer than 1/momentum forwards
+        were seen) of the batch statistics each BatchNorm normalised with; read by
+        :meth:`stream_running_stats`. Only for the ``batch`` and ``mix`` modes."""
+        if self.mode not in ("batch", "mix"):
+            return
+        self._stream: dict[str, list[torch.Tensor | int]] = {}
+        self._stream_momentum = momentum
+        for name, module in model.named_modules():
+            if is_batchnorm(module) and module.running_mean is not None:
+                hook = self._stream_hook(name)
+                # prepended: mix's own pre-hook replaces the input with a rescaled one
+                self._handles.append(module.register_forward_pre_hook(hook, prepend=True))
+
+    def _stream_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if self.mode == "batch" and x.numel() // x.shape[1] <= 1:
+                return  # this forward fell back to the source statistics
+            with torch.no_grad():
+                mean_b, var_b = _channel_stats(x.detach().float())
+                entry = self._stream.get(name)
+                if entry is None:
+                    self._stream[name] = [mean_b, var_b, 1]
+                    return
+                entry[2] = int(entry[2]) + 1
+                weight = max(self._stream_momentum, 1.0 / int(entry[2]))
+                entry[0] = torch.lerp(entry[0], mean_b, weight)  # type: ignore[arg-type]
+                entry[1] = torch.lerp(entry[1], var_b, weight)  # type: ignore[arg-type]
+        return hook
+
+    def stream_running_stats(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """State-dict entries (``<bn>.running_mean``/``running_var``) that make the model, in eval
+        mode, normalise with the tracked stream statistics: the EMA itself for ``batch``, mixed
+        with the source statistics as the run mixed them for ``mix``. Empty when nothing was tracked."""
+        stream = getattr(self, "_stream", {})
+        state: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if name not in stream:
+                continue
+            mean, var = stream[name][0], stream[name][1]
+            if self.mode == "mix":
+                mean = (1 - self.alpha) * module.running_mean.float() + self.alpha * mean  # type: ignore[operator]
+                var = (1 - self.alpha) * module.running_var.float() + self.alpha * var  # type: ignore[operator]
+            prefix = f"{name}." if name else ""
+            state[prefix + "running_mean"] = mean.to(module.running_mean)  # type: ignore[union-attr]
+            state[prefix + "running_var"] = var.to(module.running_var)  # type: ignore[union-attr]
+        return state
 
 
 # --- the SAR/DeYO authors' name rule --------------------------------------------------------------

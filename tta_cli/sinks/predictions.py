@@ -15,6 +15,7 @@ Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -56,13 +57,24 @@ def original_bytes(cell: str) -> bytes:
     return _ESCAPED_BYTE.sub(lambda match: bytes([int(match[1], 16)]), cell.encode("utf-8"))
 
 
+PREDICTION_FORMATS = ("csv", "jsonl")
+
+
 class PredictionsWriter:
-    def __init__(self, path: Path, class_names: list[str]) -> None:
+    """``predictions.csv``, or with ``format="jsonl"`` ``predictions.jsonl``: one JSON object per
+    row with the same fields, typed (numbers as numbers, ``top5`` a list, empty cells ``null``) and
+    with no spreadsheet quoting; a name that is not UTF-8 keeps its bytes as ``\\udcNN`` escapes."""
+
+    def __init__(self, path: Path, class_names: list[str], format: str = "csv") -> None:
+        if format not in PREDICTION_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(PREDICTION_FORMATS)}, got {format!r}")
         self.class_names = class_names
         self.class_ids = class_ids_of(class_names)
+        self.format = format
         self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(PREDICTION_COLUMNS)
+        if format == "csv":
+            self._writer.writerow(PREDICTION_COLUMNS)
         self.rows = 0
 
     def on_batch(self, out: BatchOutputs) -> None:
@@ -70,26 +82,58 @@ class PredictionsWriter:
         correct = out.correct
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
-            self._writer.writerow([
+            row = [
                 out.batch.first_index + i,
-                csv_text(item.key),
-                "" if item.frame is None else item.frame,
-                "" if item.timestamp is None else f"{item.timestamp:.3f}",
+                item.key,
+                item.frame,
+                None if item.timestamp is None else round(item.timestamp, 3),
                 pred,
-                csv_text(self.class_names[pred]) if pred < len(self.class_names) else pred,
-                csv_text(self.class_ids[pred]) if pred < len(self.class_ids) else pred,
-                f"{float(out.confidence[i]):.6f}",
-                f"{float(out.entropy[i]):.6f}",
-                " ".join(str(int(j)) for j in out.top5[i]),
+                self.class_names[pred] if pred < len(self.class_names) else pred,
+                self.class_ids[pred] if pred < len(self.class_ids) else pred,
+                round(float(out.confidence[i]), 6),
+                round(float(out.entropy[i]), 6),
+                [int(j) for j in out.top5[i]],
                 int(bool(out.used[i])),
-                "" if labels is None else int(labels[i]),
-                "" if correct is None else int(bool(correct[i])),
-            ])
+                None if labels is None else int(labels[i]),
+                None if correct is None else int(bool(correct[i])),
+            ]
+            if self.format == "jsonl":
+                self._file.write(_json_line(dict(zip(PREDICTION_COLUMNS, row, strict=True))) + "\n")
+            else:
+                self._writer.writerow(_csv_row(row))
         self.rows += len(out.batch.items)
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _csv_row(row: list[object]) -> list[object]:
+    """Text cells through :func:`csv_text`, fixed decimals, top-5 space-separated, None empty."""
+    cells: list[object] = []
+    for column, value in zip(PREDICTION_COLUMNS, row, strict=True):
+        if value is None:
+            cells.append("")
+        elif isinstance(value, str):
+            cells.append(csv_text(value))
+        elif column == "timestamp":
+            cells.append(f"{value:.3f}")
+        elif column in ("confidence", "entropy"):
+            cells.append(f"{value:.6f}")
+        elif column == "top5":
+            cells.append(" ".join(str(j) for j in value))  # type: ignore[attr-defined]
+        else:
+            cells.append(value)
+    return cells
+
+
+def _json_line(record: dict[str, object]) -> str:
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes of a file name that is not UTF-8
+        line = json.dumps(record)
+    return line
 
 
 class ErrorsWriter:

@@ -118,7 +118,8 @@ class ProgressDisplay:
         return self._ema
 
 def summary_table(record: dict[str, Any]) -> Table:
-    table = Table(title="tta adapt", show_header=False, title_justify="left")
+    title = "tta predict" if record.get("config", {}).get("predict_only") else "tta adapt"
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     counts, timing = record["counts"], record["timing"]
@@ -137,6 +138,24 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("images/s", f"{timing['images_per_second']:.1f}"),
         ("outputs", record["out"]),
     ]
+    rows += _export_rows(record)
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _export_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The exported model's agreement with the run's late predictions, and the sorted export."""
+    rows = []
+    exported = record.get("model_export")
+    if exported:
+        check = exported["agreement"]
+        agree = (f"agrees with predictions on {check['agree']}/{check['images']} of the last images"
+                 if check["images"] else "no images to check")
+        rows.append(("exported model", f"BN statistics: {exported['bn_statistics']}; {agree}"))
+    folder = record.get("export_folder")
+    if folder:
+        rows.append(("export folder", f"{folder['files']} files ({folder['uncertain']} uncertain, "
+                                      f"{len(folder['failed'])} failed) in {folder['directory']}"))
+    return rows
+

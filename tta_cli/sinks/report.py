@@ -59,18 +59,34 @@ class Report:
 
 def read_run(run_dir: Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
     predictions, record = run_dir / "predictions.csv", run_dir / "run.json"
-    if not predictions.is_file():
-        raise TTAError(f"no predictions.csv in {run_dir}", "pass the --out folder of a `tta adapt` run")
     try:
         run = json.loads(record.read_text()) if record.is_file() else {}
     except json.JSONDecodeError as err:
         raise TTAError(f"{record} is not valid JSON: {err.msg}") from err
+    if not predictions.is_file() and (run_dir / "predictions.jsonl").is_file():
+        return _jsonl_rows(run_dir / "predictions.jsonl"), run
+    if not predictions.is_file():
+        raise TTAError(f"no predictions.csv in {run_dir}", "pass the --out folder of a `tta adapt` run")
     with predictions.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "pred" not in reader.fieldnames:
             raise TTAError(f"{predictions} has no 'pred' column", "is it a tta predictions file?")
         rows = list(reader)
     return rows, run
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, str]]:
+    """``--format jsonl`` predictions as the CSV's text cells (top-5 space-separated, null empty)."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TTAError(f"{path} line {number} is not valid JSON: {err.msg}") from err
+            rows.append({k: "" if v is None else " ".join(map(str, v)) if isinstance(v, list) else str(v)
+                         for k, v in record.items()})
+    return rows
 
 
 def _int(text: str | None) -> int | None:

@@ -1,0 +1,60 @@
+"""``tta_cli.sinks.model_export``: the stream BatchNorm statistics in the export, the last inputs
+kept for the agreement check, and the check itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.helpers import CLASSES, random_inputs, save_timm_folder, tiny_timm
+from tta_cli.methods import create_method
+from tta_cli.outputs import BatchOutputs
+from tta_cli.sinks.model_export import LastInputs, agreement, exported_state, stream_momentum, track_stream_statistics
+from tta_cli.sources.items import Batch, StreamItem
+
+
+def outputs(images: torch.Tensor, pred: torch.Tensor, first: int) -> BatchOutputs:
+    items = [StreamItem(f"{first + i}.png", Path(f"{first + i}.png")) for i in range(len(pred))]
+    n = len(pred)
+    return BatchOutputs(Batch(items, images, first), pred, torch.ones(n), torch.zeros(n),
+                        torch.zeros(n, 5, dtype=torch.long), torch.zeros(n, dtype=torch.bool), (), False, 0.0)
+
+
+def test_last_inputs_keep_the_last_window_of_images() -> None:
+    last = LastInputs(window=10)
+    for b in range(5):
+        last.on_batch(outputs(torch.full((4, 1), float(b)), torch.arange(4) + 4 * b, 4 * b))
+    kept = last.tensors()
+    assert kept is not None
+    images, preds = kept
+    assert preds.tolist() == list(range(10, 20)) and images[0, 0] == 2.0
+
+
+def test_momentum_weighs_the_last_window() -> None:
+    assert stream_momentum(64) == 0.25 and stream_momentum(1) == 1 / 256 and stream_momentum(1024) == 1.0
+
+
+def test_stream_export_of_a_norm_run_reproduces_its_predictions(tmp_path: Path) -> None:
+    model = tiny_timm("test_resnet")
+    method = create_method("norm", model, batch_size=16)
+    assert track_stream_statistics(method, 16)
+    x = random_inputs(n_batches=1, batch=16)[0] + 1
+    pred = method.step(x).logits.argmax(1)
+    state, which = exported_state(method, "stream")
+    assert which == "stream"
+    source_state, which = exported_state(method, "source")
+    assert which == "source"
+    assert not torch.equal(state["bn1.running_mean"], source_state["bn1.running_mean"])
+    method.close()
+    last = LastInputs()
+    last.on_batch(outputs(x, pred, 0))
+    model.load_state_dict(state)
+    check = agreement(save_timm_folder(model, tmp_path / "model", CLASSES), last, torch.device("cpu"))
+    assert check == {"images": 16, "agree": 16, "share": 1.0}  # one batch: exactly its statistics
+
+
+def test_nothing_to_track_for_the_source_method() -> None:
+    method = create_method("source", tiny_timm("test_resnet"), batch_size=8)
+    assert not track_stream_statistics(method, 8)
+    assert exported_state(method, "stream")[1] == "source"
