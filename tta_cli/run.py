@@ -15,6 +15,7 @@ from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, export_model
+from tta_cli.monitor import CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
 from tta_cli.runtime import (
     RunSetup,
@@ -77,26 +78,31 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTA
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
                   console: Console) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
+    reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
+    monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
 
-    predictions = PredictionsWriter(out / "predictions.csv", loaded.class_names)
+    predictions = PredictionsWriter(out / "predictions.csv", loaded.class_names, monitor)
     errors = ErrorsWriter(out / "errors.csv")
     started = time.perf_counter()
     status = "completed"
+    stopped: CollapseStop | None = None
     totals = Totals()
-    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
+    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet, monitor=monitor)  # type: ignore[arg-type]
     method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
     try:
         batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
         with progress:
-            totals = run_stream(method, batches, device, [predictions, errors, progress],
+            totals = run_stream(method, batches, device, [monitor, predictions, errors, progress],
                                 tune_threads=setup.tune_threads)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
+    except CollapseStop as stop:
+        status, totals, stopped = "collapsed", progress.totals, stop
     finally:
         predictions.close()
         errors.close()
@@ -105,10 +111,13 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     _write_extra_exports(method, out)
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
+    record |= {"collapse_events": monitor.record(), "health": monitor.health()}
     (out / "run.json").write_text(json.dumps(record, indent=2))
     method.close()
     if not config.quiet:
         console.print(summary_table(record))
+    if stopped is not None:
+        raise stopped
     if status == "interrupted":
         raise TTAError("interrupted: the predictions so far, the model and run.json are in " + str(out),
                        exit_code=130)

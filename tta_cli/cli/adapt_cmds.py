@@ -55,7 +55,7 @@ def adapt(
     inputs: Annotated[list[Path], typer.Argument(
         help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.")],
     model: ModelOpt,
-    method: MethodOpt = "sar",
+    method: MethodOpt = "auto",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
     num_classes: NumClassesOpt = None,
@@ -87,6 +87,11 @@ def adapt(
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input was skipped.")] = False,
+    on_collapse: Annotated[str, typer.Option(
+        "--on-collapse", help="reset, stop (exit 4) or warn when predictions collapse (no labels needed).")] = "reset",
+    source_reference: Annotated[bool, typer.Option(
+        "--source-reference/--no-source-reference",
+        help="Run a frozen source copy per batch (collapse signals, health verdict, source_pred column).")] = True,
     quiet: QuietOpt = False,
 ) -> None:
     """Adapt MODEL on the images in INPUTS; write predictions.csv, model/ and run.json to --out."""
@@ -107,6 +112,7 @@ def adapt(
         seed=seed, workers=workers, out=out, overwrite=overwrite, hyperparameters=hyperparameters, quiet=quiet,
         strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
+        on_collapse=on_collapse, source_reference=source_reference,
     )
     run_adapt(config)
 

@@ -18,7 +18,9 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
+
+import torch
 
 from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
@@ -56,20 +58,32 @@ def original_bytes(cell: str) -> bytes:
     return _ESCAPED_BYTE.sub(lambda match: bytes([int(match[1], 16)]), cell.encode("utf-8"))
 
 
+class SourcePredictions(Protocol):
+    last_source_pred: torch.Tensor | None
+    reference: object | None
+
+
 class PredictionsWriter:
-    def __init__(self, path: Path, class_names: list[str]) -> None:
+    """``source`` (a ``tta_cli.monitor.CollapseMonitor`` placed before this sink) adds the columns
+    ``source_pred`` and ``source_pred_name``: the frozen source model's prediction of each image."""
+
+    def __init__(self, path: Path, class_names: list[str], source: SourcePredictions | None = None) -> None:
         self.class_names = class_names
         self.class_ids = class_ids_of(class_names)
+        self.source = source if source is not None and source.reference is not None else None
         self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(PREDICTION_COLUMNS)
+        extra = ["source_pred", "source_pred_name"] if self.source is not None else []
+        self._writer.writerow(PREDICTION_COLUMNS + extra)
         self.rows = 0
 
     def on_batch(self, out: BatchOutputs) -> None:
         labels = out.batch.labels
         correct = out.correct
+        source = self.source.last_source_pred if self.source is not None else None
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
+            extra = [] if self.source is None else self._source_cells(source, i)
             self._writer.writerow([
                 out.batch.first_index + i,
                 csv_text(item.key),
@@ -84,9 +98,16 @@ class PredictionsWriter:
                 int(bool(out.used[i])),
                 "" if labels is None else int(labels[i]),
                 "" if correct is None else int(bool(correct[i])),
+                *extra,
             ])
         self.rows += len(out.batch.items)
         self._file.flush()
+
+    def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
+        if source is None:
+            return ["", ""]
+        pred = int(source[i])
+        return [pred, csv_text(self.class_names[pred]) if pred < len(self.class_names) else pred]
 
     def close(self) -> None:
         self._file.close()
