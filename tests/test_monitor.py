@@ -159,7 +159,7 @@ def test_on_collapse_stop_exits_non_zero_with_status(tmp_path: Path, tiny_model_
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import tta_cli.run
 
-    def always_collapsing(method, num_classes, reference, on_collapse, batch_size):  # noqa: ANN001, ANN202
+    def always_collapsing(method, num_classes, reference, on_collapse, batch_size):
         return CollapseMonitor(method, num_classes, reference, on_collapse, window=4,
                                thresholds=Thresholds(diversity_ratio=1e9, max_agreement=1.0))
 

@@ -155,6 +155,8 @@ def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream
     if info["bn_stats"]:
         line += f", BatchNorm statistics: {info['bn_stats']}"
     console.print(line)
+    if info.get("choice"):
+        console.print(f"[bold]auto chose[/bold] {info['choice']['method']}: {info['choice']['why']}", markup=True)
     console.print(f"[bold]stream[/bold] {stream} on {device}")
 
 

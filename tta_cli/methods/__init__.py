@@ -37,11 +37,11 @@ from tta_cli.methods import auto
 
 __all__ = [
     "ALIASES",
-    "auto",
     "EntropyConfig",
     "MethodConfig",
     "StepResult",
     "TTAMethod",
+    "auto",
     "cotta",
     "create_method",
     "default_lr",

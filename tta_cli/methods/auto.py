@@ -6,12 +6,14 @@ SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
   - **BatchNorm**: nothing is learned. Every batch is first predicted with the source statistics;
-    the effective number of classes of those predictions, n = exp(H(histogram)), says how varied
-    the batch is. The BatchNorm statistics are then alpha-BN, (1 - a) source + a batch, with
-    a = ``bn_alpha_max`` * clip((n - 1) / (min(B, C) - 1), 0, 1): batch statistics where the batch
-    looks like the whole distribution, the source statistics where it is one class (label shift,
-    correlated streams, batch size 1, where batch statistics are what made ``norm`` and every
-    BatchNorm method fall below source, docs/BENCHMARKS.md);
+    the effective number of classes of those predictions, n = exp(H(histogram)), against what a
+    batch of the same size drawn from the stream's own source-predicted class distribution would
+    have, says how varied the batch is (``BatchVariety``: r = (n - 1) / (E[n] - 1), clipped to
+    [0, 1]). The BatchNorm statistics are then alpha-BN, (1 - a) source + a batch, with
+    a = ``bn_alpha_max`` * clip((r - floor) / (1 - floor), 0, 1): batch statistics where the batch
+    looks like the whole stream, the source statistics where it holds few of its classes (label
+    shift, correlated streams, batch size 1, where batch statistics are what made ``norm`` and
+    every BatchNorm method fall below source, docs/BENCHMARKS.md);
   - **GroupNorm / LayerNorm / none** (batch-independent models): ``inner`` (see
     ``AutoConfig.inner``) with its own defaults, under the guard below;
 * the number of classes C (the thresholds are in units of ln C) and the batch size B;
@@ -49,6 +51,8 @@ class AutoConfig(MethodConfig):
     """BatchNorm models: the batch's weight in alpha-BN for a batch as varied as min(B, C) classes."""
     guard: bool = True
     """Watch for collapse against a frozen source copy (one extra no-grad forward per batch)."""
+    variety_floor: float = field(default=0.5, metadata=between(0.0, 1.0, high_inclusive=False))
+    """BatchNorm models: batches less varied than this (``BatchVariety``) use the source statistics."""
     max_collapses: int = field(default=2, metadata=at_least(1))
     """After this many collapse events, stop adapting and predict with the source model."""
     window: int = field(default=0, metadata=at_least(0))
@@ -81,15 +85,46 @@ def choose(kind: str, batch_size: int, num_classes: int, inner: str) -> dict[str
                    f"(thresholds in units of ln C={math.log(num_classes):.2f}), guarded against collapse"}
 
 
-def batch_alpha(source_pred: torch.Tensor, num_classes: int, alpha_max: float) -> float:
-    """alpha-BN weight from the batch's effective number of (source-)predicted classes."""
-    top = min(source_pred.numel(), num_classes)
-    if top <= 1:
-        return 0.0
-    p = torch.bincount(source_pred, minlength=num_classes).double() / source_pred.numel()
+def effective_classes(counts: torch.Tensor) -> float:
+    """exp of the entropy of a class histogram: 1 for one class, C for uniform."""
+    p = counts.double() / counts.sum()
     p = p[p > 0]
-    n_eff = float(torch.exp(-(p * p.log()).sum()))
-    return alpha_max * min(max((n_eff - 1) / (top - 1), 0.0), 1.0)
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class BatchVariety:
+    """How varied a batch looks against the stream: its effective number of source-predicted
+    classes over what a batch of the same size drawn from the stream's own (source-predicted)
+    class distribution would have. Near 1 for a shuffled stream, whatever the source's bias (a
+    corruption that makes the source predict few classes lowers both); near 1 / n for batches of
+    one class out of n (label shift, correlated streams). The stream histogram starts from
+    ``prior`` images spread uniformly over the classes, so the first batches of a class-ordered
+    stream are not taken for the whole distribution."""
+
+    def __init__(self, num_classes: int, prior: int, draws: int = 16) -> None:
+        self.counts = torch.full((num_classes,), prior / num_classes, dtype=torch.float64)
+        self.draws = draws
+        self.generator = torch.Generator().manual_seed(0)
+
+    def ratio(self, source_pred: torch.Tensor) -> float:
+        batch = torch.bincount(source_pred, minlength=len(self.counts)).double()
+        self.counts += batch
+        n = source_pred.numel()
+        if n <= 1:
+            return 0.0
+        samples = torch.multinomial(self.counts.float(), n * self.draws, replacement=True,
+                                    generator=self.generator).view(self.draws, n)
+        expected = sum(effective_classes(torch.bincount(s, minlength=len(self.counts))) for s in samples)
+        expected /= self.draws
+        if expected <= 1.0:
+            return 1.0
+        return min(max((effective_classes(batch) - 1) / (expected - 1), 0.0), 1.0)
+
+
+def batch_alpha(ratio: float, alpha_max: float, floor: float) -> float:
+    """alpha-BN weight: ``alpha_max`` for a batch as varied as the stream, 0 below ``floor``,
+    linear in between."""
+    return alpha_max * min(max((ratio - floor) / (1 - floor), 0.0), 1.0)
 
 
 class _Guard:
@@ -149,6 +184,7 @@ class Auto(TTAMethod):
         self.alphas: list[float] = []
         self.batches_seen = 0
         self._guard: _Guard | None = None
+        self._variety: BatchVariety | None = None
 
     @staticmethod
     def _reference(model: nn.Module) -> nn.Module:
@@ -217,7 +253,10 @@ class Auto(TTAMethod):
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
         hooks.alpha = 0.0  # alpha-BN with weight 0 is the source statistics
         source_logits = self.inner.step(x).logits
-        alpha = batch_alpha(source_logits.argmax(1).cpu(), source_logits.shape[1], self.config.bn_alpha_max)
+        if self._variety is None:
+            self._variety = BatchVariety(source_logits.shape[1], prior=max(self.batch_size, source_logits.shape[1]))
+        ratio = self._variety.ratio(source_logits.argmax(1).cpu())
+        alpha = batch_alpha(ratio, self.config.bn_alpha_max, self.config.variety_floor)
         self.alphas.append(alpha)
         if alpha == 0.0:
             return StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
