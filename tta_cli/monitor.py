@@ -198,7 +198,10 @@ class CollapseMonitor:
         return [asdict(e) for e in self.events]
 
     def health(self) -> dict[str, Any]:
-        return health_verdict(self.whole, self.events, self.on_collapse, self.reference is not None)
+        health = health_verdict(self.whole, self.events, self.on_collapse, self.reference is not None)
+        if getattr(self.method, "name", "") == "source":  # its predictions are the source's by definition
+            health.update(verdict="no-change", reasons=["the source model itself, not adapted"])
+        return health
 
 
 class _StreamCounts:
