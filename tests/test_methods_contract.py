@@ -37,6 +37,8 @@ def _adapt(name: str, arch: str, batch: int = 8, **config: object):
     if name == "rotta":  # an update every 8 samples, so that 3 batches of 8 update
         config.setdefault("memory_size", 8)
         config.setdefault("update_every", 8)
+    if name == "auto":  # its default inner method (eta) filters out every sample of a random model
+        config.setdefault("inner", "tent")
     if name == "cotta":  # 2 augmented views instead of 32: the same code paths, faster
         config.setdefault("augmentations", 2)
     method = create_method(name, model, batch_size=batch, **config)

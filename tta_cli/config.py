@@ -20,7 +20,7 @@ def default_workers() -> int:
 class AdaptConfig:
     inputs: list[Path]
     model: str
-    method: str = "sar"
+    method: str = "auto"
     pretrained: bool = True
     checkpoint: Path | None = None
     num_classes: int | None = None
@@ -53,6 +53,11 @@ class AdaptConfig:
     end: float | None = None
     max_frames: int | None = None
     """Videos: which frames enter the stream (see ``tta_cli.sources.video.VideoOptions``)."""
+    on_collapse: str = "reset"
+    """reset, stop or warn: what a label-free collapse event does (``tta_cli.monitor``)."""
+    source_reference: bool = True
+    """Run a frozen source copy on every batch (one extra no-grad forward) for the collapse
+    signals, the health verdict and the ``source_pred`` column."""
     max_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels are skipped (decompression bombs); 0: no limit."""
     predict_only: bool = False

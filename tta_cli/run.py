@@ -16,6 +16,7 @@ from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, export_model
+from tta_cli.monitor import CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
 from tta_cli.runtime import (
     RunSetup,
@@ -101,31 +102,37 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTA
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
                   console: Console) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
+    reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
+    monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
 
     if not config.predict_only and config.export_bn == "stream":
         track_stream_statistics(method, config.batch_size)
-    predictions = PredictionsWriter(out / f"predictions.{config.format}", loaded.class_names, config.format)
+    predictions = PredictionsWriter(out / f"predictions.{config.format}", loaded.class_names, config.format,
+                                   monitor)
     errors = ErrorsWriter(out / "errors.csv")
     export = _export_folder(config, loaded)
     last = LastInputs()
     started = time.perf_counter()
     status = "completed"
+    stopped: CollapseStop | None = None
     totals = Totals()
-    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
+    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet, monitor=monitor)  # type: ignore[arg-type]
     method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
     try:
         batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
         with progress:
-            sinks = [predictions, errors, *([export] if export else []), *([] if config.predict_only else [last]),
-                     progress]
+            sinks = [monitor, predictions, errors, *([export] if export else []),
+                     *([] if config.predict_only else [last]), progress]
             totals = run_stream(method, batches, device, sinks, tune_threads=setup.tune_threads)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
+    except CollapseStop as stop:
+        status, totals, stopped = "collapsed", progress.totals, stop
     finally:
         predictions.close()
         errors.close()
@@ -134,6 +141,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     elapsed = time.perf_counter() - started
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
+    record |= {"collapse_events": monitor.record(), "health": monitor.health()}
     if not config.predict_only:
         record["model_export"] = _export_run_model(config, loaded, method, out, last, device)
     if export is not None:
@@ -145,6 +153,8 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     if export is not None and export.failed:
         console.print(f"[yellow]warning: {len(export.failed)} images could not be exported to "
                       f"{export.directory} (listed in run.json)[/yellow]")
+    if stopped is not None:
+        raise stopped
     if status == "interrupted":
         raise TTAError("interrupted: the predictions so far, the model and run.json are in " + str(out),
                        exit_code=130)
@@ -205,6 +215,8 @@ def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream
     if info["bn_stats"]:
         line += f", BatchNorm statistics: {info['bn_stats']}"
     console.print(line)
+    if info.get("choice"):
+        console.print(f"[bold]auto chose[/bold] {info['choice']['method']}: {info['choice']['why']}", markup=True)
     console.print(f"[bold]stream[/bold] {stream} on {device}")
 
 

@@ -63,7 +63,7 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 def adapt(
     inputs: InputsArg,
     model: ModelOpt,
-    method: MethodOpt = "sar",
+    method: MethodOpt = "auto",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
     num_classes: NumClassesOpt = None,
@@ -99,6 +99,11 @@ def adapt(
     min_confidence: MinConfidenceOpt = None,
     export_bn: ExportBnOpt = "stream",
     strict: StrictOpt = False,
+    on_collapse: Annotated[str, typer.Option(
+        "--on-collapse", help="reset, stop (exit 4) or warn when predictions collapse (no labels needed).")] = "reset",
+    source_reference: Annotated[bool, typer.Option(
+        "--source-reference/--no-source-reference",
+        help="Run a frozen source copy per batch (collapse signals, health verdict, source_pred column).")] = True,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
 ) -> None:
@@ -122,6 +127,7 @@ def adapt(
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
         export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
         export_bn=export_bn, format=output_format,
+        on_collapse=on_collapse, source_reference=source_reference,
     )
     print_summary(run_adapt(config), as_json)
 

@@ -31,12 +31,17 @@ from tta_cli.methods.base import (
 # The built-in methods, after the registry (importing a module registers its classes).
 from tta_cli.methods import cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
 
+# isort: split
+# auto composes the methods above (imports the registry's create_method), so it comes last.
+from tta_cli.methods import auto
+
 __all__ = [
     "ALIASES",
     "EntropyConfig",
     "MethodConfig",
     "StepResult",
     "TTAMethod",
+    "auto",
     "cotta",
     "create_method",
     "default_lr",

@@ -19,15 +19,20 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Protocol
 
 from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
+
+if TYPE_CHECKING:
+    import torch
 
 PREDICTION_COLUMNS = [
     "index", "path", "frame", "timestamp", "pred", "pred_name", "pred_id", "confidence", "entropy", "top5",
     "used_for_update", "label", "correct",
 ]
+SOURCE_COLUMNS = ["source_pred", "source_pred_name"]
+"""Written when a frozen source reference runs beside the method (``tta_cli.monitor``)."""
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -60,26 +65,38 @@ def original_bytes(cell: str) -> bytes:
 PREDICTION_FORMATS = ("csv", "jsonl")
 
 
+class SourcePredictions(Protocol):
+    last_source_pred: torch.Tensor | None
+    reference: object | None
+
+
 class PredictionsWriter:
     """``predictions.csv``, or with ``format="jsonl"`` ``predictions.jsonl``: one JSON object per
     row with the same fields, typed (numbers as numbers, ``top5`` a list, empty cells ``null``) and
-    with no spreadsheet quoting; a name that is not UTF-8 keeps its bytes as ``\\udcNN`` escapes."""
+    with no spreadsheet quoting; a name that is not UTF-8 keeps its bytes as ``\\udcNN`` escapes.
 
-    def __init__(self, path: Path, class_names: list[str], format: str = "csv") -> None:
+    ``source`` (a ``tta_cli.monitor.CollapseMonitor`` placed before this sink) adds the columns
+    ``source_pred`` and ``source_pred_name``: the frozen source model's prediction of each image."""
+
+    def __init__(self, path: Path, class_names: list[str], format: str = "csv",
+                 source: SourcePredictions | None = None) -> None:
         if format not in PREDICTION_FORMATS:
             raise ValueError(f"format must be one of {', '.join(PREDICTION_FORMATS)}, got {format!r}")
         self.class_names = class_names
         self.class_ids = class_ids_of(class_names)
         self.format = format
+        self.source = source if source is not None and source.reference is not None else None
+        self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
         self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         if format == "csv":
-            self._writer.writerow(PREDICTION_COLUMNS)
+            self._writer.writerow(self.columns)
         self.rows = 0
 
     def on_batch(self, out: BatchOutputs) -> None:
         labels = out.batch.labels
         correct = out.correct
+        source = self.source.last_source_pred if self.source is not None else None
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
             row = [
@@ -96,22 +113,29 @@ class PredictionsWriter:
                 int(bool(out.used[i])),
                 None if labels is None else int(labels[i]),
                 None if correct is None else int(bool(correct[i])),
+                *([] if self.source is None else self._source_cells(source, i)),
             ]
             if self.format == "jsonl":
-                self._file.write(_json_line(dict(zip(PREDICTION_COLUMNS, row, strict=True))) + "\n")
+                self._file.write(_json_line(dict(zip(self.columns, row, strict=True))) + "\n")
             else:
-                self._writer.writerow(_csv_row(row))
+                self._writer.writerow(_csv_row(self.columns, row))
         self.rows += len(out.batch.items)
         self._file.flush()
+
+    def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
+        if source is None:
+            return [None, None]
+        pred = int(source[i])
+        return [pred, self.class_names[pred] if pred < len(self.class_names) else pred]
 
     def close(self) -> None:
         self._file.close()
 
 
-def _csv_row(row: list[object]) -> list[object]:
+def _csv_row(columns: list[str], row: list[object]) -> list[object]:
     """Text cells through :func:`csv_text`, fixed decimals, top-5 space-separated, None empty."""
     cells: list[object] = []
-    for column, value in zip(PREDICTION_COLUMNS, row, strict=True):
+    for column, value in zip(columns, row, strict=True):
         if value is None:
             cells.append("")
         elif isinstance(value, str):

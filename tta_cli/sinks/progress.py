@@ -22,8 +22,11 @@ class ProgressDisplay:
     """
 
     def __init__(self, console: Console, total: int | None, method: Any, quiet: bool = False,
-                 interval: float = 5.0, clock: Callable[[], float] = time.perf_counter) -> None:
+                 interval: float = 5.0, clock: Callable[[], float] = time.perf_counter,
+                 monitor: Any = None) -> None:
         self.console = console
+        self.monitor = monitor
+        """A ``tta_cli.monitor.CollapseMonitor``: its events go on the progress line."""
         self.method = method
         self.total = total
         self.quiet = quiet
@@ -85,6 +88,9 @@ class ProgressDisplay:
             ema = self._method_ema()
             if ema is not None:
                 parts.append(f"EMA {ema:.3f}")
+        collapse = self.monitor.progress_text() if self.monitor is not None else None
+        if collapse:
+            parts.append(collapse)
         if t.accuracy is not None:
             parts.append(f"acc {100 * t.accuracy:.1f}%")
         if t.skipped:
@@ -117,6 +123,18 @@ class ProgressDisplay:
             self._ema_read_at = now
         return self._ema
 
+def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The label-free verdict (``tta_cli.monitor.health_verdict``) and what auto chose."""
+    rows = []
+    choice = record["method"].get("choice")
+    if choice:
+        rows.append(("auto chose", f"{choice.get('method')}: {choice.get('why', '')}"))
+    health = record.get("health")
+    if health:
+        rows.append(("health", f"{health['verdict']} ({'; '.join(health['reasons'])})"))
+    return rows
+
+
 def summary_table(record: dict[str, Any]) -> Table:
     title = "tta predict" if record.get("config", {}).get("predict_only") else "tta adapt"
     table = Table(title=title, show_header=False, title_justify="left")
@@ -136,6 +154,7 @@ def summary_table(record: dict[str, Any]) -> Table:
         ("mean entropy", f"{counts['mean_entropy']:.4f}" if counts["mean_entropy"] is not None else "-"),
         ("accuracy", f"{100 * record['accuracy']:.2f}%" if record.get("accuracy") is not None else "no labels"),
         ("images/s", f"{timing['images_per_second']:.1f}"),
+        *_health_rows(record),
         ("outputs", record["out"]),
     ]
     rows += _export_rows(record)

@@ -1,0 +1,86 @@
+"""methods/auto.py: what auto chooses per normalisation type, its BatchNorm variety rule, its guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import invoke, make_images, random_inputs, tiny_timm
+from tta_cli.methods import create_method
+from tta_cli.methods.auto import DEFAULT_INNER, BatchVariety, batch_alpha, model_norm_kind
+
+
+@pytest.mark.parametrize(("arch", "kind", "inner"), [
+    ("test_resnet", "batchnorm", "norm"),
+    ("test_efficientnet_gn", "groupnorm", DEFAULT_INNER),
+    ("test_vit", "layernorm", DEFAULT_INNER),
+])
+def test_choice_per_normalisation(arch: str, kind: str, inner: str) -> None:
+    model = tiny_timm(arch)
+    assert model_norm_kind(model) == kind
+    method = create_method("auto", model, batch_size=8)
+    info = method.describe()
+    assert info["method"] == "auto" and info["inner"] == inner
+    assert info["choice"]["norm"] == kind and info["choice"]["why"]
+    for x in random_inputs(2):
+        out = method.step(x)
+        assert out.logits.shape == (8, 10) and torch.isfinite(out.logits).all()
+    method.close()
+
+
+def test_inner_can_be_chosen() -> None:
+    method = create_method("auto", tiny_timm("test_vit"), batch_size=8, inner="tent")
+    assert method.describe()["inner"] == "tent"
+
+
+def test_variety_of_shuffled_and_single_class_batches() -> None:
+    g = torch.Generator().manual_seed(0)
+    shuffled = BatchVariety(10, prior=64)
+    ratios = [shuffled.ratio(torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
+    assert min(ratios) > 0.8
+    one_class = BatchVariety(10, prior=64)
+    assert all(one_class.ratio(torch.full((64,), c)) == 0.0 for c in range(4))
+    assert BatchVariety(10, prior=64).ratio(torch.tensor([3])) == 0.0  # batch size 1: source statistics
+    assert batch_alpha(1.0, 1.0, 0.5) == 1.0 and batch_alpha(0.4, 1.0, 0.5) == 0.0
+    assert batch_alpha(0.75, 1.0, 0.5) == pytest.approx(0.5)
+
+
+def test_batchnorm_single_class_batch_predicts_with_source_statistics() -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0][:1].repeat(8, 1, 1, 1)  # 8 copies of one image: one source class
+    with torch.no_grad():
+        expected = model.eval()(x)
+    method = create_method("auto", model, batch_size=8)
+    assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
+    assert method.stats()["bn_alpha_mean"] == 0.0
+
+
+def test_guard_resets_then_falls_back_to_source() -> None:
+    model = tiny_timm("test_vit")
+    x = random_inputs(1)[0]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    method = create_method("auto", model, batch_size=8, inner="tent", window=8, max_collapses=2)
+    from tta_cli.methods import auto as auto_module
+
+    method._guard = auto_module._Guard(10, 8)
+    method._guard.thresholds = auto_module._Guard(10, 8).thresholds.__class__(diversity_ratio=1e9, max_agreement=1.0)
+    method.step(x)
+    method.step(x)
+    assert [e["action"] for e in method.collapse_events] == ["reset", "source"]
+    assert method.frozen_at == 1
+    assert torch.allclose(method.step(x).logits, expected, atol=1e-5)  # the source model now
+
+
+def test_adapt_default_is_auto_and_records_the_choice(tmp_path: Path, tiny_model_dir: Path) -> None:
+    make_images(tmp_path / "images", 8)
+    out = tmp_path / "out"
+    result = invoke("adapt", tmp_path / "images", "--model", f"local-dir:{tiny_model_dir}", "-b", "4",
+                    "--out", out, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "auto chose" in result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["method"]["method"] == "auto" and record["method"]["choice"]["method"] == DEFAULT_INNER

@@ -1,0 +1,175 @@
+"""tta_cli.monitor: label-free collapse detection, the source reference and the health verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import csv_rows, invoke, make_images
+from tta_cli.monitor import (
+    CollapseMonitor,
+    CollapseStop,
+    SourceReference,
+    Thresholds,
+    effective_classes,
+    health_verdict,
+)
+from tta_cli.outputs import BatchOutputs
+from tta_cli.sources.items import Batch, StreamItem
+
+C = 10
+
+
+class _Method:
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+class _ByFirstPixel(nn.Module):
+    """A 'source model' whose prediction is read from the image: class = first pixel value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), C).float() * 5
+
+
+def _outputs(classes: torch.Tensor, pred: torch.Tensor, entropy: float, start: int) -> BatchOutputs:
+    n = len(classes)
+    images = torch.zeros(n, 3, 2, 2)
+    images[:, 0, 0, 0] = classes.float()
+    items = [StreamItem(f"{start + i}.png", Path(f"{start + i}.png")) for i in range(n)]
+    return BatchOutputs(Batch(items, images, start), pred, torch.ones(n), torch.full((n,), entropy),
+                        torch.zeros(n, 5, dtype=torch.long), torch.zeros(n, dtype=torch.bool), (), False, 0.0)
+
+
+def _feed(monitor: CollapseMonitor, collapsed: bool, batches: int = 12, batch: int = 32) -> None:
+    g = torch.Generator().manual_seed(0)
+    for b in range(batches):
+        classes = torch.randint(0, C, (batch,), generator=g)
+        pred = torch.zeros(batch, dtype=torch.long) if collapsed else classes.clone()
+        entropy = 0.01 if collapsed else 0.8 * math.log(C)
+        monitor.on_batch(_outputs(classes, pred, entropy, b * batch))
+
+
+def test_effective_classes() -> None:
+    assert effective_classes(torch.zeros(50, dtype=torch.long), C) == pytest.approx(1.0)
+    assert effective_classes(torch.arange(C).repeat(5), C) == pytest.approx(C)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_one_class_stream_is_a_collapse_and_resets(reference: bool) -> None:
+    method = _Method()
+    ref = SourceReference(_ByFirstPixel()) if reference else None
+    monitor = CollapseMonitor(method, C, ref, "reset", window=64)
+    _feed(monitor, collapsed=True)
+    assert monitor.events and method.resets == len(monitor.events)
+    assert monitor.events[0].batch == 1  # the first full window (2 batches of 32)
+    assert monitor.events[0].signals["effective_classes"] == pytest.approx(1.0)
+    assert "collapse" in (monitor.progress_text() or "")
+    health = monitor.health()
+    assert health["verdict"] == "suspect" and health["collapse_events"] == len(monitor.events)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_healthy_stream_has_no_event(reference: bool) -> None:
+    method = _Method()
+    ref = SourceReference(_ByFirstPixel()) if reference else None
+    monitor = CollapseMonitor(method, C, ref, "reset", window=64)
+    _feed(monitor, collapsed=False)
+    assert not monitor.events and method.resets == 0
+    health = monitor.health()
+    assert health["verdict"] == ("no-change" if reference else "ok")
+
+
+def test_label_shift_stream_is_not_a_collapse() -> None:
+    """One class for a long stretch is a collapse only if the source does not see the same."""
+    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "reset", window=64)
+    for b in range(8):
+        classes = torch.full((32,), b // 4)
+        monitor.on_batch(_outputs(classes, classes.clone(), 0.1, b * 32))
+    assert not monitor.events
+
+
+def test_stop_raises_and_warn_only_records() -> None:
+    with pytest.raises(CollapseStop) as stopped:
+        _feed(CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "stop", window=64), collapsed=True)
+    assert stopped.value.exit_code == 4
+    method = _Method()
+    monitor = CollapseMonitor(method, C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    _feed(monitor, collapsed=True)
+    assert monitor.events and method.resets == 0
+    assert monitor.health()["verdict"] == "collapsed"
+
+
+def test_health_says_how_much_changed() -> None:
+    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=10_000)
+    classes = torch.arange(C).repeat(4)
+    pred = classes.clone()
+    pred[:8] = (pred[:8] + 1) % C  # 8 of 40 differ, diversity intact
+    monitor.on_batch(_outputs(classes, pred, 1.0, 0))
+    health = monitor.health()
+    assert health["verdict"] == "ok" and health["changed_share"] == pytest.approx(0.2)
+
+
+def test_unknown_action_is_a_user_error() -> None:
+    from tta_cli.errors import TTAError
+
+    with pytest.raises(TTAError):
+        CollapseMonitor(_Method(), C, None, "explode")  # type: ignore[arg-type]
+
+
+def test_reference_ignores_the_methods_hooks() -> None:
+    from tests.helpers import random_inputs, tiny_timm
+    from tta_cli.methods import create_method
+
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0]
+    with torch.no_grad():
+        expected = model.eval()(x)
+    create_method("norm", model, batch_size=8)  # BatchNorm hooks on the model
+    assert torch.allclose(SourceReference(model).logits(x), expected, atol=1e-5)
+    assert health_verdict.__name__  # the module's public helpers import cleanly
+
+
+def test_adapt_records_health_and_source_column(tmp_path: Path, tiny_model_dir: Path) -> None:
+    make_images(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    result = invoke("adapt", tmp_path / "images", "--model", f"local-dir:{tiny_model_dir}", "--method", "tent",
+                    "-b", "4", "--out", out, "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["health"]["verdict"] in ("ok", "no-change", "suspect", "collapsed")
+    assert record["collapse_events"] == []
+    rows = csv_rows(out / "predictions.csv")
+    assert all(r["source_pred"] != "" for r in rows)
+
+
+def test_on_collapse_stop_exits_non_zero_with_status(tmp_path: Path, tiny_model_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import tta_cli.run
+
+    def always_collapsing(method, num_classes, reference, on_collapse, batch_size):
+        return CollapseMonitor(method, num_classes, reference, on_collapse, window=4,
+                               thresholds=Thresholds(diversity_ratio=1e9, max_agreement=1.0))
+
+    monkeypatch.setattr(tta_cli.run, "monitor_for", always_collapsing)
+    make_images(tmp_path / "images", 12)
+    out = tmp_path / "out"
+    result = invoke("adapt", tmp_path / "images", "--model", f"local-dir:{tiny_model_dir}", "--method", "tent",
+                    "-b", "4", "--out", out, "--workers", "0", "--quiet", "--on-collapse", "stop")
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, CollapseStop) and result.exception.exit_code == 4  # `tta` exits 4
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "collapsed"
+    assert record["collapse_events"][0]["batch"] == 0 and record["health"]["verdict"] == "collapsed"

@@ -1,0 +1,313 @@
+"""auto: chooses a method and its settings from what it can see without labels, and guards it.
+
+Not a paper's method: a policy over the project's faithful methods, chosen by measurement on the
+wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto against source and
+SAR"). What it looks at, before the first batch and while the stream runs:
+
+* the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
+  - **BatchNorm**: nothing is learned. Every batch is first predicted with the source statistics;
+    the effective number of classes of those predictions, n = exp(H(histogram)), against what a
+    batch of the same size drawn from the stream's own source-predicted class distribution would
+    have, says how varied the batch is (``BatchVariety``: r = (n - 1) / (E[n] - 1), clipped to
+    [0, 1]). The BatchNorm statistics are then alpha-BN, (1 - a) source + a batch, with
+    a = ``bn_alpha_max`` * clip((r - floor) / (1 - floor), 0, 1): batch statistics where the batch
+    looks like the whole stream, the source statistics where it holds few of its classes (label
+    shift, correlated streams, batch size 1, where batch statistics are what made ``norm`` and
+    every BatchNorm method fall below source, docs/BENCHMARKS.md);
+  - **GroupNorm / LayerNorm / none** (batch-independent models): ``inner`` (see
+    ``AutoConfig.inner``) with its own defaults, under the guard below;
+* the number of classes C (the thresholds are in units of ln C) and the batch size B;
+* the stream: a frozen source copy predicts every batch; over a window the ``tta_cli.monitor``
+  signals (diversity against the source's, agreement, entropy drop in units of ln C) flag a
+  collapse; the inner method is reset, and after ``max_collapses`` events auto stops adapting and
+  predicts with the source model for the rest of the stream ("never worse than the source").
+
+``describe()["choice"]`` records what was chosen and why; ``tta adapt`` prints it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tta_cli.methods._registry import create_method, register_method
+from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.hyperparameters import at_least, between
+from tta_cli.methods.selection import BatchNormStats, has_batchnorm, norm_modules
+
+InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "lame"]
+
+
+@dataclass
+class AutoConfig(MethodConfig):
+    inner: InnerChoice = "auto"
+    """The method for batch-independent (GroupNorm / LayerNorm / no-norm) models; auto: measured."""
+    bn_alpha_max: float = field(default=1.0, metadata=between(0.0, 1.0))
+    """BatchNorm models: the batch's weight in alpha-BN for a batch as varied as min(B, C) classes."""
+    guard: bool = True
+    """Watch for collapse against a frozen source copy (one extra no-grad forward per batch)."""
+    variety_floor: float = field(default=0.5, metadata=between(0.0, 1.0, high_inclusive=False))
+    """BatchNorm models: batches less varied than this (``BatchVariety``) use the source statistics."""
+    max_collapses: int = field(default=2, metadata=at_least(1))
+    """After this many collapse events, stop adapting and predict with the source model."""
+    window: int = field(default=0, metadata=at_least(0))
+    """Images in the guard's window; 0: max(256, 2 B, 8 C)."""
+
+
+DEFAULT_INNER = "eta"
+"""Batch-independent models: measured in docs/BENCHMARKS.md ("auto"); see ``choose``."""
+
+
+def model_norm_kind(model: nn.Module) -> str:
+    """batchnorm, groupnorm, layernorm or none: what the model normalises with."""
+    if has_batchnorm(model):
+        return "batchnorm"
+    kinds = {type(m).__name__.lower() for _, m in norm_modules(model)}
+    if any("group" in k for k in kinds):
+        return "groupnorm"
+    return "layernorm" if kinds else "none"
+
+
+def choose(kind: str, batch_size: int, num_classes: int, inner: str) -> dict[str, Any]:
+    """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
+    if kind == "batchnorm":
+        return {"method": "norm", "norm": kind, "bn_stats": "mix, alpha per batch from source-prediction diversity",
+                "why": "BatchNorm: test-time statistics gain most, but batch statistics fail on batches of one "
+                       "or few classes (label shift, B=1); alpha-BN weighted by how varied the batch looks"}
+    name = DEFAULT_INNER if inner == "auto" else inner
+    return {"method": name, "norm": kind,
+            "why": f"{kind}: batch-independent model; {name} measured safest among entropy methods "
+                   f"(thresholds in units of ln C={math.log(num_classes):.2f}), guarded against collapse"}
+
+
+def effective_classes(counts: torch.Tensor) -> float:
+    """exp of the entropy of a class histogram: 1 for one class, C for uniform."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class BatchVariety:
+    """How varied a batch looks against the stream: its effective number of source-predicted
+    classes over what a batch of the same size drawn from the stream's own (source-predicted)
+    class distribution would have. Near 1 for a shuffled stream, whatever the source's bias (a
+    corruption that makes the source predict few classes lowers both); near 1 / n for batches of
+    one class out of n (label shift, correlated streams). The stream histogram starts from
+    ``prior`` images spread uniformly over the classes, so the first batches of a class-ordered
+    stream are not taken for the whole distribution."""
+
+    def __init__(self, num_classes: int, prior: int, draws: int = 16) -> None:
+        self.counts = torch.full((num_classes,), prior / num_classes, dtype=torch.float64)
+        self.draws = draws
+        self.generator = torch.Generator().manual_seed(0)
+
+    def ratio(self, source_pred: torch.Tensor) -> float:
+        batch = torch.bincount(source_pred, minlength=len(self.counts)).double()
+        self.counts += batch
+        n = source_pred.numel()
+        if n <= 1:
+            return 0.0
+        samples = torch.multinomial(self.counts.float(), n * self.draws, replacement=True,
+                                    generator=self.generator).view(self.draws, n)
+        expected = sum(effective_classes(torch.bincount(s, minlength=len(self.counts))) for s in samples)
+        expected /= self.draws
+        if expected <= 1.0:
+            return 1.0
+        return min(max((effective_classes(batch) - 1) / (expected - 1), 0.0), 1.0)
+
+
+def batch_alpha(ratio: float, alpha_max: float, floor: float) -> float:
+    """alpha-BN weight: ``alpha_max`` for a batch as varied as the stream, 0 below ``floor``,
+    linear in between."""
+    return alpha_max * min(max((ratio - floor) / (1 - floor), 0.0), 1.0)
+
+
+class _Guard:
+    """The collapse signals of ``tta_cli.monitor`` over a window, on the device's outputs."""
+
+    def __init__(self, num_classes: int, window: int) -> None:
+        from tta_cli.monitor import Thresholds
+
+        self.num_classes, self.window, self.thresholds = num_classes, window, Thresholds()
+        self.parts: list[tuple[torch.Tensor, ...]] = []
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, source_logits: torch.Tensor) -> dict[str, float] | None:
+        """The window's signals when they show a collapse (the window then starts afresh), else None."""
+        from tta_cli.monitor import is_collapsed, window_signals
+
+        part = (logits.argmax(1).cpu(), softmax_entropy(logits).cpu(),
+                source_logits.argmax(1).cpu(), softmax_entropy(source_logits).cpu())
+        self.parts.append(part)
+        self.count += len(part[0])
+        while self.parts and self.count - len(self.parts[0][0]) >= self.window:
+            self.count -= len(self.parts.pop(0)[0])
+        if self.count < self.window:
+            return None
+        columns = [torch.cat(c) for c in zip(*self.parts, strict=True)]
+        signals = window_signals(*columns, self.num_classes)
+        if not is_collapsed(signals, self.thresholds):
+            return None
+        self.parts, self.count = [], 0
+        return signals
+
+
+@register_method
+class Auto(TTAMethod):
+    name = "auto"
+    config_class = AutoConfig
+    predicts_first_forward = False
+    """BatchNorm models: the prediction uses per-batch alpha-BN; after repeated collapse, the source's."""
+    config: AutoConfig
+
+    def __init__(self, model: nn.Module, config: AutoConfig | None = None, batch_size: int = 64) -> None:
+        nn.Module.__init__(self)
+        self.config = config if config is not None else AutoConfig()
+        self.model = model
+        self.batch_size = batch_size
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.kind = model_norm_kind(model)
+        self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner)
+        self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
+        if self.kind == "batchnorm":
+            self.inner = create_method("norm", model, batch_size=batch_size, bn_stats="mix", bn_alpha=0.0)
+        else:
+            self.inner = create_method(self.choice["method"], model, batch_size=batch_size)
+        self.updates_parameters = self.inner.updates_parameters  # type: ignore[misc]
+        self.collapse_events: list[dict[str, Any]] = []
+        self.frozen_at: int | None = None
+        self.alphas: list[float] = []
+        self.batches_seen = 0
+        self._guard: _Guard | None = None
+        self._variety: BatchVariety | None = None
+
+    @staticmethod
+    def _reference(model: nn.Module) -> nn.Module:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        for module in reference.modules():
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+        return reference
+
+    # --- delegated state --------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list[torch.Tensor]:  # type: ignore[override]
+        return self.inner.params
+
+    @property
+    def param_names(self) -> list[str]:  # type: ignore[override]
+        return self.inner.param_names
+
+    @property
+    def bn_mode(self) -> str | None:  # type: ignore[override]
+        return self.inner.bn_mode
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:  # type: ignore[override]
+        return self.inner.optimizer
+
+    @property
+    def resets(self) -> list[int]:
+        return self.inner.resets
+
+    def configure_performance(self, precision: str = "fp32", channels_last: bool = False,
+                              compile: bool | str = False) -> None:
+        self.inner.configure_performance(precision, channels_last, compile)
+        self.performance = self.inner.performance
+        if self.reference is not None and channels_last:
+            self.reference.to(memory_format=torch.channels_last)
+
+    def reseed(self, seed: int) -> None:
+        self.inner.reseed(seed)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def settle(self) -> None:
+        self.inner.settle()
+
+    def adapted_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.adapted_state_dict()
+
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.inner.extra_exports()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    # --- the stream -------------------------------------------------------------------------------
+
+    def step(self, x: torch.Tensor) -> StepResult:
+        result = self._step_bn(x) if self.kind == "batchnorm" else self._step_guarded(x)
+        self.batches_seen += 1
+        return result
+
+    @torch.no_grad()
+    def _step_bn(self, x: torch.Tensor) -> StepResult:
+        hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
+        hooks.alpha = 0.0  # alpha-BN with weight 0 is the source statistics
+        source_logits = self.inner.step(x).logits
+        if self._variety is None:
+            self._variety = BatchVariety(source_logits.shape[1], prior=max(self.batch_size, source_logits.shape[1]))
+        ratio = self._variety.ratio(source_logits.argmax(1).cpu())
+        alpha = batch_alpha(ratio, self.config.bn_alpha_max, self.config.variety_floor)
+        self.alphas.append(alpha)
+        if alpha == 0.0:
+            return StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        hooks.alpha = alpha
+        return self.inner.step(x)
+
+    def _step_guarded(self, x: torch.Tensor) -> StepResult:
+        if self.frozen_at is not None:
+            return self._source_step(x)
+        result = self.inner.step(x)
+        if self.reference is None:
+            return result
+        source_logits = self._source_logits(x)
+        if self._guard is None:
+            window = self.config.window or max(256, 2 * self.batch_size, 8 * source_logits.shape[1])
+            self._guard = _Guard(source_logits.shape[1], window)
+        signals = self._guard.add(result.logits.detach().float(), source_logits)
+        if signals is not None:
+            self._on_collapse(signals)
+        return result
+
+    def _on_collapse(self, signals: dict[str, float]) -> None:
+        frozen = len(self.collapse_events) + 1 >= self.config.max_collapses
+        self.collapse_events.append({"batch": self.batches_seen, "action": "source" if frozen else "reset",
+                                     "signals": {k: round(v, 4) for k, v in signals.items()}})
+        self.inner.reset()
+        if frozen:
+            self.frozen_at = self.batches_seen
+
+    @torch.no_grad()
+    def _source_logits(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.reference is not None
+        with self.inner.autocast():
+            return self.reference(self.inner.prepare_input(x)).float()
+
+    def _source_step(self, x: torch.Tensor) -> StepResult:
+        logits = self._source_logits(x) if self.reference is not None else self.inner.model(x)
+        return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
+                                 "source_from_batch": self.frozen_at}
+        if self.alphas:
+            stats["bn_alpha_mean"] = sum(self.alphas) / len(self.alphas)
+        return stats
+
+    def describe(self) -> dict[str, Any]:
+        info = self.inner.describe()
+        info["inner"] = info["method"]
+        info["inner_config"] = info["config"]
+        info.update(method=self.name, config=dict(vars(self.config)), choice=self.choice)
+        return info
