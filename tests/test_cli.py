@@ -85,15 +85,16 @@ def test_bad_label_in_csv_is_an_error(tmp_path: Path, tiny_model_dir: Path) -> N
 
 
 def test_set_validates_keys_and_values(tmp_path: Path, tiny_model_dir: Path, image_folder: Path) -> None:
-    result, _ = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--set", "rho=0.1", "--set", "bogus=1")
+    result, _ = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--method", "sar", "--set", "rho=0.1",
+                         "--set", "bogus=1")
     assert isinstance(result.exception, TTAError)
     assert "bogus" in str(result.exception) and "rho" in str(result.exception)  # lists the valid keys
-    result, _ = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--set", "rho=abc")
+    result, _ = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--method", "sar", "--set", "rho=abc")
     assert isinstance(result.exception, TTAError) and "rho" in str(result.exception)
 
 
 def test_set_and_lr_reach_the_method(tmp_path: Path, tiny_model_dir: Path, image_folder: Path) -> None:
-    result, out = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--lr", "0.01", "--steps", "2",
+    result, out = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--method", "sar", "--lr", "0.01", "--steps", "2",
                          "--set", "skip_empty=true", "--set", "rho=0.1", "-q")
     assert result.exit_code == 0, result.output
     method = json.loads((out / "run.json").read_text())["method"]
