@@ -40,8 +40,9 @@ class AdaptConfig:
     """Method hyperparameters (``--lr``, ``--steps``, ``--episodic``, ``--set key=value``)."""
     quiet: bool = False
     strict: bool = False
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (autocast; see docs/PERFORMANCE.md)."""
+    precision: str = "auto"
+    """auto (bf16 where measured to keep results on hardware with bf16 units, else fp32), fp32, bf16
+    or fp16 (autocast; see docs/PERFORMANCE.md)."""
     compile: bool = False
     channels_last: str = "auto"
     """auto (conv nets on CUDA), on or off."""
