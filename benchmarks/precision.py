@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (the benchmark's model, data and tta runners)
+import speed
 
 
 def labels(n: int) -> torch.Tensor:
@@ -44,7 +44,8 @@ def compare(args: argparse.Namespace, model: str, method: str, truth: torch.Tens
             preds[p] = run.preds
     acc = {p: float((preds[p] == truth).float().mean()) * 100 for p in preds}
     row = {"model": model, "method": method, "fp32_acc": acc["fp32"], "bf16_acc": acc["bf16"],
-           "delta": acc["bf16"] - acc["fp32"], "same_predictions": float((preds["fp32"] == preds["bf16"]).float().mean()),
+           "delta": acc["bf16"] - acc["fp32"],
+           "same_predictions": float((preds["fp32"] == preds["bf16"]).float().mean()),
            "bf16_speedup": statistics.median(times["fp32"]) / statistics.median(times["bf16"])}
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row

@@ -126,5 +126,5 @@ def resolve_precision(requested: str, device: torch.device, family: str, method:
     return "bf16", why
 
 
-__all__ = ["AUTO", "BF16_FALLBACKS", "PRECISIONS", "Performance", "apply_to_model", "autocast", "check_precision", "loss_scaler",
-           "native_bf16", "prepare_input", "resolve_precision"]
+__all__ = ["AUTO", "BF16_FALLBACKS", "PRECISIONS", "Performance", "apply_to_model", "autocast", "check_precision",
+           "loss_scaler", "native_bf16", "prepare_input", "resolve_precision"]
