@@ -567,7 +567,7 @@ def whole_processes(args: argparse.Namespace) -> dict[str, Any]:
                     "--models", name, "--batch-size", str(args.batch_size), "--lr", str(lr),
                     "--authors", str(args.authors), "--adapt-out", str(work / "authors.json")],
     }
-    commands["plain"] = [*commands["authors"][:4], "plain", *commands["authors"][5:-1], str(work / "plain.json")]
+    commands["plain"] = [*commands["authors"][:3], "plain", *commands["authors"][4:-1], str(work / "plain.json")]
     times: dict[str, list[float]] = {k: [] for k in commands}
     for rep in range(args.repeats):
         order = list(commands) if rep % 2 == 0 else list(reversed(commands))
