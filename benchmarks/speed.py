@@ -12,6 +12,13 @@ and the report gives medians, ratios, the share of identical predictions and pea
     python benchmarks/speed.py --device cuda --precision bf16 --models vit_base_patch16_224
     python benchmarks/speed.py --make-jpegs DIR --images 2048       # a JPEG folder (256 px) for ...
     python benchmarks/speed.py --adapt-folder DIR --models vit_base_patch16_224   # ... `tta adapt`
+    python benchmarks/speed.py --authors /tmp/SAR --folder DIR --models cifar10-resnet18-gn
+
+``--authors PATH`` times whole processes against whole processes on a folder of images: ``tta adapt
+--method sar``, the authors' SAR (``sar.py`` and ``sam.py`` imported from PATH, a checkout of
+github.com/mr-eggplant/SAR that is never copied here, driven as their script does: decode the whole
+folder, then loop) and the plain loop below (same driver), interleaved, same model, hyperparameters
+and predictions checked.
 
 Models named ``cifar10-*`` are the shared trained ones (``local-dir:``); any other name is a timm
 architecture with random weights, for which the entropy margin is set so that about half of the
@@ -502,6 +509,88 @@ def make_jpegs(folder: Path, n: int, size: int = 256) -> None:
         image.save(folder / f"{i:06d}.jpg", quality=90)
 
 
+# --- whole process against whole process: tta adapt, the authors' SAR, the plain loop --------------
+
+
+def model_spec(name: str) -> str:
+    return f"local-dir:{shared_dir() / 'models' / name}" if name.startswith("cifar10-") else name
+
+
+def process_run(impl: str, folder: Path, name: str, batch_size: int, lr: float, out: Path,
+                authors: Path | None) -> None:
+    """One whole run as the authors' script does it: decode every image first, then adapt batch by
+    batch; predictions to ``out`` (JSON). ``impl``: ``authors`` (their sar.py/sam.py) or ``plain``."""
+    model = load_model(name)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    if impl == "authors":
+        sys.path.insert(0, str(authors))
+        import sam as authors_sam  # type: ignore[import-not-found]
+        import sar as authors_sar  # type: ignore[import-not-found]
+
+        model = authors_sar.configure_model(model)
+        params, _ = authors_sar.collect_params(model)
+        optimizer = authors_sam.SAM(params, torch.optim.SGD, lr=lr, momentum=0.9)
+        n_classes = model.get_classifier().out_features
+        step = authors_sar.SAR(model, optimizer, margin_e0=E0_FACTOR * math.log(n_classes))
+    else:
+        step = PlainSAR(model, lr=lr, margin=E0_FACTOR).step
+    preds = [step(x).argmax(1) for x in images.split(batch_size)]
+    out.write_text(json.dumps(torch.cat(preds).tolist()))
+
+
+def tta_process(folder: Path, name: str, batch_size: int, lr: float, out: Path, precision: str) -> list[str]:
+    return [sys.executable, "-m", "tta_cli", "adapt", str(folder), "--model", model_spec(name), "--method",
+            "sar", "--batch-size", str(batch_size), "--lr", str(lr), "--precision", precision,
+            "--out", str(out), "--overwrite", "--quiet"]
+
+
+def tta_predictions(out: Path) -> list[int]:
+    import csv
+
+    with (out / "predictions.csv").open() as f:
+        return [int(row["pred"]) for row in csv.DictReader(f)]
+
+
+def whole_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """tta adapt, the authors' SAR and the plain loop, each a whole process, runs interleaved."""
+    name, folder, work = args.models[0], Path(args.folder), Path(args.adapt_out)
+    work.mkdir(parents=True, exist_ok=True)
+    lr = default_lr(load_model(name), args.batch_size)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if args.process_threads:
+        env["OMP_NUM_THREADS"] = str(args.process_threads)
+    commands = {
+        "tta": tta_process(folder, name, args.batch_size, lr, work / "tta", "fp32"),
+        "authors": [sys.executable, __file__, "--process-run", "authors", "--folder", str(folder),
+                    "--models", name, "--batch-size", str(args.batch_size), "--lr", str(lr),
+                    "--authors", str(args.authors), "--adapt-out", str(work / "authors.json")],
+    }
+    commands["plain"] = [*commands["authors"][:3], "plain", *commands["authors"][4:-1], str(work / "plain.json")]
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for rep in range(args.repeats):
+        order = list(commands) if rep % 2 == 0 else list(reversed(commands))
+        for impl in order:
+            start = time.perf_counter()
+            subprocess.run(commands[impl], env=env, check=True)
+            times[impl].append(time.perf_counter() - start)
+            print(f"  {impl} rep {rep}: {times[impl][-1]:.1f} s", file=sys.stderr, flush=True)
+    preds = {"tta": tta_predictions(work / "tta"),
+             "authors": json.loads((work / "authors.json").read_text()),
+             "plain": json.loads((work / "plain.json").read_text())}
+    n = len(preds["authors"])
+    same = {k: sum(a == b for a, b in zip(preds[k], preds["authors"], strict=True)) / n for k in ("tta", "plain")}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    record = json.loads((work / "tta" / "run.json").read_text())
+    return {"model": name, "images": n, "batch_size": args.batch_size, "lr": lr, "seconds": times,
+            "median_seconds": median, "tta_vs_authors": median["authors"] / median["tta"],
+            "tta_vs_plain": median["plain"] / median["tta"],
+            "ratio_per_rep": [a / t for a, t in zip(times["authors"], times["tta"], strict=True)],
+            "same_predictions_as_authors": same, "tta_timing": record["timing"],
+            "tta_threads_env": env.get("OMP_NUM_THREADS"), "machine": machine()}
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 
@@ -548,12 +637,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapt-out", default="/tmp/tta-speed-adapt")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--make-jpegs", type=Path, help="write --images JPEG files (256 px) here and stop")
+    p.add_argument("--authors", type=Path, help="a checkout of the authors' SAR: whole processes on --folder")
+    p.add_argument("--folder", help="images for --authors (decoded by each process)")
+    p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--process-threads", type=int, help="OMP_NUM_THREADS for every process of --authors "
+                   "(default: unset, each process chooses)")
+    p.add_argument("--process-run", help=argparse.SUPPRESS)
     p.add_argument("--probe", nargs=2, metavar=("IMPL", "METHOD"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.process_run:
+        process_run(args.process_run, Path(args.folder), args.models[0], args.batch_size, args.lr,
+                    Path(args.adapt_out), args.authors)
+        return
+    if args.authors:
+        result = whole_processes(args)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return
     torch.set_num_threads(args.threads)
     if args.probe:
         memory_probe(args)

@@ -69,7 +69,7 @@ USAGE_ERRORS = [
     (["adapt", "x", "-m", "m", "--fps", "nan"], "'--fps'"),
     (["adapt", "x", "-m", "m", "--start", "inf"], "'--start'"),
     (["adapt", "x", "-m", "m", "--seed", "-1"], "'--seed'"),
-    (["adapt", "x", "-m", "m", "--precision", "fp8"], "'--precision': 'fp8' is not one of fp32, bf16, fp16"),
+    (["adapt", "x", "-m", "m", "--precision", "fp8"], "'--precision': 'fp8' is not one of auto, fp32, bf16, fp16"),
     (["adapt", "x", "-m", "m", "--channels-last", "maybe"], "'--channels-last'"),
     (["adapt", "x", "-m", "m", "--labels-encoding", "klingon"], "'--labels-encoding': unknown encoding"),
     (["adapt", "x", "-m", "m", "--labels-from-folders", "x"], "'--labels-from-folders'"),

@@ -52,7 +52,7 @@ def test_matches_authors_code(case: str, shared: Path, tmp_path: Path, monkeypat
     out = tmp_path / case
     args = ["adapt", str(stream), "--labels", str(stream / "labels.csv"),
             "--model", f"local-dir:{shared / 'models' / 'cifar10-resnet18-gn'}",
-            *flags, "--out", str(out), "--quiet", "--workers", "0"]
+            *flags, "--precision", "fp32", "--out", str(out), "--quiet", "--workers", "0"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
 

@@ -75,7 +75,7 @@ def run_case(shared: Path, out: Path, case: Case) -> None:
     stream = shared / "fixtures" / "fidelity" / "stream"
     args = ["adapt", str(stream), "--labels", str(stream / "labels.csv"),
             "--model", f"local-dir:{shared / 'models' / case.model}",
-            *case.flags, "--out", str(out), "--quiet", "--workers", "0"]
+            *case.flags, "--precision", "fp32", "--out", str(out), "--quiet", "--workers", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 

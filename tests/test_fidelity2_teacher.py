@@ -59,7 +59,7 @@ def test_matches_authors_code(case: str, shared: Path, tmp_path: Path, monkeypat
     args = ["adapt", str(stream), "--labels", str(stream / "labels.csv"),
             "--model", f"local-dir:{shared / 'models' / 'cifar10-resnet18-bn'}",
             *CASES[case], "--batch-size", "64", "--lr", "0.001", "--seed", "0",
-            "--out", str(out), "--quiet", "--workers", "0"]
+            "--precision", "fp32", "--out", str(out), "--quiet", "--workers", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 

@@ -93,7 +93,8 @@ def test_cli_precision_and_channels_last_are_applied_and_recorded(tiny_model_dir
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "run.json").read_text())
-    assert record["method"]["performance"] == {"precision": "bf16", "channels_last": True, "compile": False}
+    assert record["method"]["performance"] == {"precision": "bf16", "channels_last": True, "compile": False,
+                                                "requested": "bf16", "reason": "requested"}
     assert record["method"]["gradient_rows"] == "reliable only"
     assert 0 <= record["timing"]["batches_waiting_for_data"] <= record["counts"]["batches"] == 3
     assert record["config"]["precision"] == "bf16"
@@ -105,3 +106,62 @@ def test_cli_refuses_an_unknown_precision(tiny_model_dir: Path, image_folder: Pa
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0
     assert "precision" in result.output + str(result.exception)
+
+
+# --- --precision auto -----------------------------------------------------------------------------
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+    return path
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    from tta_cli.methods.precision import cpu_bf16_flags
+
+    assert cpu_bf16_flags(_cpuinfo(tmp_path, "avx2 amx_bf16 amx_tile")) == ["amx_bf16"]
+    assert cpu_bf16_flags(_cpuinfo(tmp_path, "avx2 avx512f")) == []
+
+
+@pytest.mark.parametrize(("flags", "family", "pixels", "expected"), [
+    ("avx512_bf16", "ln", 224 * 224, "bf16"),
+    ("avx512_bf16", "gn", 32 * 32, "fp32"),  # tiny inputs: faster in fp32
+    ("", "ln", 224 * 224, "fp32"),  # no bf16 units: emulated bf16 is slower
+])
+def test_auto_precision_follows_the_hardware_and_the_input_size(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: str, family: str, pixels: int,
+        expected: str) -> None:
+    from tta_cli.methods import precision
+
+    info = _cpuinfo(tmp_path, flags)
+    real = precision.cpu_bf16_flags
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: real(info))
+    chosen, reason = precision.resolve_precision("auto", torch.device("cpu"), family, "sar", pixels)
+    assert chosen == expected and reason
+
+
+def test_auto_precision_falls_back_where_bf16_was_measured_not_to_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tta_cli.methods import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    monkeypatch.setitem(precision.BF16_FALLBACKS, ("ln", "tent"), "tent on LayerNorm lost 1 point in bf16")
+    cpu = torch.device("cpu")
+    assert precision.resolve_precision("auto", cpu, "ln", "tent", 224 * 224) == (
+        "fp32", "CPU bf16 units: amx_bf16; tent on LayerNorm lost 1 point in bf16")
+    assert precision.resolve_precision("auto", cpu, "ln", "sar", 224 * 224)[0] == "bf16"
+    assert precision.resolve_precision("fp16", cpu, "ln", "tent", 224 * 224) == ("fp16", "requested")
+
+
+def test_cli_default_precision_is_auto_and_recorded(tiny_model_dir: Path, image_folder: Path, tmp_path: Path) -> None:
+    from tta_cli.methods.precision import native_bf16
+
+    out = tmp_path / "run"
+    args = ["adapt", str(image_folder), "--model", f"local-dir:{tiny_model_dir}", "--method", "tent",
+            "--batch-size", "4", "--workers", "0", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    performance = json.loads((out / "run.json").read_text())["method"]["performance"]
+    assert performance["requested"] == "auto" and performance["reason"]
+    if not native_bf16(torch.device("cpu"))[0]:
+        assert performance["precision"] == "fp32"

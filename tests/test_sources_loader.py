@@ -190,3 +190,18 @@ def test_workers_decode_in_parallel_and_ahead_of_the_step(tmp_path: Path) -> Non
     pooled_keys, pooled = consume(iter_batches(items, slow_to_tensor, 4, workers=2), 0.2)
     assert pooled_keys == inline_keys
     assert pooled < 0.8 * inline, (pooled, inline)  # decoding overlapped the steps
+
+
+def test_draft_decodes_large_jpegs_at_reduced_scale_never_below_the_side(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tta_cli.sources.loader import read_image
+
+    jpeg, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    Image.new("RGB", (1024, 768), (200, 30, 90)).save(jpeg, quality=90)
+    Image.new("RGB", (1024, 768), (200, 30, 90)).save(png)
+    assert read_image(jpeg).size == (1024, 768)
+    assert read_image(jpeg, draft_side=256).size == (512, 384)  # 1/2: 1/4 would give 192 < 256
+    assert read_image(jpeg, draft_side=180).size == (256, 192)
+    assert read_image(jpeg, draft_side=2000).size == (1024, 768)  # never upscaled
+    assert read_image(png, draft_side=180).size == (1024, 768)  # not a JPEG: unchanged

@@ -43,3 +43,14 @@ def test_thread_counts_beyond_the_free_cores_are_not_tried() -> None:
         tuner.after_step(0.1, 8)
     assert seen == [1, 1, 1] and tuner.chosen == 1
     tuner.restore()
+
+
+def test_decode_workers_decode_in_line_on_a_quiet_two_core_machine() -> None:
+    from tta_cli.threads import decode_workers
+
+    assert decode_workers(cores=2, busy=0.1) == 0  # a worker would take a core from torch's threads
+    assert decode_workers(cores=2, busy=1.5) == 1  # a loaded machine: the worker gets a CPU share
+    assert decode_workers(cores=1, busy=0.0) == 0
+    assert decode_workers(cores=4, busy=0.0) == 3
+    assert decode_workers(cores=64, busy=0.0) == 8
+    assert decode_workers() in range(9)  # sampled from this machine

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -12,8 +11,10 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
 
 
 def default_workers() -> int:
-    """Decoding workers: one per core beyond the one running the adaptation, at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Decoding workers for this machine now (``tta_cli.threads.decode_workers``)."""
+    from tta_cli.threads import decode_workers  # imports torch: only when a run starts
+
+    return decode_workers()
 
 
 @dataclass
@@ -40,8 +41,9 @@ class AdaptConfig:
     """Method hyperparameters (``--lr``, ``--steps``, ``--episodic``, ``--set key=value``)."""
     quiet: bool = False
     strict: bool = False
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (autocast; see docs/PERFORMANCE.md)."""
+    precision: str = "auto"
+    """auto (bf16 where measured to keep results on hardware with bf16 units, else fp32), fp32, bf16
+    or fp16 (autocast; see docs/PERFORMANCE.md)."""
     compile: bool = False
     channels_last: str = "auto"
     """auto (conv nets on CUDA), on or off."""

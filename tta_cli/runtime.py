@@ -24,6 +24,8 @@ from tta_cli.device import configure_backends, resolve_channels_last, resolve_de
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, method_config
 from tta_cli.methods.base import PRECISIONS, TTAMethod
+from tta_cli.methods.precision import AUTO, resolve_precision
+from tta_cli.methods.selection import norm_family
 from tta_cli.models import LoadedModel, load_model
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.loader import iter_batches
@@ -51,8 +53,8 @@ def versions() -> dict[str, str]:
 
 
 def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise TTAError(f"unknown precision {precision!r}", f"choose from {', '.join(PRECISIONS)}")
+    if precision != AUTO and precision not in PRECISIONS:
+        raise TTAError(f"unknown precision {precision!r}", f"choose from {AUTO}, {', '.join(PRECISIONS)}")
 
 
 def cpu_threads(threads: int | None) -> bool:
@@ -114,8 +116,8 @@ def method_name(name: str, has_clean: bool, console: Console | None = None) -> s
 class SpeedOptions:
     """How methods run, never what they compute (docs/PERFORMANCE.md)."""
 
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (autocast)."""
+    precision: str = AUTO
+    """auto (bf16 where measured to pay and to keep results, else fp32), fp32, bf16 or fp16."""
     channels_last: str = "auto"
     """auto (conv nets on CUDA), on or off."""
     compile: bool = False
@@ -163,7 +165,10 @@ class RunSetup:
         method = create_method(name, model, method_config(name, **(hyperparameters or {})), batch_size=batch_size)
         configure_backends(self.device)
         channels_last = resolve_channels_last(self.speed.channels_last, model, self.device)
-        method.configure_performance(self.speed.precision, channels_last, self.speed.compile)
+        pixels = int(self.loaded.data_config["input_size"][-1] * self.loaded.data_config["input_size"][-2])
+        precision, reason = resolve_precision(self.speed.precision, self.device, norm_family(model), name, pixels)
+        method.configure_performance(precision, channels_last, self.speed.compile)
+        method.performance.requested, method.performance.reason = self.speed.precision, reason
         if fishers:
             method.fishers = {k: (f.clone(), a.clone()) for k, (f, a) in fishers.items()}  # type: ignore[assignment]
         return method

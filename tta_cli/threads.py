@@ -34,6 +34,37 @@ class OtherLoad:
         return max(0.0, (now[0] - last[0]) - (now[1] - last[1])) / (now[2] - last[2])
 
 
+def available_cores() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+QUIET_BELOW = 0.5
+"""Other processes' load (cores) below which a 2-core machine counts as quiet."""
+
+
+def decode_workers(cores: int | None = None, busy: float | None = None, sample_s: float = 0.1) -> int:
+    """Decoding worker processes: one per core beyond the adaptation's, at most 8, except on a
+    quiet machine with two cores or fewer, where images are decoded in the main process.
+
+    There a worker takes a core from torch's threads, and every parallel region then waits for the
+    thread that lost its core (the issue measured `tta adapt` at 522-576 img/s against the method's
+    850 alone); decoding in line costs its own time only. When other processes keep the cores busy
+    a worker is kept: it gets a share of the CPU of its own (docs/PERFORMANCE.md). ``busy`` (cores
+    other processes use) is sampled over ``sample_s`` when not given.
+    """
+    cores = available_cores() if cores is None else cores
+    if cores > 2:
+        return min(8, cores - 1)
+    if cores < 2:
+        return 0
+    if busy is None:
+        load = OtherLoad()
+        time.sleep(sample_s)
+        busy = load.cores()
+    return 0 if busy is not None and busy < QUIET_BELOW else 1
+
+
 class ThreadTuner:
     """Chooses torch's intra-op thread count on the CPU by timing steps.
 
@@ -96,9 +127,7 @@ class ThreadTuner:
         busy = self.load.cores()
         if busy is None:
             return
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-        free = max(1, round(cores - busy))
+        free = max(1, round(available_cores() - busy))
         self.trial = [n for n in self.trial if n <= free] or [1]
 
     def _decide(self) -> None:

@@ -79,7 +79,7 @@ def adapt(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Method hyperparameter key=value (repeatable; see `tta methods`).")] = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = "auto",
     compile_model: CompileOpt = False,
     channels_last: ChannelsLastOpt = "auto",
     seed: SeedOpt = 0,

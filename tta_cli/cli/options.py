@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """As ``tta_cli.methods.base.PRECISIONS`` (not imported: that module imports torch)."""
 CHANNELS_LAST = ("auto", "on", "off")
 LABELS_FROM_FOLDERS = ("auto", "names", "index", "off")
@@ -116,7 +116,8 @@ MaxPixelsOpt = Annotated[int, typer.Option(
 )]
 PrecisionOpt = Annotated[str, typer.Option(
     "--precision", callback=one_of(*PRECISIONS),
-    help="fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
+    help="auto (bf16 where the hardware has bf16 units and it was measured to keep results, else fp32), "
+         "fp32, bf16 or fp16: autocast for the forwards (fp16 with loss scaling); "
          "losses, predictions and adapted parameters stay fp32.",
 )]
 CompileOpt = Annotated[bool, typer.Option(

@@ -9,6 +9,8 @@ Each helper says when it is exact. They fall in three groups:
   mean is zero gradients).
 * **Fewer rows**: ``ReliableRows`` runs the gradient passes on the selected rows only, and predicts
   with a no-grad forward when few rows are selected, on batch-independent models.
+* **Less memory**: ``micro_batched_backward`` runs a pass in micro-batches with the gradient of the
+  whole batch's mean, on batch-independent models.
 
 ``tests/test_methods_fastpaths.py`` checks each against its plain counterpart.
 """
@@ -280,3 +282,36 @@ __all__ = [
     "step_if",
     "update_if_any",
 ]
+
+
+RowLosses = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""A chunk of inputs -> (its logits, its per-row losses with zeros where a row is not selected)."""
+
+
+def micro_batched_backward(row_losses: RowLosses, x: torch.Tensor, rows: int,
+                           params: list[torch.Tensor], count: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of the mean selected loss of ``x``, ``rows`` inputs at a time: memory for the
+    activations of ``rows`` inputs instead of the batch.
+
+    Exact (to the last bits of the sums) on batch-independent models only: LayerNorm, GroupNorm,
+    BatchNorm on fixed statistics; with batch statistics a chunk is normalised by its own. Each
+    chunk's backward accumulates the gradient of its summed losses; the sum of the chunks is the
+    gradient of the batch's sum, and dividing by the number of selected rows (``count``; every row
+    when not given) gives the mean's gradient.
+    Returns the logits (detached) and the mean loss. ``params`` must hold no gradient before.
+    """
+    logits, total = [], x.new_zeros(())
+    for chunk in x.split(rows):
+        chunk_logits, losses = row_losses(chunk)
+        chunk_sum = losses.sum()
+        if chunk_sum.requires_grad:
+            chunk_sum.backward()
+        logits.append(chunk_logits.detach())
+        total = total + chunk_sum.detach()
+    n = torch.as_tensor(x.shape[0] if count is None else count, device=x.device, dtype=total.dtype)
+    n = n.clamp(min=1)
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(n)
+    return torch.cat(logits), total / n

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTO = "auto"
+"""bf16 where the hardware runs it natively and where it was measured to keep results, else fp32."""
 
 
 @dataclass
@@ -26,6 +29,10 @@ class Performance:
     """Model and inputs in channels-last memory format (faster convolutions)."""
     compile: bool | str = False
     """torch.compile the model in place (a string names the backend)."""
+    requested: str = ""
+    """What the run asked for (``auto`` or a precision); empty when set directly."""
+    reason: str = ""
+    """Why ``auto`` chose ``precision`` (recorded in run.json)."""
 
 
 def check_precision(precision: str) -> None:
@@ -60,5 +67,64 @@ def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x
 
 
-__all__ = ["PRECISIONS", "Performance", "apply_to_model", "autocast", "check_precision", "loss_scaler",
-           "prepare_input"]
+# --- --precision auto --------------------------------------------------------------------------
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""/proc/cpuinfo flags of CPUs with bf16 arithmetic units (AMX tiles, AVX512-BF16 dot products);
+elsewhere torch emulates bf16 with conversions and it runs slower than fp32."""
+
+BF16_FALLBACKS: dict[tuple[str, str], str] = {}
+"""(norm family, method) -> why bf16 is not used: the combinations where bf16 autocast changed
+accuracy by more than 0.3 points or collapsed on the fidelity stream (benchmarks/precision.py,
+docs/PERFORMANCE.md). ``*`` matches any method. Filled from measurements only."""
+
+MIN_BF16_CPU_PIXELS = 96 * 96
+"""On the CPU, inputs below this many pixels stay in fp32: on 32 px CIFAR models bf16 ran slower
+than fp32 even with AMX (per-layer conversions outweigh tiny matrix products, docs/PERFORMANCE.md)."""
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The bf16 flags this CPU reports (Linux); torch's capability string as a fallback elsewhere."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if not found and not text:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+        found = [capability] if "AMX" in capability or "BF16" in capability else []
+    return found
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` runs bf16 natively, and what says so."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"CUDA {torch.cuda.get_device_name(device)}: bf16 {'supported' if ok else 'not supported'}"
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        return bool(flags), f"CPU bf16 units: {', '.join(flags)}" if flags else "CPU without AMX-BF16/AVX512-BF16"
+    return False, f"{device.type}: bf16 autocast not measured"
+
+
+def resolve_precision(requested: str, device: torch.device, family: str, method: str,
+                      input_pixels: int) -> tuple[str, str]:
+    """The precision a run uses and why: ``auto`` is bf16 on hardware with bf16 units, unless the
+    model's norm family and method are in ``BF16_FALLBACKS`` or the inputs are tiny on a CPU."""
+    if requested != AUTO:
+        check_precision(requested)
+        return requested, "requested"
+    native, why = native_bf16(device)
+    if not native:
+        return "fp32", why
+    fallback = BF16_FALLBACKS.get((family, method)) or BF16_FALLBACKS.get((family, "*"))
+    if fallback:
+        return "fp32", f"{why}; {fallback}"
+    if device.type == "cpu" and input_pixels < MIN_BF16_CPU_PIXELS:
+        return "fp32", f"{why}; inputs of {input_pixels} pixels run faster in fp32 on the CPU"
+    return "bf16", why
+
+
+__all__ = ["AUTO", "BF16_FALLBACKS", "PRECISIONS", "Performance", "apply_to_model", "autocast", "check_precision",
+           "loss_scaler", "native_bf16", "prepare_input", "resolve_precision"]

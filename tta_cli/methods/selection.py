@@ -315,3 +315,14 @@ def weight_bias_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if pname in ("weight", "bias"):
                 selected.append((f"{name}.{pname}" if name else pname, param))
     return selected
+
+
+def norm_family(model: nn.Module) -> str:
+    """``bn`` if the model has BatchNorm, else ``gn`` or ``ln`` by its GroupNorm/LayerNorm layers,
+    ``none`` without norm layers: the key of per-family choices such as bf16 fallbacks."""
+    if has_batchnorm(model):
+        return "bn"
+    kinds = {type(m) for _, m in norm_modules(model)}
+    if any(issubclass(k, nn.GroupNorm) for k in kinds):
+        return "gn"
+    return "ln" if kinds else "none"

@@ -57,10 +57,19 @@ def _pixel_limit(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(source: StreamItem | Path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image as RGB: first frame of an animation, EXIF orientation applied."""
+def read_image(source: StreamItem | Path, max_pixels: int | None = MAX_IMAGE_PIXELS,
+               draft_side: int | None = None) -> Image.Image:
+    """Open an image as RGB: first frame of an animation, EXIF orientation applied.
+
+    ``draft_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
+    draft mode) when both sides stay at least this long, the resize target of the model's
+    preprocessing; much faster on large photos, and the resize that follows sees fewer pixels
+    (results change slightly: docs/PERFORMANCE.md). Other formats ignore it.
+    """
     path = source.path if isinstance(source, StreamItem) else source
     with _pixel_limit(max_pixels), Image.open(path) as image:
+        if draft_side and image.format == "JPEG":
+            image.draft(None, (draft_side, draft_side))
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
 
@@ -128,7 +137,8 @@ class _ImageDecoder(torch.utils.data.Dataset):
     """Chunks of items decoded and transformed; a failure becomes (item, None, reason)."""
 
     def __init__(self, items: Sequence[StreamItem], transform: Transform, chunk: int,
-                 max_pixels: int | None, cache: FrameCache | None) -> None:
+                 max_pixels: int | None, cache: FrameCache | None, draft_side: int | None = None) -> None:
+        self.draft_side = draft_side
         self.items = items
         self.transform = transform
         self.chunk = chunk
@@ -146,7 +156,7 @@ class _ImageDecoder(torch.utils.data.Dataset):
         try:
             if self.cache is not None and item in self.cache:
                 return item, self.cache.read(item), None
-            return item, self.transform(read_image(item.path, self.max_pixels)), None
+            return item, self.transform(read_image(item.path, self.max_pixels, self.draft_side)), None
         except Exception as err:  # any unreadable file is skipped, not fatal
             return item, None, describe_error(err, item.path, self.max_pixels)
 
@@ -238,6 +248,7 @@ def decoded_stream(
     workers: int = 0,
     chunk: int = 16,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    draft_side: int | None = None,
 ) -> Iterator[Decoded]:
     """(item, image tensor or None, reason) for everything in the stream, in stream order."""
     stream = source if isinstance(source, Stream) else Stream([ImagePart(list(source))])
@@ -246,7 +257,7 @@ def decoded_stream(
             # One process per video: its frames must be decoded one after the other anyway.
             yield from _run(_VideoDecoder(part, transform, chunk), min(workers, 1))
         elif part.items:
-            dataset = _ImageDecoder(part.items, transform, chunk, max_pixels, stream.cache)
+            dataset = _ImageDecoder(part.items, transform, chunk, max_pixels, stream.cache, draft_side)
             yield from _run(dataset, min(workers, len(dataset)))
 
 
@@ -257,8 +268,10 @@ def iter_batches(
     workers: int = 0,
     pin_memory: bool = False,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    draft_side: int | None = None,
 ) -> Iterator[Batch]:
-    """Batches of exactly ``batch_size`` decoded images (the last may be smaller), in order."""
+    """Batches of exactly ``batch_size`` decoded images (the last may be smaller), in order;
+    ``draft_side``: large JPEGs decoded at reduced scale (``read_image``)."""
     pending_items: list[StreamItem] = []
     pending_images: list[torch.Tensor] = []
     skipped: list[tuple[StreamItem, str]] = []
@@ -275,7 +288,7 @@ def iter_batches(
         return batch
 
     chunk = min(batch_size, 32)
-    for item, image, error in decoded_stream(source, transform, workers, chunk, max_pixels):
+    for item, image, error in decoded_stream(source, transform, workers, chunk, max_pixels, draft_side):
         if image is None:
             skipped.append((item, error or "unreadable"))
             continue
