@@ -94,8 +94,8 @@ def test_set_validates_keys_and_values(tmp_path: Path, tiny_model_dir: Path, ima
 
 
 def test_set_and_lr_reach_the_method(tmp_path: Path, tiny_model_dir: Path, image_folder: Path) -> None:
-    result, out = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--method", "sar", "--lr", "0.01", "--steps", "2",
-                         "--set", "skip_empty=true", "--set", "rho=0.1", "-q")
+    result, out = _adapt(tmp_path, tiny_model_dir, [str(image_folder)], "--method", "sar", "--lr", "0.01",
+                         "--steps", "2", "--set", "skip_empty=true", "--set", "rho=0.1", "-q")
     assert result.exit_code == 0, result.output
     method = json.loads((out / "run.json").read_text())["method"]
     assert method["lr"] == 0.01 and method["lr_source"] == "given"
