@@ -132,6 +132,11 @@ def test_methods_and_models_listing() -> None:
     result = runner.invoke(app, ["methods", "--json"])
     listing = json.loads(result.output)
     assert set(listing) == set(list_methods()) and "rho" in listing["sar"]["hyperparameters"]
+    assert listing["deyo"]["choices"]["aug"] == ["patch", "occ", "pixel"]
+    assert listing["lame"]["choices"]["affinity"] == ["rbf", "knn", "linear"]
+    assert listing["deyo"]["accepts"]["steps"] == "an integer >= 1"
+    table = runner.invoke(app, ["methods"], env={"COLUMNS": "400"}).output
+    assert "aug=patch (patch|occ|pixel)" in table and all(name in table for name in list_methods())
     assert "vit_base" in runner.invoke(app, ["models"]).output
 
 

@@ -26,12 +26,11 @@ CASES = {
     "cotta_bn_bs64": ["--method", "cotta"],
 }
 SLOW = {"cotta_bn_bs64"}  # 34 forwards per batch, all 11.2M parameters: 3 min CPU on one thread
-# Measured departures from the README's bars (max 5e-3, share beyond 1e-4 <= 1%), at the level of
-# the authors' own code run with 2 threads (envelope.tsv), so allowed explicitly, not silently:
-# roid: one entry of 9,600 at 5.15e-3 (mean 1.1e-5, share 0.67%; 2 threads: 9.7e-6, 0.61%);
-# cotta's student: share 25% (max 1.8e-3, mean 7.2e-5; 2 threads: max 3.8e-3, mean 6.3e-5).
-ALLOWED = {("roid_bn_bs64", "model.safetensors"): (6e-3, 0.01),
-           ("cotta_bn_bs64", "student.safetensors"): (5e-3, 0.3)}
+# CoTTA's student departs from the README's share bar (<= 1% beyond 1e-4) at the level of the
+# authors' own code run with 2 threads instead of 1 (envelope.tsv: max 3.8e-3, mean 6.3e-5): ours
+# max 1.9e-3, mean 6.9e-5, 23% beyond 1e-4, spread evenly over all 44 saved tensors (no tensor
+# singled out, so no restore-mask or order error); allowed explicitly, not silently.
+ALLOWED = {("cotta_bn_bs64", "student.safetensors"): (5e-3, 0.3)}
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

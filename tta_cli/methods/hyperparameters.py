@@ -123,6 +123,30 @@ def check_value(config_class: type, key: str, value: Any) -> Any:
     return parsed
 
 
+def choices(config_class: type, key: str) -> tuple[Any, ...] | None:
+    """The values a ``Literal`` field accepts (``None`` for any other type)."""
+    target, _ = _field_type(config_class, key)
+    return get_args(target) if get_origin(target) is Literal else None
+
+
+def accepts(config_class: type, key: str) -> str:
+    """What field ``key`` accepts, in the words of the error messages: "one of a, b", "true or
+    false", "an integer >= 1", "a number", each with "or none" where ``None`` is allowed."""
+    target, optional = _field_type(config_class, key)
+    options = choices(config_class, key)
+    if options is not None:
+        words = "one of " + ", ".join(str(c) for c in options)
+    elif target is bool:
+        words = "true or false"
+    elif target in (int, float):
+        field = next(f for f in dataclasses.fields(config_class) if f.name == key)
+        bounds: Bounds = field.metadata.get("bounds", Bounds())
+        words = f"{'an integer' if target is int else 'a number'} {bounds.describe()}".rstrip()
+    else:
+        words = "a string" if target is str else getattr(target, "__name__", str(target))
+    return f"{words} or none" if optional else words
+
+
 def check_config(config: Any) -> None:
     """Every field of a hyperparameter dataclass holds a valid value (``TTAError`` otherwise)."""
     for field in dataclasses.fields(config):
@@ -144,10 +168,12 @@ def parse_overrides(config_class: type, method: str, overrides: dict[str, Any]) 
 
 __all__ = [
     "Bounds",
+    "accepts",
     "at_least",
     "between",
     "check_config",
     "check_value",
+    "choices",
     "greater_than",
     "parse_overrides",
 ]
