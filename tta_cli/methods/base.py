@@ -403,7 +403,8 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if hasattr(value, "__dict__"):
-        return {"__object__": type(value).__qualname__, **{k: _plain(v) for k, v in vars(value).items()}}
+        kind = f"{type(value).__module__}:{type(value).__qualname__}"
+        return {"__object__": kind, **{k: _plain(v) for k, v in vars(value).items()}}
     raise TypeError(f"cannot save {type(value).__name__} for --resume")
 
 
@@ -413,7 +414,7 @@ def _restored(current: Any, value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, dict) and "__object__" in value:
         if current is None or not hasattr(current, "__dict__"):
-            raise TypeError(f"cannot restore a {value['__object__']} into {current!r}")
+            current = _new_object(value["__object__"])
         for key, item in value.items():
             if key != "__object__":
                 setattr(current, key, _restored(getattr(current, key, None), item, device))
@@ -423,6 +424,18 @@ def _restored(current: Any, value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [_restored(None, v, device) for v in value]
     return value
+
+
+def _new_object(kind: str) -> Any:
+    """An empty instance of a method's own class (e.g. a memory bank), to be filled by ``_restored``;
+    only classes of ``tta_cli.methods`` are made, never any other (a checkpoint is data, not code)."""
+    import importlib
+
+    module, _, qualname = kind.partition(":")
+    if not module.startswith("tta_cli.methods."):
+        raise TypeError(f"cannot restore a {kind} for --resume")
+    cls = getattr(importlib.import_module(module), qualname)
+    return object.__new__(cls)
 
 
 def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:
