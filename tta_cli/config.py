@@ -55,6 +55,8 @@ class AdaptConfig:
     """Videos: which frames enter the stream (see ``tta_cli.sources.video.VideoOptions``)."""
     max_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels are skipped (decompression bombs); 0: no limit."""
+    checkpoint_every: int = 50
+    """Batches between resume checkpoints in ``OUT/checkpoint.pt`` (0: none; see ``tta_cli.checkpoint``)."""
 
     def out_dir(self) -> Path:
         if self.out is not None:

@@ -52,9 +52,10 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 
 
 def adapt(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.")],
-    model: ModelOpt,
+    inputs: Annotated[list[Path] | None, typer.Argument(
+        help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.",
+        show_default=False)] = None,
+    model: ModelOpt = "",
     method: MethodOpt = "sar",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
@@ -88,10 +89,27 @@ def adapt(
     overwrite: OverwriteOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input was skipped.")] = False,
     quiet: QuietOpt = False,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", min=0, help="Batches between resume checkpoints in --out (0: none).")] = 50,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue the stopped run in this --out folder, with its recorded options.")] = None,
 ) -> None:
     """Adapt MODEL on the images in INPUTS; write predictions.csv, model/ and run.json to --out."""
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
+
+    if resume is not None:
+        from tta_cli.run import resume as run_resume
+
+        if inputs or model:
+            raise TTAError("--resume takes the inputs and options the run recorded",
+                           f"run: tta adapt --resume {resume}")
+        run_resume(resume)
+        return
+    if not inputs:
+        raise TTAError("missing argument INPUTS", "see 'tta adapt --help'")
+    if not model:
+        raise TTAError("missing option '--model'", "see 'tta adapt --help'")
 
     hyperparameters: dict[str, object] = parse_hyperparameters(set_ or [])
     if lr is not None:
@@ -107,6 +125,7 @@ def adapt(
         seed=seed, workers=workers, out=out, overwrite=overwrite, hyperparameters=hyperparameters, quiet=quiet,
         strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
+        checkpoint_every=checkpoint_every,
     )
     run_adapt(config)
 

@@ -15,6 +15,7 @@ Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
@@ -57,27 +58,37 @@ def original_bytes(cell: str) -> bytes:
 
 
 class PredictionsWriter:
-    def __init__(self, path: Path, class_names: list[str]) -> None:
+    def __init__(self, path: Path, class_names: list[str], append: bool = False) -> None:
+        """``append``: continue a file cut back to a row boundary (``--resume``)."""
         self.class_names = class_names
         self.class_ids = class_ids_of(class_names)
-        self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(PREDICTION_COLUMNS)
+        self._file: IO[str] = path.open("a" if append else "w", newline="", encoding="utf-8")
+        if not append:
+            self._write_rows([PREDICTION_COLUMNS])
         self.rows = 0
+
+    def _write_rows(self, rows: list[list[object]]) -> None:
+        """Whole rows in one write, flushed: the file only ever ends on a row boundary."""
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        self._file.write(text.getvalue())
+        self._file.flush()
 
     def on_batch(self, out: BatchOutputs) -> None:
         labels = out.batch.labels
         correct = out.correct
+        rows: list[list[object]] = []
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
-            self._writer.writerow([
+            known = 0 <= pred < len(self.class_names)  # -1: non-finite logits, no prediction
+            rows.append([
                 out.batch.first_index + i,
                 csv_text(item.key),
                 "" if item.frame is None else item.frame,
                 "" if item.timestamp is None else f"{item.timestamp:.3f}",
                 pred,
-                csv_text(self.class_names[pred]) if pred < len(self.class_names) else pred,
-                csv_text(self.class_ids[pred]) if pred < len(self.class_ids) else pred,
+                csv_text(self.class_names[pred]) if known else "",
+                csv_text(self.class_ids[pred]) if known and pred < len(self.class_ids) else "",
                 f"{float(out.confidence[i]):.6f}",
                 f"{float(out.entropy[i]):.6f}",
                 " ".join(str(int(j)) for j in out.top5[i]),
@@ -85,8 +96,8 @@ class PredictionsWriter:
                 "" if labels is None else int(labels[i]),
                 "" if correct is None else int(bool(correct[i])),
             ])
+        self._write_rows(rows)
         self.rows += len(out.batch.items)
-        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -95,18 +106,23 @@ class PredictionsWriter:
 class ErrorsWriter:
     """``errors.csv``: every input that was skipped, with the reason; created on the first one."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
+        self.append = append
         self._file: IO[str] | None = None
         self._writer: csv.writer | None = None  # type: ignore[valid-type]
         self.rows = 0
 
     def add(self, key: str, reason: str) -> None:
         if self._file is None:
-            self._file = self.path.open("w", newline="", encoding="utf-8")
+            resumed = self.append and self.path.exists()
+            self._file = self.path.open("a" if resumed else "w", newline="", encoding="utf-8")
             self._writer = csv.writer(self._file)
-            self._writer.writerow(["path", "reason"])
-        self._writer.writerow([csv_text(key), csv_text(reason)])  # type: ignore[union-attr]
+            if not resumed:
+                self._writer.writerow(["path", "reason"])
+        text = io.StringIO()
+        csv.writer(text).writerow([csv_text(key), csv_text(reason)])
+        self._file.write(text.getvalue())  # one whole row per write
         self.rows += 1
         self._file.flush()
 
