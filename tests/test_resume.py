@@ -52,17 +52,24 @@ def _in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
     return 0
 
 
+class References:
+    """Uninterrupted runs, one per method, made when first asked for."""
+
+    def __init__(self, setup: tuple[Path, Path], root: Path) -> None:
+        self.setup, self.root, self.runs = setup, root, {}
+
+    def __getitem__(self, method: str) -> Path:
+        if method not in self.runs:
+            out = self.root / method
+            result = _tta(_args(*self.setup, out, method))
+            assert result.returncode == 0, result.stderr
+            self.runs[method] = out
+        return self.runs[method]
+
+
 @pytest.fixture(scope="module")
-def reference(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Uninterrupted runs, one per method."""
-    model, images = setup
-    runs = {}
-    for method in ("tent", "sar"):
-        out = tmp_path_factory.mktemp("ref") / method
-        result = _tta(_args(model, images, out, method))
-        assert result.returncode == 0, result.stderr
-        runs[method] = out
-    return runs
+def reference(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(setup, tmp_path_factory.mktemp("ref"))
 
 
 def _assert_same_run(got: Path, want: Path) -> None:
@@ -86,7 +93,7 @@ def _assert_same_run(got: Path, want: Path) -> None:
     pytest.param("tent", 4, marks=pytest.mark.slow), pytest.param("tent", 10, marks=pytest.mark.slow),
     pytest.param("sar", 5, marks=pytest.mark.slow),
 ])
-def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path], reference: dict[str, Path],
+def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path], reference: References,
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         method: str, kill_after: int) -> None:
     model, images = setup
@@ -104,7 +111,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path
 
 @pytest.mark.parametrize(("signal_name", "code"), [
     ("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)])
-def test_signal_writes_an_interrupted_run_that_resumes(setup: tuple[Path, Path], reference: dict[str, Path],
+def test_signal_writes_an_interrupted_run_that_resumes(setup: tuple[Path, Path], reference: References,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       signal_name: str, code: int) -> None:
     model, images = setup
@@ -120,7 +127,7 @@ def test_signal_writes_an_interrupted_run_that_resumes(setup: tuple[Path, Path],
     _assert_same_run(out, reference["tent"])
 
 
-def test_a_completed_run_is_not_resumed(reference: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+def test_a_completed_run_is_not_resumed(reference: References, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert _in_process(monkeypatch, "adapt", "--resume", str(reference["tent"])) == 2
     assert "completed" in capsys.readouterr().err
