@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,28 @@ def test_sar_fp16_without_a_reliable_sample_steps_without_a_scale() -> None:
     for _ in range(2):
         result = sar.step(x)
     assert torch.isfinite(result.logits).all()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 200 KiB tmpfs (root only; skipped where it cannot be mounted), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_real_full_disk_fails_cleanly(model: Path, images: Path, small_disk: Path,
+                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The predictions fit, the 1.5 MB model does not: one line, exit 4, no half-written model/."""
+    out = small_disk / "out"
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out))
+    assert code == 4 and "disk full writing" in err and "--out" in err
+    assert not (out / "model").exists() and not list(out.glob("*.tmp-*"))
+    assert _record(out)["status"] == "failed"
+    assert (out / "predictions.csv").read_text().endswith("\n")

@@ -225,9 +225,16 @@ def _close_quietly(*writers: PredictionsWriter | ErrorsWriter) -> None:
             writer.close()
 
 
-def _failure_reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full writing {err.filename or 'the outputs'}"
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC, as an OSError or as the message of a writer that wraps it (safetensors)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return err is not None and ("os error 28" in str(err) or "No space left on device" in str(err))
+
+
+def _failure_reason(err: BaseException, writing: Path | None = None) -> str:
+    if _is_disk_full(err):
+        return f"disk full writing {getattr(err, 'filename', None) or writing or 'the outputs'}"
     return f"{type(err).__name__}: {err}"
 
 
@@ -246,9 +253,9 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
     try:
         export_model(loaded, method.adapted_state_dict(), out / "model")
         _write_extra_exports(method, out)
-    except OSError as err:
+    except Exception as err:  # recorded as failed (a full disk most likely), raised after run.json
         if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err), err
+            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "model"), err
     n_items = totals.images + totals.skipped
     record = _record(config, loaded, method, totals, device, out, outcome.status, elapsed, n_items)
     if outcome.reason is not None:
@@ -257,7 +264,7 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
         _write_record(out, record)
     except OSError as err:
         if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err), err
+            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "run.json"), err
     return record
 
 
@@ -271,7 +278,7 @@ def _check_outcome(config: AdaptConfig, outcome: _Outcome, totals: Totals, out: 
     after SIGTERM), skipped inputs warn (or fail with --strict)."""
     err = outcome.error
     if outcome.status == "failed":
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if _is_disk_full(err):
             raise TTAError(f"{outcome.reason}: free space or choose another --out", exit_code=4) from err
         assert err is not None
         raise err
