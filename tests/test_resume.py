@@ -139,3 +139,13 @@ def test_skip_consumed_slices_image_items_without_decoding() -> None:
     rest, left = skip_consumed(stream, 6)
     assert left == 0
     assert [i.key for p in rest.parts for i in p.items] == [f"{i}.png" for i in range(6, 10)]  # type: ignore[union-attr]
+
+
+def test_iter_batches_drops_skipped_items_after_decoding(tmp_path: Path) -> None:
+    """Inside a video the position is reached by decoding and dropping (frames are not sliceable)."""
+    from tta_cli.sources.loader import iter_batches
+
+    paths = make_images(tmp_path, 7)
+    items = [StreamItem(p.name, p) for p in paths]
+    batches = list(iter_batches(items, lambda image: torch.zeros(3, 2, 2), 4, skip_decoded=3))
+    assert [[i.key for i in b.items] for b in batches] == [[p.name for p in paths[3:7]]]
