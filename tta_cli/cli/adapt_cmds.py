@@ -107,9 +107,9 @@ def adapt(
         run_resume(resume)
         return
     if not inputs:
-        raise TTAError("missing argument INPUTS", "see 'tta adapt --help'")
+        raise TTAError("Missing argument 'INPUTS...'", "see 'tta adapt --help'")
     if not model:
-        raise TTAError("missing option '--model'", "see 'tta adapt --help'")
+        raise TTAError("Missing option '--model' / '-m'", "see 'tta adapt --help'")
 
     hyperparameters: dict[str, object] = parse_hyperparameters(set_ or [])
     if lr is not None:
