@@ -75,6 +75,8 @@ class AdaptConfig:
     statistics: ``stream`` (an EMA over the stream's, see ``sinks.stream_bn``) or ``source``."""
     format: str = "csv"
     """predictions.csv or predictions.jsonl."""
+    checkpoint_every: int = 50
+    """Batches between resume checkpoints in ``OUT/checkpoint.pt`` (0: none; see ``tta_cli.checkpoint``)."""
 
     def out_dir(self) -> Path:
         if self.out is not None:

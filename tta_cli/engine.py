@@ -27,6 +27,7 @@ def device_outputs(result: StepResult) -> dict[str, torch.Tensor]:
     """Everything the sinks need from a step, computed where the logits are (no host sync)."""
     logits = result.logits.float()
     confidence, pred = logits.softmax(1).max(1)
+    pred = torch.where(torch.isfinite(logits).all(1), pred, -1)  # never a silent class 0
     device = logits.device
     counts = [torch.as_tensor(n, device=device).reshape(()).long() for n in result.filtered]
     return {

@@ -349,16 +349,21 @@ def load_model(
 def export_model(loaded: LoadedModel, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
     """Write a timm model folder (config.json + model.safetensors) that
     ``timm.create_model("local-dir:DIR", pretrained=True)`` loads strictly."""
+    from tta_cli.atomic import atomic_write_dir
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write_dir(directory, lambda folder: _write_model_folder(loaded, tensors, folder))
+
+
+def _write_model_folder(loaded: LoadedModel, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
-    directory.mkdir(parents=True, exist_ok=True)
     save_config_for_hf(
         loaded.model,
         str(directory / "config.json"),
         model_config=_label_config(loaded.class_names),
     )
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import signal
+import threading
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from tta_cli.atomic import atomic_write, atomic_write_text, refuse_symlink
+from tta_cli.checkpoint import (
+    CHECKPOINT,
+    Checkpointer,
+    ResumePoint,
+    config_from_record,
+    continued,
+    load_checkpoint,
+    set_rng_states,
+    skip_consumed,
+    truncate_outputs,
+)
 from tta_cli.config import AdaptConfig, default_workers
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, export_model
-from tta_cli.monitor import CollapseStop, monitor_for, source_reference_for
+from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
 from tta_cli.runtime import (
     RunSetup,
@@ -45,27 +62,75 @@ def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = N
                           transform, workers, config.labels_encoding, config.labels_from_folders)
 
 
-def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run one adaptation over the stream; write predictions, the adapted model and run.json."""
+def adapt(config: AdaptConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run one adaptation over the stream; write predictions, the adapted model and run.json.
+
+    ``resume`` continues the run recorded in ``config.out`` from its checkpoint (see
+    ``tta_cli.checkpoint``). SIGTERM is handled as Ctrl-C while the run is on.
+    """
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
+    if config.checkpoint_every < 0:
+        raise TTAError("--checkpoint-every must be 0 (no checkpoints) or more")
     check_precision(config.precision)
     out = config.out_dir()
-    refuse_non_empty(out, config.overwrite)
+    if not resume:
+        refuse_non_empty(out, config.overwrite)
     VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames).validate()
     check_output_options(config)
     for path in config.inputs:  # a mistyped path fails now, not after loading the model
         check_input(path)
     speed = SpeedOptions(config.precision, config.channels_last, config.compile)
-    setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                      num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
-    workers = default_workers() if config.workers is None else config.workers
-    stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
+    with terminate_as_interrupt() as stop:
+        setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                          num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
+        workers = default_workers() if config.workers is None else config.workers
+        stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
+        try:
+            return _adapt_stream(config, setup, stream, workers, out, console, resume, stop)
+        finally:
+            stream.close()  # removes a shuffled stream's temporary frames on every exit path
+
+
+def resume(out: Path, console: Console | None = None) -> dict[str, Any]:
+    """``tta adapt --resume OUT``: continue the run in ``out`` with the configuration it recorded."""
+    record_path = out / "run.json"
     try:
-        return _adapt_stream(config, setup, stream, workers, out, console)
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        config = config_from_record(record["config"], out)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TTAError(f"cannot resume from {out}: no readable run.json ({err})",
+                       "pass the --out folder of a run started by tta adapt") from err
+    if record.get("status") == "completed":
+        raise TTAError(f"the run in {out} has completed: nothing to resume")
+    return adapt(config, console, resume=True)
+
+
+class Stop:
+    """Which signal stopped the run (SIGINT unless SIGTERM was received)."""
+
+    signal_name: str = "SIGINT"
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[Stop]:
+    """SIGTERM (docker stop, systemd, Slurm) raises KeyboardInterrupt in the main thread, so the run
+    ends as after Ctrl-C: outputs closed, model/ and run.json written; the old handler is restored."""
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        stop.signal_name = "SIGTERM"
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stop
     finally:
-        stream.close()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_output_options(config: AdaptConfig) -> None:
@@ -99,65 +164,186 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTA
     return setup.build_method(name, config.hyperparameters, config.batch_size, fishers)
 
 
+@dataclass
+class _Outcome:
+    status: str = "completed"
+    reason: str | None = None
+    error: BaseException | None = None
+
+
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
-                  console: Console) -> dict[str, Any]:
+                  console: Console, resume: bool, stop: Stop) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
     reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
     monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
-    prepare_out_dir(out, config.overwrite)
+    point = load_checkpoint(out) if resume else None
+    if resume:
+        _check_resumable(out)
+    else:
+        prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
-
     if not config.predict_only and config.export_bn == "stream":
         track_stream_statistics(method, config.batch_size)
-    predictions = PredictionsWriter(out / f"predictions.{config.format}", loaded.class_names, config.format,
-                                   monitor)
-    errors = ErrorsWriter(out / "errors.csv")
-    export = _export_folder(config, loaded)
-    last = LastInputs()
+    csv_files = (out / f"predictions.{config.format}", out / "errors.csv")
+    if point is not None:
+        truncate_outputs(csv_files, point)
+        method.load_resume_state(point.method)
+        set_rng_states(point.rng)
+    else:
+        method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
     started = time.perf_counter()
-    status = "completed"
-    stopped: CollapseStop | None = None
-    totals = Totals()
-    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet, monitor=monitor)  # type: ignore[arg-type]
-    method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
-    try:
-        batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
-        with progress:
-            sinks = [monitor, predictions, errors, *([export] if export else []),
-                     *([] if config.predict_only else [last]), progress]
-            totals = run_stream(method, batches, device, sinks, tune_threads=setup.tune_threads)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        totals = progress.totals
-    except CollapseStop as stop:
-        status, totals, stopped = "collapsed", progress.totals, stop
-    finally:
-        predictions.close()
-        errors.close()
-        if export is not None:
-            export.close()
-    elapsed = time.perf_counter() - started
-    n_items = totals.images + totals.skipped
-    record = _record(config, loaded, method, totals, device, out, status, elapsed, n_items)
-    record |= {"collapse_events": monitor.record(), "health": monitor.health()}
-    if not config.predict_only:
-        record["model_export"] = _export_run_model(config, loaded, method, out, last, device)
-    if export is not None:
-        record["export_folder"] = _export_record(export)
-    (out / "run.json").write_text(json.dumps(record, indent=2))
+    _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
+    checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point)
+    sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
+    outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
+                                          checkpointer, point, sinks)
+    if outcome.status == "interrupted":
+        outcome.reason = stop.signal_name
+    totals = _with_timing(checkpointer.totals, engine_totals)
+    record = _finish(config, loaded, method, totals, device, out, outcome, time.perf_counter() - started, sinks)
+    if outcome.status == "completed":
+        (out / CHECKPOINT).unlink(missing_ok=True)
     method.close()
     if not config.quiet:
         console.print(summary_table(record))
-    if export is not None and export.failed:
-        console.print(f"[yellow]warning: {len(export.failed)} images could not be exported to "
-                      f"{export.directory} (listed in run.json)[/yellow]")
-    if stopped is not None:
-        raise stopped
-    if status == "interrupted":
-        raise TTAError("interrupted: the predictions so far, the model and run.json are in " + str(out),
-                       exit_code=130)
+    if sinks.export is not None and sinks.export.failed:
+        console.print(f"[yellow]warning: {len(sinks.export.failed)} images could not be exported to "
+                      f"{sinks.export.directory} (listed in run.json)[/yellow]")
+    return _check_outcome(config, outcome, totals, out, console, record)
+
+
+def _check_resumable(out: Path) -> None:
+    for name in ("predictions.csv", "errors.csv", "run.json", CHECKPOINT):
+        refuse_symlink(out / name)
+
+
+@dataclass
+class RunSinks:
+    """The sinks beside predictions, errors and progress: the collapse monitor (first: the writer
+    reads its source predictions), the sorted export folder and the last inputs for the export check."""
+
+    monitor: CollapseMonitor
+    export: ExportFolder | None
+    last: LastInputs
+
+
+def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, method: TTAMethod,
+                 console: Console, csv_files: tuple[Path, Path], checkpointer: Checkpointer,
+                 point: ResumePoint | None, sinks: RunSinks) -> tuple[_Outcome, Totals | None]:
+    """The stream through the engine; how it ended (completed, interrupted, failed) is the outcome."""
+    outcome = _Outcome()
+    engine_totals = None
+    for path in csv_files:
+        refuse_symlink(path)
+    predictions = PredictionsWriter(csv_files[0], setup.loaded.class_names, config.format, sinks.monitor,
+                                    append=point is not None)
+    errors = ErrorsWriter(csv_files[1], append=point is not None)
+    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet,  # type: ignore[arg-type]
+                               monitor=sinks.monitor)
+    rest, leftover = skip_consumed(stream, point.position.items) if point else (stream, 0)
+    batches = setup.batches(rest, config.batch_size, workers, max_pixels=config.max_pixels, skip_decoded=leftover)
+    if point is not None:
+        batches = continued(batches, point.position.images)
+    # with checkpoints, each batch is delivered before the next step, so that the state saved
+    # is that of the last written prediction (one device sync per batch on a GPU)
+    defer = False if config.checkpoint_every else None
+    try:
+        with progress:
+            extra = [*([sinks.export] if sinks.export else []), *([] if config.predict_only else [sinks.last])]
+            engine_totals = run_stream(method, batches, setup.device,
+                                       [sinks.monitor, predictions, errors, *extra, progress, checkpointer],
+                                       defer=defer, tune_threads=setup.tune_threads)
+    except KeyboardInterrupt:
+        outcome.status = "interrupted"
+    except CollapseStop as stop:
+        outcome = _Outcome("collapsed", str(stop), stop)
+    except Exception as err:  # recorded as failed, then raised again
+        outcome = _Outcome("failed", _failure_reason(err), err)
+    finally:
+        batches.close()  # stops the decoding workers now
+        _close_quietly(predictions, errors)
+        if sinks.export is not None:
+            sinks.export.close()
+    return outcome, engine_totals
+
+
+def _close_quietly(*writers: PredictionsWriter | ErrorsWriter) -> None:
+    for writer in writers:
+        with contextlib.suppress(OSError):  # a full disk fails the last flush too; the rows before are whole
+            writer.close()
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC, as an OSError or as the message of a writer that wraps it (safetensors)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return err is not None and ("os error 28" in str(err) or "No space left on device" in str(err))
+
+
+def _failure_reason(err: BaseException, writing: Path | None = None) -> str:
+    if _is_disk_full(err):
+        return f"disk full writing {getattr(err, 'filename', None) or writing or 'the outputs'}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _with_timing(totals: Totals, engine: Totals | None) -> Totals:
+    """The counts over the whole run (the checkpointer's, carried over a resume) with the engine's
+    timing of this part."""
+    if engine is not None:
+        for name in ("data_wait_seconds", "data_waits", "device_busy_seconds", "device_idle_seconds", "cpu_threads"):
+            setattr(totals, name, getattr(engine, name))
+    return totals
+
+
+def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals: Totals, device: torch.device,
+            out: Path, outcome: _Outcome, elapsed: float, sinks: RunSinks) -> dict[str, Any]:
+    """Write what can be written: the model, extra exports and run.json with the outcome."""
+    model_export = None
+    try:
+        if not config.predict_only:
+            model_export = _export_run_model(config, loaded, method, out, sinks.last, device)
+    except Exception as err:  # recorded as failed (a full disk most likely), raised after run.json
+        if outcome.status != "failed":
+            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "model"), err
+    n_items = totals.images + totals.skipped
+    record = _record(config, loaded, method, totals, device, out, outcome.status, elapsed, n_items)
+    if outcome.reason is not None:
+        record["reason"] = outcome.reason
+    record |= {"collapse_events": sinks.monitor.record(), "health": sinks.monitor.health()}
+    if model_export is not None:
+        record["model_export"] = model_export
+    if sinks.export is not None:
+        record["export_folder"] = _export_record(sinks.export)
+    try:
+        _write_record(out, record)
+    except OSError as err:
+        if outcome.status != "failed":
+            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "run.json"), err
+    return record
+
+
+def _write_record(out: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2))
+
+
+def _check_outcome(config: AdaptConfig, outcome: _Outcome, totals: Totals, out: Path, console: Console,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """The exit: a failed run raises (a full disk as one line), an interrupted one exits 130 (143
+    after SIGTERM), skipped inputs warn (or fail with --strict)."""
+    err = outcome.error
+    if isinstance(err, CollapseStop):
+        raise err
+    if outcome.status == "failed":
+        if _is_disk_full(err):
+            raise TTAError(f"{outcome.reason}: free space or choose another --out", exit_code=4) from err
+        assert err is not None
+        raise err
+    if outcome.status == "interrupted":
+        code = 143 if outcome.reason == "SIGTERM" else 130
+        raise TTAError(f"interrupted ({outcome.reason}): the predictions so far, the model and run.json are in "
+                       f"{out}; continue with: tta adapt --resume {out}", exit_code=code)
     if totals.skipped:
         console.print(f"[yellow]warning: {totals.skipped} inputs could not be read, see {out / 'errors.csv'}"
                       "[/yellow]")
@@ -197,7 +383,8 @@ def _write_extra_exports(method: TTAMethod, out: Path) -> None:
     from safetensors.torch import save_file
 
     for filename, state in method.extra_exports().items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / filename))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write(out / filename, lambda path, tensors=tensors: save_file(tensors, str(path)))
 
 
 def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream: str,
@@ -244,6 +431,7 @@ def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
             "mean_entropy": totals.mean_entropy,
             "labelled": totals.labelled,
             "correct": totals.correct,
+            "non_finite_updates": method.non_finite_updates,
         },
         "resets_at_batch": list(method.resets),
         "accuracy": totals.accuracy,

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 
 from tta_cli import __version__
+from tta_cli.atomic import remove_path
 from tta_cli.device import configure_backends, resolve_channels_last, resolve_device
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, method_config
@@ -70,6 +71,21 @@ def cpu_threads(threads: int | None) -> bool:
 
 OVERWRITE_HINT = "choose another --out or pass --overwrite"
 
+RUN_OUTPUTS = ("predictions.csv", "predictions.jsonl", "errors.csv", "run.json", "model", "student.safetensors",
+               "checkpoint.pt", "report")
+"""What a run writes in its folder: all that ``--overwrite`` removes (nothing else is touched)."""
+
+
+def remove_previous_run(out: Path) -> None:
+    """``--overwrite``: remove the files a previous run wrote (``RUN_OUTPUTS``; a link itself, never
+    what it points to) and leave everything else in the folder alone."""
+    if out.is_symlink():
+        raise TTAError(f"output folder {out} is a symbolic link", "pass the real folder as --out")
+    for name in RUN_OUTPUTS:
+        remove_path(out / name)
+    for leftover in out.glob("*.tmp-*"):
+        remove_path(leftover)
+
 
 def refuse_non_empty(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint: str = OVERWRITE_HINT) -> None:
     """A folder with files (other than ``ignore``) is refused unless ``overwrite``."""
@@ -88,6 +104,8 @@ def prepare_out_dir(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint
     refuse_non_empty(out, overwrite, ignore, hint)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            remove_previous_run(out)
         probe = out / ".tta-write-test"
         probe.write_text("")
         probe.unlink()

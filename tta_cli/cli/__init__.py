@@ -3,7 +3,8 @@ each command imports the library when it runs.
 
 Exit codes: 0 done; 2 a usage error (a bad option or value, a missing argument) or a user error
 (:class:`~tta_cli.errors.TTAError`, unless it carries its own code); 3 inputs could not be read;
-130 interrupted (Ctrl-C or ``typer.Abort``, at any point: the ``tta`` script and ``python -m tta_cli``
+4 the disk is full; 143 a run stopped by SIGTERM (``run.json`` says interrupted); 130 interrupted
+(Ctrl-C or ``typer.Abort``, at any point: the ``tta`` script and ``python -m tta_cli``
 start in :mod:`tta_cli.__main__`, which catches Ctrl-C while this package is imported); 1 an unexpected error.
 Bare ``tta`` prints the help; its exit code is the one the installed click gives a command line
 without arguments: 2 with typer >= 0.26's own click and with click >= 8.2, 0 with older click.

@@ -61,8 +61,10 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 
 
 def adapt(
-    inputs: InputsArg,
-    model: ModelOpt,
+    inputs: Annotated[list[Path] | None, typer.Argument(
+        help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.",
+        show_default=False)] = None,
+    model: ModelOpt = "",
     method: MethodOpt = "auto",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
@@ -106,10 +108,27 @@ def adapt(
         help="Run a frozen source copy per batch (collapse signals, health verdict, source_pred column).")] = True,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", min=0, help="Batches between resume checkpoints in --out (0: none).")] = 50,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue the stopped run in this --out folder, with its recorded options.")] = None,
 ) -> None:
     """Adapt MODEL on the images in INPUTS; write predictions, model/ and run.json to --out."""
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
+
+    if resume is not None:
+        from tta_cli.run import resume as run_resume
+
+        if inputs or model:
+            raise TTAError("--resume takes the inputs and options the run recorded",
+                           f"run: tta adapt --resume {resume}")
+        run_resume(resume)
+        return
+    if not inputs:
+        raise TTAError("Missing argument 'INPUTS...'", "see 'tta adapt --help'")
+    if not model:
+        raise TTAError("Missing option '--model' / '-m'", "see 'tta adapt --help'")
 
     hyperparameters: dict[str, object] = parse_hyperparameters(set_ or [])
     if lr is not None:
@@ -128,6 +147,7 @@ def adapt(
         export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
         export_bn=export_bn, format=output_format,
         on_collapse=on_collapse, source_reference=source_reference,
+        checkpoint_every=checkpoint_every,
     )
     print_summary(run_adapt(config), as_json)
 

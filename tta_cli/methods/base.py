@@ -33,7 +33,7 @@ from tta_cli.methods.fastpaths import (
 from tta_cli.methods.hyperparameters import at_least, between, check_config, greater_than
 from tta_cli.methods.precision import PRECISIONS, Performance
 from tta_cli.methods.selection import BatchNormStats, affine_parameters, has_batchnorm, resolve_bn_stats
-from tta_cli.methods.snapshot import SourceSnapshot, bn_buffers, momentum_buffers, prime_momentum
+from tta_cli.methods.snapshot import LastGood, SourceSnapshot, bn_buffers, momentum_buffers, prime_momentum
 
 BNStatsChoice = Literal["auto", "batch", "source", "mix", "ema"]
 
@@ -142,6 +142,8 @@ class TTAMethod(nn.Module):
         self.performance = Performance()
         self.scaler: torch.amp.GradScaler | None = None
         self.source = SourceSnapshot(self.params, self._written_buffers(), self.optimizer)
+        self._last_good = LastGood()
+        self._non_finite = DeviceLog()
 
     # --- hooks for subclasses ---------------------------------------------------------------------
 
@@ -202,7 +204,9 @@ class TTAMethod(nn.Module):
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def optimizer_step(self) -> None:
-        if self.scaler is None:
+        if self.scaler is None or not _precision.has_scaled(self.scaler):
+            # no loss was scaled yet (e.g. SAR's first batches had no reliable sample and the zero
+            # gradients were set directly): the gradients are unscaled, a plain step is exact
             self.optimizer.step()
             return
         self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
@@ -229,14 +233,33 @@ class TTAMethod(nn.Module):
         x = self.prepare_input(x)
         if getattr(self.config, "episodic", False):
             self.reset()
+        good = self._last_good.refresh(self.guarded_tensors())
         with contextlib.nullcontext() if self.amp_aware else self.autocast():
             result = self.forward_and_adapt(x)
             for _ in range(getattr(self.config, "steps", 1) - 1):
                 later = self.forward_and_adapt(x)
                 result.reset = _either(result.reset, later.reset)
         result.logits = result.logits.float()
+        self._guard_finite(result.logits, good)
         self.batches_seen += 1
         return result
+
+    # --- the non-finite guard (snapshot.LastGood) -------------------------------------------------
+
+    def guarded_tensors(self) -> list[torch.Tensor]:
+        """What an update writes and the guard restores: the optimiser's tensors and written buffers."""
+        return [*self.optimizer_tensors(), *self._written_buffers().values()]
+
+    def _guard_finite(self, logits: torch.Tensor, good: LastGood) -> None:
+        """Undo this batch's update where its logits or the updated tensors are not finite."""
+        tensors = self.guarded_tensors()
+        ok = good.keep_or_restore(logits, tensors)
+        self._non_finite.add(self.batches_seen, ~ok if isinstance(ok, torch.Tensor) else not ok)
+
+    @property
+    def non_finite_updates(self) -> int:
+        """Batches whose update was skipped (and undone) for non-finite logits or values."""
+        return sum(int(bool(hit)) for _, hit in self._non_finite.entries())
 
     # --- reset (snapshot.py) ----------------------------------------------------------------------
 
@@ -262,6 +285,47 @@ class TTAMethod(nn.Module):
     def settle(self) -> None:
         """Read the values decided on the device so far (one transfer for all of them)."""
         self._reset_flags.settle()
+        self._non_finite.settle()
+
+    # --- resume (tta_cli.checkpoint) --------------------------------------------------------------
+
+    resume_attributes: ClassVar[tuple[str, ...]] = ()
+    """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
+    values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
+
+    def state_for_resume(self) -> dict[str, Any]:
+        """Everything the next batch depends on: the modules' tensors (model, and a teacher
+        method's student or anchor), the optimiser and loss scaler, the method's generator, the
+        batch count, the reset and non-finite logs and the declared ``resume_attributes``."""
+        self.settle()
+        return {
+            "modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "generator": self.generator.get_state(),
+            "batches_seen": self.batches_seen,
+            "resets": [[k, bool(v)] for k, v in self._reset_flags.entries()],
+            "non_finite": [[k, bool(v)] for k, v in self._non_finite.entries()],
+            "attributes": {name: _plain(getattr(self, name)) for name in self.resume_attributes},
+        }
+
+    @torch.no_grad()
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """The inverse of ``state_for_resume``, on a freshly built method of the same run."""
+        for name, tensor in self.state_dict().items():
+            tensor.copy_(state["modules"][name])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.batches_seen = int(state["batches_seen"])
+        for key, hit in state["resets"]:
+            self._reset_flags.add(int(key), bool(hit))
+        for key, hit in state["non_finite"]:
+            self._non_finite.add(int(key), bool(hit))
+        for name, value in state["attributes"].items():
+            setattr(self, name, _restored(getattr(self, name, None), value, self.device))
 
     # --- export and records -----------------------------------------------------------------------
 
@@ -325,6 +389,53 @@ class TTAMethod(nn.Module):
 
     def _momentum_buffers(self) -> list[torch.Tensor]:
         return self.momentum_buffers()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
+    reads back); a dataclass or plain object becomes the dict of its attributes."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "__dict__"):
+        kind = f"{type(value).__module__}:{type(value).__qualname__}"
+        return {"__object__": kind, **{k: _plain(v) for k, v in vars(value).items()}}
+    raise TypeError(f"cannot save {type(value).__name__} for --resume")
+
+
+def _restored(current: Any, value: Any, device: torch.device) -> Any:
+    """A saved ``_plain`` value back on ``device``, into ``current``'s object where it was one."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict) and "__object__" in value:
+        if current is None or not hasattr(current, "__dict__"):
+            current = _new_object(value["__object__"])
+        for key, item in value.items():
+            if key != "__object__":
+                setattr(current, key, _restored(getattr(current, key, None), item, device))
+        return current
+    if isinstance(value, dict):
+        return {k: _restored(None, v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restored(None, v, device) for v in value]
+    return value
+
+
+def _new_object(kind: str) -> Any:
+    """An empty instance of a method's own class (e.g. a memory bank), to be filled by ``_restored``;
+    only classes of ``tta_cli.methods`` are made, never any other (a checkpoint is data, not code)."""
+    import importlib
+
+    module, _, qualname = kind.partition(":")
+    if not module.startswith("tta_cli.methods."):
+        raise TypeError(f"cannot restore a {kind} for --resume")
+    cls = getattr(importlib.import_module(module), qualname)
+    return object.__new__(cls)
 
 
 def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:

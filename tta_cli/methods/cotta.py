@@ -60,6 +60,7 @@ def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
 @register_method
 class CoTTA(TTAMethod):
     name = "cotta"
+    resume_attributes = ("augmented_batches",)
     config_class = CoTTAConfig
     amp_aware = True
     predicts_first_forward = False

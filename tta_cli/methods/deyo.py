@@ -57,6 +57,7 @@ class DeYOConfig(EntropyConfig):
 @register_method
 class DeYO(TTAMethod):
     name = "deyo"
+    resume_attributes = ("counts",)
     config_class = DeYOConfig
     double_lr_at_bs1 = True
     amp_aware = True

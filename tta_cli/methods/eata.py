@@ -51,6 +51,7 @@ class EATAConfig(EntropyConfig):
 @register_method
 class ETA(TTAMethod):
     name = "eta"
+    resume_attributes = ("model_probs", "_has_probs")
     config_class = EATAConfig
     amp_aware = True
     config: EATAConfig

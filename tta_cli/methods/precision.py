@@ -45,6 +45,12 @@ def loss_scaler(precision: str, device: torch.device, has_params: bool) -> torch
     return torch.amp.GradScaler(device.type) if precision == "fp16" and has_params else None
 
 
+def has_scaled(scaler: torch.amp.GradScaler) -> bool:
+    """Whether ``scaler`` has scaled a loss yet: before that its ``step`` has no scale to unscale
+    with (torch raises), and the gradients present are unscaled."""
+    return getattr(scaler, "_scale", None) is not None
+
+
 def apply_to_model(model: nn.Module, performance: Performance) -> None:
     """Memory format and compilation, in place: parameters, names, hooks and state dict stay."""
     if performance.channels_last:
@@ -127,4 +133,4 @@ def resolve_precision(requested: str, device: torch.device, family: str, method:
 
 
 __all__ = ["AUTO", "BF16_FALLBACKS", "PRECISIONS", "Performance", "apply_to_model", "autocast", "check_precision",
-           "loss_scaler", "native_bf16", "prepare_input", "resolve_precision"]
+           "has_scaled", "loss_scaler", "native_bf16", "prepare_input", "resolve_precision"]

@@ -71,6 +71,7 @@ def prior_correction(logits: torch.Tensor) -> torch.Tensor:
 @register_method
 class ROID(TTAMethod):
     name = "roid"
+    resume_attributes = ("class_probs",)
     config_class = ROIDConfig
     amp_aware = True
     predicts_first_forward = False

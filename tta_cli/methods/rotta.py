@@ -132,6 +132,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 @register_method
 class RoTTA(TTAMethod):
     name = "rotta"
+    resume_attributes = ("samples_seen", "updates", "memory")
     config_class = RoTTAConfig
     amp_aware = True
     config: RoTTAConfig

@@ -67,6 +67,7 @@ class SARConfig(EntropyConfig):
 @register_method
 class SAR(TTAMethod):
     name = "sar"
+    resume_attributes = ("_ema",)
     config_class = SARConfig
     double_lr_at_bs1 = True
     amp_aware = True

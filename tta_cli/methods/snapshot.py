@@ -79,4 +79,41 @@ class SourceSnapshot:
             buffer.masked_fill_(flag, 0.0)
 
 
-__all__ = ["SourceSnapshot", "bn_buffers", "momentum_buffers", "prime_momentum"]
+class LastGood:
+    """The state before the current batch's update, to undo an update that made values non-finite.
+
+    One preallocated copy of the tensors an update writes (the adapted parameters, their momentum,
+    written BN buffers), refreshed before every batch: the cost is one copy of those few tensors.
+    On the CPU the check is read at once; on a device the restore is a ``torch.where`` (no host
+    sync) and the flag is read later with the other device flags.
+    """
+
+    def __init__(self) -> None:
+        self.copies: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def refresh(self, tensors: list[torch.Tensor]) -> LastGood:
+        if [t.shape for t in self.copies] != [t.shape for t in tensors]:
+            self.copies = [t.detach().clone() for t in tensors]
+        else:
+            for copy_, tensor in zip(self.copies, tensors, strict=True):
+                copy_.copy_(tensor)
+        return self
+
+    @torch.no_grad()
+    def keep_or_restore(self, logits: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | bool:
+        """Whether ``logits`` and ``tensors`` are all finite; where not, ``tensors`` get the copies back."""
+        flags = [torch.isfinite(logits).all()] + [torch.isfinite(t).all() for t in tensors]
+        ok = torch.stack([f.to(logits.device) for f in flags]).all()
+        if ok.device.type == "cpu":
+            if bool(ok):
+                return True
+            for tensor, copy_ in zip(tensors, self.copies, strict=True):
+                tensor.copy_(copy_)
+            return False
+        for tensor, copy_ in zip(tensors, self.copies, strict=True):
+            tensor.copy_(torch.where(ok, tensor, copy_))
+        return ok
+
+
+__all__ = ["LastGood", "SourceSnapshot", "bn_buffers", "momentum_buffers", "prime_momentum"]

@@ -15,6 +15,7 @@ Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -79,7 +80,8 @@ class PredictionsWriter:
     ``source_pred`` and ``source_pred_name``: the frozen source model's prediction of each image."""
 
     def __init__(self, path: Path, class_names: list[str], format: str = "csv",
-                 source: SourcePredictions | None = None) -> None:
+                 source: SourcePredictions | None = None, append: bool = False) -> None:
+        """``append``: continue a file cut back to a row boundary (``--resume``)."""
         if format not in PREDICTION_FORMATS:
             raise ValueError(f"format must be one of {', '.join(PREDICTION_FORMATS)}, got {format!r}")
         self.class_names = class_names
@@ -87,26 +89,28 @@ class PredictionsWriter:
         self.format = format
         self.source = source if source is not None and source.reference is not None else None
         self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
-        self._file: IO[str] = path.open("w", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._file)
-        if format == "csv":
-            self._writer.writerow(self.columns)
+        self._file: IO[str] = path.open("a" if append else "w", newline="", encoding="utf-8")
+        if format == "csv" and not append:
+            self._file.write(_csv_text_of([self.columns]))
+            self._file.flush()
         self.rows = 0
 
     def on_batch(self, out: BatchOutputs) -> None:
         labels = out.batch.labels
         correct = out.correct
         source = self.source.last_source_pred if self.source is not None else None
+        lines: list[str] = []
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
+            known = 0 <= pred < len(self.class_names)  # -1: non-finite logits, no prediction
             row = [
                 out.batch.first_index + i,
                 item.key,
                 item.frame,
                 None if item.timestamp is None else round(item.timestamp, 3),
                 pred,
-                self.class_names[pred] if pred < len(self.class_names) else pred,
-                self.class_ids[pred] if pred < len(self.class_ids) else pred,
+                self.class_names[pred] if known else None,
+                self.class_ids[pred] if known and pred < len(self.class_ids) else None,
                 round(float(out.confidence[i]), 6),
                 round(float(out.entropy[i]), 6),
                 [int(j) for j in out.top5[i]],
@@ -116,11 +120,12 @@ class PredictionsWriter:
                 *([] if self.source is None else self._source_cells(source, i)),
             ]
             if self.format == "jsonl":
-                self._file.write(_json_line(dict(zip(self.columns, row, strict=True))) + "\n")
+                lines.append(_json_line(dict(zip(self.columns, row, strict=True))) + "\n")
             else:
-                self._writer.writerow(_csv_row(self.columns, row))
-        self.rows += len(out.batch.items)
+                lines.append(_csv_text_of([_csv_row(self.columns, row)]))
+        self._file.write("".join(lines))  # whole rows in one write: the file ends on a row boundary
         self._file.flush()
+        self.rows += len(out.batch.items)
 
     def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
         if source is None:
@@ -130,6 +135,12 @@ class PredictionsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _csv_text_of(rows: list[list[object]]) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
 
 
 def _csv_row(columns: list[str], row: list[object]) -> list[object]:
@@ -163,18 +174,23 @@ def _json_line(record: dict[str, object]) -> str:
 class ErrorsWriter:
     """``errors.csv``: every input that was skipped, with the reason; created on the first one."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
+        self.append = append
         self._file: IO[str] | None = None
         self._writer: csv.writer | None = None  # type: ignore[valid-type]
         self.rows = 0
 
     def add(self, key: str, reason: str) -> None:
         if self._file is None:
-            self._file = self.path.open("w", newline="", encoding="utf-8")
+            resumed = self.append and self.path.exists()
+            self._file = self.path.open("a" if resumed else "w", newline="", encoding="utf-8")
             self._writer = csv.writer(self._file)
-            self._writer.writerow(["path", "reason"])
-        self._writer.writerow([csv_text(key), csv_text(reason)])  # type: ignore[union-attr]
+            if not resumed:
+                self._writer.writerow(["path", "reason"])
+        text = io.StringIO()
+        csv.writer(text).writerow([csv_text(key), csv_text(reason)])
+        self._file.write(text.getvalue())  # one whole row per write
         self.rows += 1
         self._file.flush()
 

@@ -269,9 +269,11 @@ def iter_batches(
     pin_memory: bool = False,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
     draft_side: int | None = None,
+    skip_decoded: int = 0,
 ) -> Iterator[Batch]:
     """Batches of exactly ``batch_size`` decoded images (the last may be smaller), in order;
-    ``draft_side``: large JPEGs decoded at reduced scale (``read_image``)."""
+    ``draft_side``: large JPEGs decoded at reduced scale (``read_image``); ``skip_decoded`` drops the
+    first items after decoding (a resumed run inside a video)."""
     pending_items: list[StreamItem] = []
     pending_images: list[torch.Tensor] = []
     skipped: list[tuple[StreamItem, str]] = []
@@ -289,6 +291,9 @@ def iter_batches(
 
     chunk = min(batch_size, 32)
     for item, image, error in decoded_stream(source, transform, workers, chunk, max_pixels, draft_side):
+        if skip_decoded > 0:
+            skip_decoded -= 1
+            continue
         if image is None:
             skipped.append((item, error or "unreadable"))
             continue

@@ -1,0 +1,151 @@
+"""``tta adapt --resume``: a run killed (kill -9, SIGTERM, Ctrl-C) at any batch and resumed gives the
+predictions, model and counts of a run that was never stopped (fault injection in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import make_images, tiny_model_folder
+from tta_cli.checkpoint import CHECKPOINT, KILL_AFTER_ENV, STOP_AFTER_ENV, skip_consumed
+from tta_cli.cli import main
+from tta_cli.sources.items import StreamItem
+from tta_cli.sources.stream import ImagePart, Stream
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    model = tiny_model_folder(root / "model", "test_resnet")
+    images = root / "images"
+    make_images(images, 40)
+    return model, images
+
+
+def _args(model: Path, images: Path, out: Path, method: str) -> list[str]:
+    return ["adapt", str(images), "-m", f"local-dir:{model}", "--method", method, "-b", "4", "--workers", "0",
+            "--checkpoint-every", "3", "-o", str(out), "--quiet"]
+
+
+def _tta(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "tta_cli", *args], env=environ, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["tta", *args])
+    try:
+        main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+class References:
+    """Uninterrupted runs, one per method, made when first asked for."""
+
+    def __init__(self, setup: tuple[Path, Path], root: Path) -> None:
+        self.setup, self.root, self.runs = setup, root, {}
+
+    def __getitem__(self, method: str) -> Path:
+        if method not in self.runs:
+            out = self.root / method
+            result = _tta(_args(*self.setup, out, method))
+            assert result.returncode == 0, result.stderr
+            self.runs[method] = out
+        return self.runs[method]
+
+
+@pytest.fixture(scope="module")
+def reference(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(setup, tmp_path_factory.mktemp("ref"))
+
+
+def _assert_same_run(got: Path, want: Path) -> None:
+    assert (got / "predictions.csv").read_bytes() == (want / "predictions.csv").read_bytes()
+    a, b = load_file(str(got / "model" / "model.safetensors")), load_file(str(want / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    record, expected = json.loads((got / "run.json").read_text()), json.loads((want / "run.json").read_text())
+    assert record["status"] == "completed"
+    counts, expected_counts = record["counts"], expected["counts"]
+    mean, expected_mean = counts.pop("mean_entropy"), expected_counts.pop("mean_entropy")
+    assert counts == expected_counts
+    assert mean == pytest.approx(expected_mean, rel=1e-12)
+    assert record["resets_at_batch"] == expected["resets_at_batch"]
+    assert not (got / CHECKPOINT).exists()  # a completed run leaves no checkpoint
+
+
+@pytest.mark.parametrize(("method", "kill_after"), [
+    ("tent", 2), ("tent", 7),
+    pytest.param("tent", 4, marks=pytest.mark.slow), pytest.param("tent", 10, marks=pytest.mark.slow),
+    pytest.param("sar", 5, marks=pytest.mark.slow),
+])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path], reference: References,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        method: str, kill_after: int) -> None:
+    model, images = setup
+    out = tmp_path / "run"
+    killed = _tta(_args(model, images, out, method), {KILL_AFTER_ENV: str(kill_after)})
+    assert killed.returncode == -9
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "running"  # never looks complete
+    if kill_after < 3:  # before the first checkpoint: nothing to resume, said in one line
+        assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 2
+        return
+    assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 0
+    _assert_same_run(out, reference[method])
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [
+    ("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)])
+def test_signal_writes_an_interrupted_run_that_resumes(setup: tuple[Path, Path], reference: References,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      signal_name: str, code: int) -> None:
+    model, images = setup
+    out = tmp_path / "run"
+    stopped = _tta(_args(model, images, out, "tent"), {STOP_AFTER_ENV: f"5:{signal_name}"})
+    assert stopped.returncode == code, stopped.stderr
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["reason"]) == ("interrupted", signal_name)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not list(out.glob("*.tmp-*"))
+    assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 0
+    _assert_same_run(out, reference["tent"])
+
+
+def test_a_completed_run_is_not_resumed(reference: References, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert _in_process(monkeypatch, "adapt", "--resume", str(reference["tent"])) == 2
+    assert "completed" in capsys.readouterr().err
+
+
+def test_skip_consumed_slices_image_items_without_decoding() -> None:
+    items = [StreamItem(f"{i}.png", Path(f"/nowhere/{i}.png")) for i in range(10)]
+    stream = Stream([ImagePart(items[:4]), ImagePart(items[4:])])
+    rest, left = skip_consumed(stream, 6)
+    assert left == 0
+    assert [i.key for p in rest.parts for i in p.items] == [f"{i}.png" for i in range(6, 10)]  # type: ignore[union-attr]
+
+
+def test_iter_batches_drops_skipped_items_after_decoding(tmp_path: Path) -> None:
+    """Inside a video the position is reached by decoding and dropping (frames are not sliceable)."""
+    from tta_cli.sources.loader import iter_batches
+
+    paths = make_images(tmp_path, 7)
+    items = [StreamItem(p.name, p) for p in paths]
+    batches = list(iter_batches(items, lambda image: torch.zeros(3, 2, 2), 4, skip_decoded=3))
+    assert [[i.key for i in b.items] for b in batches] == [[p.name for p in paths[3:7]]]

@@ -1,0 +1,209 @@
+"""``--resume``: the run state kept in ``OUT/checkpoint.pt`` and how a run continues from it.
+
+Every ``--checkpoint-every`` batches (and at least every ``CHECKPOINT_SECONDS``) the state after
+the last delivered batch is written to a temporary file and renamed over the previous checkpoint,
+so a kill -9 or a power cut leaves the last complete one. It holds the method's state
+(``TTAMethod.state_for_resume``: modules, optimiser, loss scaler, generator, logs, EMAs, memory
+banks), the RNG states, the stream position (items consumed, images decoded), the running totals
+and the byte sizes of ``predictions.csv`` and ``errors.csv`` at that point. Only tensors, numbers,
+strings, lists and dicts are stored, read back with ``torch.load(weights_only=True)``.
+
+A resumed run truncates the CSVs to those sizes, skips the consumed items (image items are sliced
+off, never decoded; a video is decoded up to the position, its frames dropped) and carries on: the
+same predictions, model and counts as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tta_cli.atomic import atomic_write
+from tta_cli.config import AdaptConfig
+from tta_cli.errors import TTAError
+from tta_cli.methods.base import TTAMethod
+from tta_cli.outputs import BatchOutputs, Totals
+from tta_cli.sources.items import Batch
+from tta_cli.sources.stream import ImagePart, Stream
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_EVERY = 50
+"""Batches between checkpoints (``--checkpoint-every``; 0: none)."""
+CHECKPOINT_SECONDS = 300.0
+"""A checkpoint is also written once this long has passed since the last one."""
+KILL_AFTER_ENV = "TTA_TEST_KILL_AFTER_BATCHES"
+"""Test hook: kill -9 this process once that many batches are delivered (fault injection)."""
+STOP_AFTER_ENV = "TTA_TEST_SIGNAL_AFTER_BATCHES"
+"""Test hook: ``N:SIGNAME`` sends the signal to this process after N batches (Ctrl-C, SIGTERM)."""
+
+
+def rng_states() -> dict[str, Any]:
+    """Python's, numpy's and torch's global generators (CPU and CUDA)."""
+    states: dict[str, Any] = {"python": _plain_python_state(random.getstate()), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return states
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def _plain_python_state(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+@dataclass
+class Position:
+    """Where a run stands: stream items consumed (read or skipped), images decoded, batches."""
+
+    items: int = 0
+    images: int = 0
+    batches: int = 0
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint as read back."""
+
+    method: dict[str, Any]
+    rng: dict[str, Any]
+    position: Position
+    totals: Totals
+    predictions_bytes: int
+    errors_bytes: int
+
+
+def load_checkpoint(out: Path) -> ResumePoint:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise TTAError(f"no checkpoint in {out}: the run stopped before its first checkpoint",
+                       "run it again from the start (with --overwrite)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        totals = Totals(**{f.name: state["totals"][f.name] for f in fields(Totals) if f.name in state["totals"]})
+        return ResumePoint(state["method"], state["rng"], Position(**state["position"]), totals,
+                           int(state["predictions_bytes"]), int(state["errors_bytes"]))
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise TTAError(f"cannot read the checkpoint {path}: {err}", "run it again from the start") from err
+
+
+class Checkpointer:
+    """The last sink: counts the position and writes the checkpoint when one is due."""
+
+    def __init__(self, out: Path, method: TTAMethod, csv_files: tuple[Path, Path], every: int,
+                 start: ResumePoint | None = None, seconds: float = CHECKPOINT_SECONDS) -> None:
+        self.out, self.method, self.csv_files, self.every, self.seconds = out, method, csv_files, every, seconds
+        self.position = start.position if start else Position()
+        self.totals = start.totals if start else Totals()
+        self.last_save = time.monotonic()
+        self.written = 0
+        self._kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+        self._signal_after = os.environ.get(STOP_AFTER_ENV, "")
+
+    def on_batch(self, outputs: BatchOutputs) -> None:
+        batch = outputs.batch
+        self.totals.add(outputs)
+        self.position.items += len(batch.items) + len(batch.skipped)
+        self.position.images += len(batch.items)
+        self.position.batches += 1
+        due = self.every > 0 and (self.position.batches % self.every == 0
+                                  or time.monotonic() - self.last_save > self.seconds)
+        if due:
+            self.save()
+        self._test_hooks()
+
+    def save(self) -> None:
+        state = {
+            "method": self.method.state_for_resume(),
+            "rng": rng_states(),
+            "position": asdict(self.position),
+            "totals": asdict(self.totals),
+            "predictions_bytes": _size(self.csv_files[0]),
+            "errors_bytes": _size(self.csv_files[1]),
+        }
+        atomic_write(self.out / CHECKPOINT, lambda path: torch.save(state, path))
+        self.last_save = time.monotonic()
+        self.written += 1
+
+    def _test_hooks(self) -> None:
+        if self._kill_after and self.position.batches >= self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._signal_after:
+            count, _, name = self._signal_after.partition(":")
+            if self.position.batches == int(count):
+                os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def truncate_outputs(csv_files: tuple[Path, Path], point: ResumePoint) -> None:
+    """Cut ``predictions.csv`` and ``errors.csv`` back to the checkpoint (whole rows only)."""
+    for path, size in zip(csv_files, (point.predictions_bytes, point.errors_bytes), strict=True):
+        if not path.exists():
+            continue
+        if size == 0:
+            path.unlink()
+        else:
+            with path.open("r+b") as handle:
+                handle.truncate(size)
+
+
+def skip_consumed(stream: Stream, items: int) -> tuple[Stream, int]:
+    """The stream without its first ``items`` items: leading image items are sliced off (never
+    decoded); what remains to skip from a video on is returned, to drop after decoding."""
+    parts = list(stream.parts)
+    while items and parts and isinstance(parts[0], ImagePart):
+        part = parts[0]
+        if len(part.items) <= items:
+            items -= len(part.items)
+            parts.pop(0)
+        else:
+            parts[0] = ImagePart(part.items[items:])
+            items = 0
+    return Stream(parts, stream.cache, stream.shuffled, stream.videos, stream.labels_from, stream.label_notes), items
+
+
+def continued(batches: Iterator[Batch], first_index: int) -> Iterator[Batch]:
+    """Batches of a resumed stream, numbered on from the decoded images before it."""
+    for batch in batches:
+        batch.first_index += first_index
+        yield batch
+
+
+def config_from_record(record: dict[str, Any], out: Path) -> AdaptConfig:
+    """The configuration a run recorded in its run.json, to resume it in ``out``."""
+    paths = {"checkpoint", "labels", "clean", "out"}
+    values = {f.name: record[f.name] for f in fields(AdaptConfig) if f.name in record}
+    for name in paths:
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    values["inputs"] = [Path(p) for p in values.get("inputs", [])]
+    values["out"] = out
+    return AdaptConfig(**values)
