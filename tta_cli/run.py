@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from tta_cli import distributed
 from tta_cli.config import AdaptConfig, default_workers
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
@@ -42,7 +44,20 @@ def stream_items(config: AdaptConfig, class_names: list[str], transform: Any = N
 
 
 def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run one adaptation over the stream; write predictions, the adapted model and run.json."""
+    """Run one adaptation over the stream; write predictions, the adapted model and run.json.
+
+    Launched by ``torchrun`` with several ranks, the ranks adapt one model data-parallel and rank 0
+    writes the outputs (``tta_cli.distributed``, docs/DISTRIBUTED.md)."""
+    device = distributed.start(config.device)
+    if distributed.active():
+        config = replace(config, device=device, quiet=config.quiet or not distributed.is_main())
+    try:
+        return _adapt(config, console)
+    finally:
+        distributed.stop()
+
+
+def _adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
@@ -77,7 +92,12 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTA
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
                   console: Console) -> dict[str, Any]:
     loaded, device = setup.loaded, setup.device
+    distributed.check_world(config.batch_size, method_name(config.method, config.clean is not None),
+                            bool(stream.videos))
     method = _build_method(config, setup, console)
+    distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
+    if not distributed.is_main():
+        return _follow_stream(config, setup, stream, workers, method)
     prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
@@ -90,10 +110,14 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet)  # type: ignore[arg-type]
     method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
     try:
-        batches = setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
-        with progress:
-            totals = run_stream(method, batches, device, [predictions, errors, progress],
+        batches = _batches(config, setup, stream, workers)
+        sinks = [predictions, errors, progress]
+        gather = distributed.GatherToMain(sinks) if distributed.active() else None
+        with progress, distributed.peer_failures():
+            totals = run_stream(method, batches, device, [gather] if gather else sinks,
                                 tune_threads=setup.tune_threads)
+        if gather is not None:
+            totals = distributed.merged_totals(totals, gather.totals)
     except KeyboardInterrupt:
         status = "interrupted"
         totals = progress.totals
@@ -121,6 +145,25 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
         if config.strict:
             raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
     return record
+
+
+def _batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int) -> Any:
+    """The stream's batches; data-parallel, this rank's rows of each, decoded here alone."""
+    if not distributed.active():
+        return setup.batches(stream, config.batch_size, workers, max_pixels=config.max_pixels)
+    return distributed.rank_batches(stream, setup.transform, config.batch_size, setup.loaded.data_config["input_size"],
+                                    workers, setup.device.type == "cuda", config.max_pixels)
+
+
+def _follow_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
+                   method: TTAMethod) -> dict[str, Any]:
+    """A rank other than 0: adapt on its rows, send its outputs to rank 0, write nothing."""
+    method.reseed(config.seed)
+    with distributed.peer_failures():
+        run_stream(method, _batches(config, setup, stream, workers), setup.device,
+                   [distributed.GatherToMain([])], tune_threads=setup.tune_threads)
+    method.close()
+    return {"status": "completed", "rank": distributed.rank(), "world_size": distributed.world_size()}
 
 
 def _write_extra_exports(method: TTAMethod, out: Path) -> None:
@@ -157,6 +200,7 @@ def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
         "config": config.to_record(),
         "versions": versions(),
         "device": str(device),
+        "world_size": distributed.world_size(),
         "model": loaded.describe(),
         "preprocessing": loaded.data_config,
         "method": info,
