@@ -52,12 +52,13 @@ def adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]
     if distributed.active():
         config = replace(config, device=device, quiet=config.quiet or not distributed.is_main())
     try:
-        return _adapt(config, console)
+        return adapt_local(config, console)
     finally:
         distributed.stop()
 
 
-def _adapt(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
+def adapt_local(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
+    """``adapt`` without joining a process group (data-parallel only if one is running already)."""
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")

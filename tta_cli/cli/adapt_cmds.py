@@ -88,8 +88,14 @@ def adapt(
     overwrite: OverwriteOpt = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input was skipped.")] = False,
     quiet: QuietOpt = False,
+    per_input: Annotated[bool, typer.Option(
+        "--per-input", help="Adapt a separate model on each input, from the source model, into "
+                            "OUT/<input name>/ (under torchrun, the inputs are dealt over the ranks).")] = False,
 ) -> None:
-    """Adapt MODEL on the images in INPUTS; write predictions.csv, model/ and run.json to --out."""
+    """Adapt MODEL on the images in INPUTS; write predictions.csv, model/ and run.json to --out.
+
+    Under ``torchrun --nproc-per-node N --no-python tta adapt ...`` the N processes adapt one model
+    data-parallel (the batch size stays the global batch; docs/DISTRIBUTED.md)."""
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
 
@@ -108,6 +114,11 @@ def adapt(
         strict=strict, shuffle=shuffle, every=every, fps=fps, start=start, end=end, max_frames=max_frames,
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
     )
+    if per_input:
+        from tta_cli.per_input import adapt_each
+
+        adapt_each(config)
+        return
     run_adapt(config)
 
 
