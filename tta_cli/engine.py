@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tta_cli import distributed
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
 from tta_cli.outputs import BatchOutputs, Sink, Totals, empty_outputs
 from tta_cli.sources.items import Batch
@@ -100,7 +101,7 @@ def _load(iterator: Iterator[Batch], device: torch.device, stream: torch.cuda.St
     waited = time.perf_counter() - start
     totals.data_wait_seconds += waited
     totals.data_waits += int(waited > DATA_WAIT_S)
-    if not batch.items:
+    if not batch.items and not distributed.active():  # data-parallel: every rank steps, in step
         return _Loaded(batch, None)
     if stream is None:
         return _Loaded(batch, batch.images.to(device))

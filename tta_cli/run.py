@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from tta_cli import distributed
 from tta_cli.atomic import atomic_write, atomic_write_text, refuse_symlink
 from tta_cli.checkpoint import (
     CHECKPOINT,
@@ -67,7 +68,26 @@ def adapt(config: AdaptConfig, console: Console | None = None, resume: bool = Fa
 
     ``resume`` continues the run recorded in ``config.out`` from its checkpoint (see
     ``tta_cli.checkpoint``). SIGTERM is handled as Ctrl-C while the run is on.
+
+    Launched by ``torchrun`` with several ranks, the ranks adapt one model data-parallel and rank 0
+    writes the outputs (``tta_cli.distributed``, docs/DISTRIBUTED.md). The per-image sinks that need
+    the images themselves (source reference, export folder, export check) and checkpoints are off
+    there: rank 0 sees the gathered outputs, not every rank's images.
     """
+    device = distributed.start(config.device)
+    if distributed.active():
+        if resume:
+            raise TTAError("--resume is not supported under torchrun", "resume the run in one process")
+        config = replace(config, device=device, quiet=config.quiet or not distributed.is_main(),
+                         source_reference=False, checkpoint_every=0)
+    try:
+        return adapt_local(config, console, resume)
+    finally:
+        distributed.stop()
+
+
+def adapt_local(config: AdaptConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """``adapt`` without joining a process group (data-parallel only if one is running already)."""
     console = console or Console(stderr=True)
     if config.batch_size < 1:
         raise TTAError("--batch-size must be at least 1")
@@ -176,6 +196,10 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     loaded, device = setup.loaded, setup.device
     reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
+    distributed.check_world(config.batch_size, method.name, bool(stream.videos))
+    distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
+    if not distributed.is_main():
+        return _follow_stream(config, setup, stream, workers, method)
     monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
     point = load_checkpoint(out) if resume else None
     if resume:
@@ -242,19 +266,20 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
     errors = ErrorsWriter(csv_files[1], append=point is not None)
     progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet,  # type: ignore[arg-type]
                                monitor=sinks.monitor)
-    rest, leftover = skip_consumed(stream, point.position.items) if point else (stream, 0)
-    batches = setup.batches(rest, config.batch_size, workers, max_pixels=config.max_pixels, skip_decoded=leftover)
-    if point is not None:
-        batches = continued(batches, point.position.images)
+    batches = _batches(config, setup, stream, workers, point)
     # with checkpoints, each batch is delivered before the next step, so that the state saved
     # is that of the last written prediction (one device sync per batch on a GPU)
     defer = False if config.checkpoint_every else None
     try:
-        with progress:
-            extra = [*([sinks.export] if sinks.export else []), *([] if config.predict_only else [sinks.last])]
-            engine_totals = run_stream(method, batches, setup.device,
-                                       [sinks.monitor, predictions, errors, *extra, progress, checkpointer],
+        with progress, distributed.peer_failures():
+            extra = [*([sinks.export] if sinks.export else []),
+                     *([] if config.predict_only or distributed.active() else [sinks.last])]
+            outputs = [sinks.monitor, predictions, errors, *extra, progress, checkpointer]
+            gather = distributed.GatherToMain(outputs) if distributed.active() else None
+            engine_totals = run_stream(method, batches, setup.device, [gather] if gather else outputs,
                                        defer=defer, tune_threads=setup.tune_threads)
+            if gather is not None:
+                engine_totals = distributed.merged_totals(engine_totals, gather.totals)
     except KeyboardInterrupt:
         outcome.status = "interrupted"
     except CollapseStop as stop:
@@ -267,6 +292,30 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
         if sinks.export is not None:
             sinks.export.close()
     return outcome, engine_totals
+
+
+def _batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
+             point: ResumePoint | None = None) -> Any:
+    """The stream's batches (after a resume point, the rest); data-parallel, this rank's rows of
+    each, decoded here alone."""
+    if distributed.active():
+        return distributed.rank_batches(stream, setup.transform, config.batch_size,
+                                        setup.loaded.data_config["input_size"], workers,
+                                        setup.device.type == "cuda", config.max_pixels)
+    rest, leftover = skip_consumed(stream, point.position.items) if point else (stream, 0)
+    batches = setup.batches(rest, config.batch_size, workers, max_pixels=config.max_pixels, skip_decoded=leftover)
+    return continued(batches, point.position.images) if point is not None else batches
+
+
+def _follow_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
+                   method: TTAMethod) -> dict[str, Any]:
+    """A rank other than 0: adapt on its rows, send its outputs to rank 0, write nothing."""
+    method.reseed(config.seed)
+    with distributed.peer_failures():
+        run_stream(method, _batches(config, setup, stream, workers), setup.device,
+                   [distributed.GatherToMain([])], tune_threads=setup.tune_threads)
+    method.close()
+    return {"status": "completed", "rank": distributed.rank(), "world_size": distributed.world_size()}
 
 
 def _close_quietly(*writers: PredictionsWriter | ErrorsWriter) -> None:
@@ -445,4 +494,5 @@ def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
             "device_idle_share": totals.device_idle_share,
         },
         "out": str(out),
+        "world_size": distributed.world_size(),
     }

@@ -112,8 +112,14 @@ def adapt(
         "--checkpoint-every", min=0, help="Batches between resume checkpoints in --out (0: none).")] = 50,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue the stopped run in this --out folder, with its recorded options.")] = None,
+    per_input: Annotated[bool, typer.Option(
+        "--per-input", help="Adapt a separate model on each input, from the source model, into "
+                            "OUT/<input name>/ (under torchrun, the inputs are dealt over the ranks).")] = False,
 ) -> None:
-    """Adapt MODEL on the images in INPUTS; write predictions, model/ and run.json to --out."""
+    """Adapt MODEL on the images in INPUTS; write predictions, model/ and run.json to --out.
+
+    Under ``torchrun --nproc-per-node N --no-python tta adapt ...`` the N processes adapt one model
+    data-parallel (the batch size stays the global batch; docs/DISTRIBUTED.md)."""
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
 
@@ -149,6 +155,11 @@ def adapt(
         on_collapse=on_collapse, source_reference=source_reference,
         checkpoint_every=checkpoint_every,
     )
+    if per_input:
+        from tta_cli.per_input import adapt_each
+
+        adapt_each(config)
+        return
     print_summary(run_adapt(config), as_json)
 
 

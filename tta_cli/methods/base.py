@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from tta_cli import distributed
 from tta_cli.methods import precision as _precision
 from tta_cli.methods.fastpaths import (
     NO_GRAD_FIRST_BELOW,
@@ -201,7 +202,9 @@ class TTAMethod(nn.Module):
         return reads_are_free(tensor)
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the loss; data-parallel, the gradients are then summed over the ranks."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        distributed.all_reduce_grads(self.params)
 
     def optimizer_step(self) -> None:
         if self.scaler is None or not _precision.has_scaled(self.scaler):

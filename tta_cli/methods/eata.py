@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta_cli import distributed
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.fastpaths import ReliableRows, masked_mean, update_if_any
@@ -106,9 +107,9 @@ class ETA(TTAMethod):
     @torch.no_grad()
     def _update_model_probs(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
         """m <- 0.9 m + 0.1 mean of the kept p (the mean itself the first time; unchanged if none)."""
-        count = keep.sum()
+        count = distributed.all_sum(keep.sum())  # data-parallel: the global batch's mean
         zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
-        mean = torch.where(keep.unsqueeze(1), probs, zero).sum(0) / count.clamp(min=1)
+        mean = distributed.all_sum(torch.where(keep.unsqueeze(1), probs, zero).sum(0)) / count.clamp(min=1)
         m = self.config.probs_momentum
         updated = torch.where(self._has_probs, m * self.model_probs + (1 - m) * mean, mean)
         self.model_probs = torch.where(count > 0, updated, self.model_probs)
@@ -172,7 +173,8 @@ class EATA(ETA):
         return n_images
 
     def regulariser(self) -> torch.Tensor | float:
-        if not self.fishers:
+        # data-parallel: added on one rank only, as the gradients are summed over the ranks
+        if not self.fishers or not distributed.is_main():
             return 0.0
         total: torch.Tensor | float = 0.0
         for name, param in zip(self.param_names, self.params, strict=False):

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from tta_cli import distributed
+
 NO_GRAD_FIRST_BELOW = 0.5
 """Expected share of selected rows below which a batch-independent model predicts with a no-grad
 forward and forwards only the selected rows again with autograd (an extra no-grad forward against
@@ -52,10 +54,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     1/count). The mean is 0 for an empty mask: its backward then gives the zero gradients that the
     authors' mean over an empty selection gives (a plain 0/0 would give NaN gradients); use
     ``nan_if_empty`` for the value the authors' mean reports.
+
+    Data-parallel (``tta_cli.distributed``): the local sum over the global count, so that the
+    gradients summed over the ranks are the global mean's; the count returned is this rank's.
     """
     count = mask.sum()
     total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-    return total / count.clamp(min=1), count
+    return total / distributed.all_sum(count).clamp(min=1), count
+
+
+def batch_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch's rows; data-parallel, the local sum over the global row count
+    (its gradients summed over the ranks are the global batch mean's)."""
+    if not distributed.active():
+        return values.mean(0)
+    return values.sum(0) / distributed.all_sum_int(values.shape[0])
 
 
 def nan_if_empty(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -102,7 +115,9 @@ def update_if_any(method: Updatable, loss: torch.Tensor, count: torch.Tensor) ->
 
     Where the count is free to read, an empty selection skips both; on a device the backward
     runs (zero gradients, from ``masked_mean``) and the step is undone (``step_if``). Exact.
+    Data-parallel, the decision is the global count's, so every rank takes it.
     """
+    count = distributed.all_sum(count)
     if method.reads_are_free(count):
         if int(count):
             method.backward(loss)
@@ -116,8 +131,9 @@ def backward_or_zero(method: Updatable, loss: torch.Tensor, count: torch.Tensor)
     """The backward of ``loss``, a ``masked_mean`` over ``count`` values.
 
     Where the count is free to read and zero, the gradients are set to zero instead of running
-    the backward, which is what that backward gives: exact.
+    the backward, which is what that backward gives: exact. Data-parallel, on the global count.
     """
+    count = distributed.all_sum(count)
     if method.reads_are_free(count) and int(count) == 0:
         for param in method.params:
             param.grad = torch.zeros_like(param)
@@ -181,7 +197,8 @@ class GradientRows:
 
     ``x`` is the whole batch (``index`` None) or the selected rows only; ``selected`` is the
     filter's mask over the rows of ``x`` (all true when only selected rows are kept); ``count``
-    is the number selected when it is known on the host (None: on the device only).
+    is the number selected when it is known on the host (None: on the device only), over the
+    global batch when data-parallel.
     """
 
     x: torch.Tensor
@@ -247,16 +264,17 @@ class ReliableRows:
         if self.enabled and (self._no_grad_first or self.after_grad_forward):
             index = selected.nonzero().squeeze(1)  # a host sync: the shape depends on the data
             k = index.numel()
-            self._track(k, batch)
+            k_all = distributed.all_sum_int(k)  # data-parallel: plans and counts are the global batch's
+            self._track(k_all, distributed.all_sum_int(batch))
             rows = x if k == batch else x.index_select(0, index)
             keep_all = torch.ones(k, dtype=torch.bool, device=selected.device)
             plan = "no-grad first" if self._no_grad_first else "reliable rows"
-            return GradientRows(rows, keep_all, index, k, self._no_grad_first, plan, batch)
+            return GradientRows(rows, keep_all, index, k_all, self._no_grad_first, plan, batch)
         # the running share needs the count on the host: a sync, but only on batch-independent
         # models, where the no-grad-first plan it chooses saves far more
-        count = int(selected.sum()) if self.enabled or host else None
+        count = distributed.all_sum_int(int(selected.sum())) if self.enabled or host else None
         if self.enabled and count is not None:
-            self._track(count, batch)
+            self._track(count, distributed.all_sum_int(batch))
         return GradientRows(x, selected, None, count, False, "full", batch)
 
     def count(self, plan: str) -> None:
@@ -275,6 +293,7 @@ __all__ = [
     "GradientRows",
     "ReliableRows",
     "backward_or_zero",
+    "batch_mean",
     "masked_mean",
     "nan_aware_ema",
     "nan_if_empty",

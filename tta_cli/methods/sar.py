@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tta_cli import distributed
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.fastpaths import (
@@ -124,12 +125,13 @@ class SAR(TTAMethod):
         self._sgd_step(n_used)
 
         # 6. recovery: EMA of the second loss below the threshold restores the source model
-        collapsed = self._recover_if_collapsed(nan_if_empty(loss2, n_used))
+        # data-parallel: the EMA follows the global loss (the same on every rank)
+        collapsed = self._recover_if_collapsed(nan_if_empty(distributed.all_sum(loss2), distributed.all_sum(n_used)))
         return StepResult(logits.detach(), rows.to_batch(used), (n_reliable, n_used), collapsed)
 
     def _sgd_step(self, n_used: torch.Tensor) -> None:
         if self.config.skip_empty:
-            self.optimizer_step_if(n_used > 0)
+            self.optimizer_step_if(distributed.all_sum(n_used) > 0)
         else:
             self.optimizer_step()
         self.optimizer.zero_grad()

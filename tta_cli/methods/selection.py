@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tta_cli import distributed
+
 BNStats = Literal["batch", "source", "mix", "ema"]
 BN_STATS_CHOICES: tuple[str, ...] = ("auto", "batch", "source", "mix", "ema")
 
@@ -173,6 +175,24 @@ def _shape(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.view(1, -1, *([1] * (x.ndim - 2)))
 
 
+def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch's per-channel mean and biased variance, and the values per channel; data-parallel,
+    the global batch's (``distributed.channel_stats``)."""
+    if distributed.active():
+        return distributed.channel_stats(x)
+    mean, var = _channel_stats(x)
+    return mean, var, x.numel() // x.shape[1]
+
+
+def _renormalised(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor]:
+    """``x`` rescaled so that the module's own eval-mode normalisation with the source statistics
+    yields the normalisation with ``mean`` and ``var`` (gradients flow through them; works for
+    every BatchNorm subclass, timm's BatchNormAct2d included)."""
+    mean_s, var_s = module.running_mean, module.running_var
+    scale = torch.sqrt((var_s + module.eps) / (var + module.eps))
+    return ((x - _shape(mean, x)) * _shape(scale, x) + _shape(mean_s, x),)
+
+
 class BatchNormStats:
     """Makes every BatchNorm of a model normalise with the chosen statistics, via forward hooks.
 
@@ -207,12 +227,14 @@ class BatchNormStats:
 
     def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         x = args[0]
-        if self.mode == "batch":
+        if self.mode == "batch" and not distributed.active():
             if x.numel() // x.shape[1] > 1:
                 self._stash[id(module)] = (module.running_mean, module.running_var)
                 module.running_mean, module.running_var = None, None
             return None
-        mean_b, var_b = _channel_stats(x)
+        mean_b, var_b, count = _batch_stats(x)
+        if self.mode == "batch":  # data-parallel: the global batch's statistics (SyncBatchNorm's)
+            return _renormalised(module, x, mean_b, var_b) if count > 1 else None
         if self.mode == "ema":
             with torch.no_grad():
                 module.running_mean.lerp_(mean_b.detach().to(module.running_mean), self.alpha)
@@ -220,11 +242,9 @@ class BatchNormStats:
             return None
         # mix: rescale the input so the module's own eval-mode normalisation with the source
         # statistics yields the normalisation with the mixed statistics (keeps grads flowing).
-        mean_s, var_s = module.running_mean, module.running_var
-        mean_m = (1 - self.alpha) * mean_s + self.alpha * mean_b
-        var_m = (1 - self.alpha) * var_s + self.alpha * var_b
-        scale = torch.sqrt((var_s + module.eps) / (var_m + module.eps))
-        return ((x - _shape(mean_m, x)) * _shape(scale, x) + _shape(mean_s, x),)
+        mean_m = (1 - self.alpha) * module.running_mean + self.alpha * mean_b
+        var_m = (1 - self.alpha) * module.running_var + self.alpha * var_b
+        return _renormalised(module, x, mean_m, var_m)
 
     def _post_hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
         stashed = self._stash.pop(id(module), None)

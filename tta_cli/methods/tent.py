@@ -15,6 +15,7 @@ import torch
 
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.fastpaths import batch_mean
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Tent(TTAMethod):
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         logits = self.run_model(x)
-        loss = softmax_entropy(logits).mean(0)
+        loss = batch_mean(softmax_entropy(logits))
         self.backward(loss)
         self.optimizer_step()
         self.optimizer.zero_grad()

@@ -1,0 +1,239 @@
+"""Data-parallel adaptation (``tta_cli.distributed``) and ``--per-input`` (``tta_cli.per_input``).
+
+The distributed runs are real: two CPU processes on gloo, started by ``torchrun`` (or by the
+environment variables torchrun sets, to see a surviving rank's own error), compared against one
+process at the same global batch size, run in this process through the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+from tests.helpers import csv_rows, make_images
+from tta_cli import distributed
+from tta_cli.config import AdaptConfig
+from tta_cli.errors import TTAError
+from tta_cli.methods.fastpaths import batch_mean, masked_mean
+from tta_cli.run import adapt
+
+# --- one process: the helpers are identities, the rows are tensor_split's ------------------------
+
+
+@pytest.mark.parametrize(("rows", "ranks"), [(64, 2), (7, 2), (5, 3), (1, 2), (0, 2), (10, 4)])
+def test_rank_rows_are_tensor_split_parts(rows: int, ranks: int) -> None:
+    parts = torch.tensor_split(torch.arange(rows), ranks)
+    spans = [distributed.rank_rows(rows, ranks, r) for r in range(ranks)]
+    assert [list(range(a, b)) for a, b in spans] == [p.tolist() for p in parts]
+
+
+def test_rank_items_take_each_global_batch_in_stream_order() -> None:
+    items = list(range(11))
+    mine = [distributed.rank_items(items, 4, 2, r) for r in range(2)]
+    assert mine[0] == [[0, 1], [4, 5], [8, 9]]
+    assert mine[1] == [[2, 3], [6, 7], [10]]
+
+
+def test_collectives_are_identities_in_one_process() -> None:
+    values = torch.rand(6)
+    assert not distributed.active() and distributed.is_main() and distributed.world_size() == 1
+    assert distributed.all_sum(values) is values
+    assert distributed.all_sum_with_grad(values) is values
+    assert torch.equal(batch_mean(values), values.mean(0))
+    mask = values > 0.5
+    mean, count = masked_mean(values, mask)
+    assert torch.equal(mean, values[mask].sum() / mask.sum().clamp(min=1)) and int(count) == int(mask.sum())
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 2.0)
+    distributed.all_reduce_grads([param])
+    assert torch.equal(param.grad, torch.full((3,), 2.0))
+
+
+def test_one_process_needs_no_process_group() -> None:
+    assert distributed.launched() == distributed.World() or "WORLD_SIZE" in os.environ
+    assert distributed.start("cpu", distributed.World()) == "cpu"
+    assert not distributed.active()
+
+
+@pytest.mark.parametrize(("batch", "method", "video", "says"), [
+    (1, "tent", False, "below the world size"),
+    (8, "deyo", False, "cannot run data-parallel"),
+    (8, "rotta", False, "cannot run data-parallel"),
+    (8, "sar", True, "videos cannot be split"),
+])
+def test_what_data_parallel_refuses(monkeypatch: pytest.MonkeyPatch, batch: int, method: str, video: bool,
+                                    says: str) -> None:
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(TTAError, match=says):
+        distributed.check_world(batch, method, video)
+    distributed.check_world(8, "eta", False)  # what it can do passes
+
+
+# --- two processes on gloo --------------------------------------------------------------------------
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | extra
+
+
+def torchrun_adapt(*args: str | Path, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               "--no-python", sys.executable, "-m", "tta_cli", "adapt", *map(str, args),
+               "--device", "cpu", "--workers", "0", "-q"]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _local(inputs: list[Path], model: str, method: str, batch: int, out: Path, **options: object) -> dict:
+    config = AdaptConfig(inputs=inputs, model=model, method=method, batch_size=batch, device="cpu", workers=0,
+                         out=out, quiet=True, **options)  # type: ignore[arg-type]
+    return adapt(config)
+
+
+def _params(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((out / "model").glob("*.safetensors"))))
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """Identical predictions (>= 99.5%, in order), parameters within 1e-4, one set of outputs."""
+    rows1, rows2 = csv_rows(one / "predictions.csv"), csv_rows(two / "predictions.csv")
+    assert [r["path"] for r in rows1] == [r["path"] for r in rows2]
+    assert [r["index"] for r in rows1] == [r["index"] for r in rows2]
+    same = sum(a["pred"] == b["pred"] for a, b in zip(rows1, rows2, strict=True))
+    assert same >= 0.995 * len(rows1)
+    entropy = max(abs(float(a["entropy"]) - float(b["entropy"])) for a, b in zip(rows1, rows2, strict=True))
+    assert entropy < 1e-3  # the same statistics: BatchNorm on half a batch would be far off
+    p1, p2 = _params(one), _params(two)
+    assert p1.keys() == p2.keys()
+    assert max(float((p1[k].float() - p2[k].float()).abs().max()) for k in p1) <= 1e-4
+    r1, r2 = json.loads((one / "run.json").read_text()), json.loads((two / "run.json").read_text())
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r2["status"] == "completed"
+    for key in ("images", "used_for_update", "after_each_filter", "batches"):
+        assert r1["counts"][key] == r2["counts"][key], key
+    assert r1["resets_at_batch"] == r2["resets_at_batch"]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def _linked(folder: Path, files: list[Path]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (folder / file.name).symlink_to(file)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fidelity(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The first 128 (and 129) images of the fidelity stream and 64 clean images, as folders."""
+    root = tmp_path_factory.mktemp("fidelity")
+    stream = sorted((shared / "fixtures/fidelity/stream").glob("*.png"))
+    clean = sorted((shared / "fixtures/fidelity/clean").glob("*.png"))
+    return {"s128": _linked(root / "s128", stream[:128]), "s129": _linked(root / "s129", stream[:129]),
+            "clean": _linked(root / "clean", clean[:64]), "models": shared / "models"}
+
+
+CASES = {
+    # name: (model, method, batch, stream, options)
+    "sar-gn": ("cifar10-resnet18-gn", "sar", 16, "s128", {"lr": "0.001"}),
+    "eata-gn-clean": ("cifar10-resnet18-gn", "eata", 16, "s128", {"lr": "0.001", "clean": True}),
+    "tent-bn": ("cifar10-resnet18-bn", "tent", 32, "s128", {}),
+    # 129 = 4 x 32 + 1: in the last batch rank 1 has no row and still takes part
+    "sar-bn-short-last-batch": ("cifar10-resnet18-bn", "sar", 32, "s129", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process(case: str, fidelity: dict[str, Path], tmp_path: Path, one_thread: None) -> None:
+    model_name, method, batch, stream, options = CASES[case]
+    model = f"local-dir:{fidelity['models'] / model_name}"
+    flags: list[str | Path] = []
+    hyperparameters = {}
+    clean = None
+    if "lr" in options:
+        flags += ["--lr", options["lr"]]
+        hyperparameters["lr"] = float(options["lr"])
+    if options.get("clean"):
+        clean = fidelity["clean"]
+        flags += ["--clean", clean]
+    _local([fidelity[stream]], model, method, batch, tmp_path / "one", hyperparameters=hyperparameters, clean=clean)
+    done = torchrun_adapt(fidelity[stream], "--model", model, "--method", method, "-b", str(batch), *flags,
+                          "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_stops_the_others_with_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 1 exits abruptly after two batches; rank 0 stops with one line, and no run.json says
+    the run is complete. The ranks are started as torchrun starts them (its environment variables),
+    so that rank 0's own message is seen (torchrun would stop it from outside)."""
+    make_images(tmp_path / "images", 24)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tta_cli", "adapt", str(tmp_path / "images"), "--model",
+               f"local-dir:{tiny_model_dir}", "--method", "tent", "-b", "4", "--device", "cpu",
+               "--workers", "0", "-q", "--out", str(tmp_path / "out")]
+    ranks = [subprocess.Popen(command, env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                TTA_DIST_TIMEOUT="60", TTA_FAULT_EXIT_AFTER="1:2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    results = [p.communicate(timeout=300) for p in ranks]
+    assert ranks[1].returncode == 17  # the fault hook
+    assert ranks[0].returncode == 3, results[0][1][-2000:]
+    message = results[0][1].strip().splitlines()
+    assert len(message) == 1 and "another rank failed" in message[0] and "Traceback" not in results[0][1]
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.slow
+def test_per_input_equals_separate_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two folders under torchrun: rank 0 adapts one, rank 1 the other, each from the source model;
+    each sub-folder equals a separate run of that folder."""
+    cams = [tmp_path / "cam_a", tmp_path / "cam_b"]
+    for seed, cam in enumerate(cams):
+        make_images(cam, 12, seed=seed)
+    model = f"local-dir:{tiny_model_dir}"
+    done = torchrun_adapt(*cams, "--model", model, "--method", "tent", "-b", "4",
+                          "--per-input", "--out", tmp_path / "fleet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "fleet").iterdir()) == ["cam_a", "cam_b"]
+    for cam in cams:
+        _local([cam], model, "tent", 4, tmp_path / "alone" / cam.name)
+        one, fleet = tmp_path / "alone" / cam.name, tmp_path / "fleet" / cam.name
+        assert [r["pred"] for r in csv_rows(one / "predictions.csv")] == \
+            [r["pred"] for r in csv_rows(fleet / "predictions.csv")]
+        p1, p2 = _params(one), _params(fleet)
+        assert max(float((p1[k] - p2[k]).abs().max()) for k in p1) <= 1e-6
+        assert json.loads((fleet / "run.json").read_text())["world_size"] == 1
+
+
+def test_per_input_without_torchrun_runs_each_input(tiny_model_dir: Path, tmp_path: Path, one_thread: None) -> None:
+    from tta_cli.per_input import adapt_each
+
+    cams = [tmp_path / "a", tmp_path / "b"]
+    for seed, cam in enumerate(cams):
+        make_images(cam, 4, seed=seed)
+    config = AdaptConfig(inputs=cams, model=f"local-dir:{tiny_model_dir}", method="tent",
+                         batch_size=2, device="cpu", workers=0, out=tmp_path / "out", quiet=True)
+    records = adapt_each(config)
+    assert [Path(r["out"]).name for r in records] == ["a", "b"]
+    assert [len(csv_rows(tmp_path / "out" / n / "predictions.csv")) for n in "ab"] == [4, 4]
+
+
+def test_per_input_refuses_two_inputs_with_one_name(tmp_path: Path) -> None:
+    from tta_cli.per_input import input_names
+
+    with pytest.raises(TTAError, match="both write"):
+        input_names([tmp_path / "x" / "cam", tmp_path / "y" / "cam"])
