@@ -223,8 +223,20 @@ class Auto(TTAMethod):
         if self.reference is not None and channels_last:
             self.reference.to(memory_format=torch.channels_last)
 
+    @property
+    def non_finite_updates(self) -> int:
+        return self.inner.non_finite_updates
+
     def reseed(self, seed: int) -> None:
         self.inner.reseed(seed)
+
+    def state_for_resume(self) -> dict[str, Any]:
+        """The inner method's state; auto's own windows (guard, batch variety) start afresh on a
+        resume, so a resumed auto run can differ from an uninterrupted one after the resume point."""
+        return self.inner.state_for_resume()
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self.inner.load_resume_state(state)
 
     def reset(self) -> None:
         self.inner.reset()
