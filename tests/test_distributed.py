@@ -175,8 +175,8 @@ def test_two_ranks_equal_one_process(case: str, fidelity: dict[str, Path], tmp_p
 
 @pytest.mark.slow
 def test_a_crashed_rank_stops_the_others_with_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Rank 1 exits abruptly after two batches; rank 0 stops with one line, and no run.json says
-    the run is complete. The ranks are started as torchrun starts them (its environment variables),
+    """Rank 1 exits abruptly after two batches; rank 0 stops with one line, and run.json says the
+    run failed. The ranks are started as torchrun starts them (its environment variables),
     so that rank 0's own message is seen (torchrun would stop it from outside)."""
     make_images(tmp_path / "images", 24)
     with socket.socket() as probe:
@@ -194,7 +194,8 @@ def test_a_crashed_rank_stops_the_others_with_a_clear_error(tiny_model_dir: Path
     assert ranks[0].returncode == 3, results[0][1][-2000:]
     message = results[0][1].strip().splitlines()
     assert len(message) == 1 and "another rank failed" in message[0] and "Traceback" not in results[0][1]
-    assert not (tmp_path / "out" / "run.json").exists()
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "failed" and "another rank failed" in record["reason"]
 
 
 @pytest.mark.slow
