@@ -310,6 +310,7 @@ class TTAMethod(nn.Module):
             "resets": [[k, bool(v)] for k, v in self._reset_flags.entries()],
             "non_finite": [[k, bool(v)] for k, v in self._non_finite.entries()],
             "attributes": {name: _plain(getattr(self, name)) for name in self.resume_attributes},
+            "bn_stream": self._bn_hooks.stream_state() if self._bn_hooks is not None else {},
         }
 
     @torch.no_grad()
@@ -329,6 +330,8 @@ class TTAMethod(nn.Module):
             self._non_finite.add(int(key), bool(hit))
         for name, value in state["attributes"].items():
             setattr(self, name, _restored(getattr(self, name, None), value, self.device))
+        if self._bn_hooks is not None:
+            self._bn_hooks.load_stream_state(state.get("bn_stream", {}), self.device)
 
     # --- export and records -----------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ Affinity = Literal["rbf", "knn", "linear"]
 
 @dataclass
 class LAMEConfig(MethodConfig):
-    bn_stats: str = "source"
+    bn_stats: Literal["source"] = "source"
+    """LAME never changes the model: its BatchNorm layers keep the source statistics."""
     affinity: Affinity = "rbf"
     """rbf (MD's default, dense), knn (the paper's: 5 nearest neighbours, binary) or linear."""
     knn: int = 5

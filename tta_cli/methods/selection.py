@@ -284,6 +284,17 @@ class BatchNormStats:
                 entry[1] = torch.lerp(entry[1], var_b, weight)  # type: ignore[arg-type]
         return hook
 
+    def stream_state(self) -> dict[str, list[torch.Tensor | int]]:
+        """The tracked stream statistics (run state, kept for ``--resume``)."""
+        return {name: [entry[0].clone(), entry[1].clone(), int(entry[2])]  # type: ignore[union-attr]
+                for name, entry in getattr(self, "_stream", {}).items()}
+
+    def load_stream_state(self, state: dict[str, list[torch.Tensor | int]], device: torch.device) -> None:
+        if not hasattr(self, "_stream"):
+            return  # not tracking in this run (``--export-bn source``)
+        self._stream = {name: [entry[0].to(device), entry[1].to(device), int(entry[2])]  # type: ignore[union-attr]
+                        for name, entry in state.items()}
+
     def stream_running_stats(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """State-dict entries (``<bn>.running_mean``/``running_var``) that make the model, in eval
         mode, normalise with the tracked stream statistics: the EMA itself for ``batch``, mixed

@@ -91,8 +91,7 @@ class PredictionsWriter:
         self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
         self._file: IO[str] = path.open("a" if append else "w", newline="", encoding="utf-8")
         if format == "csv" and not append:
-            self._file.write(_csv_text_of([self.columns]))
-            self._file.flush()
+            self._write_rows(_csv_text_of([self.columns]))
         self.rows = 0
 
     def on_batch(self, out: BatchOutputs) -> None:
@@ -123,9 +122,13 @@ class PredictionsWriter:
                 lines.append(_json_line(dict(zip(self.columns, row, strict=True))) + "\n")
             else:
                 lines.append(_csv_text_of([_csv_row(self.columns, row)]))
-        self._file.write("".join(lines))  # whole rows in one write: the file ends on a row boundary
-        self._file.flush()
+        self._write_rows("".join(lines))
         self.rows += len(out.batch.items)
+
+    def _write_rows(self, text: str) -> None:
+        """Whole rows in one write, flushed: the file always ends on a row boundary."""
+        self._file.write(text)
+        self._file.flush()
 
     def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
         if source is None:
