@@ -45,6 +45,28 @@ def test_thread_counts_beyond_the_free_cores_are_not_tried() -> None:
     tuner.restore()
 
 
+def test_a_quiet_machine_runs_every_thread_without_trials_until_it_slows() -> None:
+    torch.set_num_threads(2)
+    tuner = ThreadTuner(period=4)
+    load = {"busy": 0.1}
+    tuner.load.cores = lambda: load["busy"]  # type: ignore[method-assign]
+    seen = []
+    for _ in range(10):  # a warm-up batch on one thread, then two threads throughout
+        threads = tuner.before_step()
+        seen.append(threads)
+        tuner.after_step(0.1 * 8, 8)
+    assert seen == [1] + [2] * 9 and tuner.chosen == 2
+    load["busy"] = 1.0  # another process takes a core: two threads now wait for each other
+    assert tuner.before_step() == 2
+    tuner.after_step(1.0 * 8, 8)
+    assert tuner.before_step() == 2
+    tuner.after_step(1.0 * 8, 8)  # two slow batches in a row: a trial at once, on the free core only
+    assert tuner.before_step() == 1
+    tuner.after_step(0.2 * 8, 8)
+    assert tuner.chosen == 1 and tuner.before_step() == 1
+    tuner.restore()
+
+
 def test_decode_workers_decode_in_line_on_a_quiet_two_core_machine() -> None:
     from tta_cli.threads import decode_workers
 

@@ -76,7 +76,9 @@ class ThreadTuner:
     than the choice's trial (another process started). Different thread counts may sum in a
     different order (last-bit differences); set OMP_NUM_THREADS to pin the count instead.
     Counts above the cores other processes left free are not tried (they cannot win, and one
-    batch at them costs as much as twenty).
+    batch at them costs as much as twenty), and on a quiet machine (other processes use less than
+    ``QUIET_BELOW`` cores) nothing is tried: all threads win there, and a trial batch on fewer
+    threads only costs time.
     """
 
     SLOWER = 3.0
@@ -115,6 +117,8 @@ class ThreadTuner:
             if not self.trial:
                 self._decide()
         elif images:
+            if math.isnan(self.reference):  # chosen without a trial: its first batch is the reference
+                self.reference = seconds / images
             self.slow_batches = self.slow_batches + 1 if seconds / images > self.SLOWER * self.reference else 0
             if self.slow_batches >= 2:
                 self.next_trial = self.batch + 1
@@ -127,16 +131,24 @@ class ThreadTuner:
         busy = self.load.cores()
         if busy is None:
             return
+        if busy < QUIET_BELOW:
+            self._choose(self.initial, math.nan, first_batch=self.batch)
+            return
         free = max(1, round(available_cores() - busy))
         self.trial = [n for n in self.trial if n <= free] or [1]
 
     def _decide(self) -> None:
         best = min(self.times, key=self.times.__getitem__)
-        self.period = self.period * 2 if best == self.chosen else self.base_period
-        self.chosen = best
-        self.reference = self.times[best]
+        self._choose(best, self.times[best], first_batch=self.batch + 1)
+
+    def _choose(self, threads: int, reference: float, first_batch: int) -> None:
+        """Run ``threads`` from ``first_batch`` until the next trial (``reference``: its time per
+        image, NaN when unknown yet)."""
+        self.period = self.period * 2 if threads == self.chosen else self.base_period
+        self.chosen = threads
+        self.reference = reference
         self.slow_batches = 0
-        self.next_trial = self.batch + 1 + self.period
+        self.next_trial = first_batch + self.period
         self.trial = list(self.candidates)
         self.times = {}
 
