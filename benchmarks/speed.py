@@ -13,8 +13,12 @@ and the report gives medians, ratios, the share of identical predictions and pea
     python benchmarks/speed.py --make-jpegs DIR --images 2048       # a JPEG folder (256 px) for ...
     python benchmarks/speed.py --adapt-folder DIR --models vit_base_patch16_224   # ... `tta adapt`
     python benchmarks/speed.py --authors /tmp/SAR --folder DIR --models cifar10-resnet18-gn
+    python benchmarks/speed.py --authors /tmp/SAR --methods sar --models cifar10-resnet18-gn --images 1024
 
-``--authors PATH`` times whole processes against whole processes on a folder of images: ``tta adapt
+``--authors PATH`` without ``--folder`` replaces the plain loop by the authors' SAR in the
+in-process comparison (``--methods sar``; the table's "plain" columns are then theirs).
+
+``--authors PATH --folder DIR`` times whole processes against whole processes on a folder of images: ``tta adapt
 --method sar``, the authors' SAR (``sar.py`` and ``sam.py`` imported from PATH, a checkout of
 github.com/mr-eggplant/SAR that is never copied here, driven as their script does: decode the whole
 folder, then loop) and the plain loop below (same driver), interleaved, same model, hyperparameters
@@ -344,6 +348,38 @@ def run_tta(setup: Setup, method: str, n_batches: int | None = None) -> Run:
     return Run(seconds, torch.cat(recorder.preds), stats=stats)
 
 
+def authors_sar(model: nn.Module, lr: float, margin_factor: float,
+                authors: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The authors' SAR (``sar.py`` and ``sam.py`` imported from their checkout), set up as their
+    script does: their configure_model / collect_params, SAM over SGD with momentum 0.9."""
+    if str(authors) not in sys.path:
+        sys.path.insert(0, str(authors))
+    import sam as authors_sam  # type: ignore[import-not-found]
+    import sar as authors_sar  # type: ignore[import-not-found]
+
+    model = authors_sar.configure_model(model)
+    params, _ = authors_sar.collect_params(model)
+    optimizer = authors_sam.SAM(params, torch.optim.SGD, lr=lr, momentum=0.9)
+    n_classes = model.get_classifier().out_features
+    return authors_sar.SAR(model, optimizer, margin_e0=margin_factor * math.log(n_classes))
+
+
+AUTHORS_CHECKOUT: list[Path] = []
+"""Set by ``--authors`` without ``--folder``: the in-process comparison's baseline is their SAR."""
+
+
+def run_authors(setup: Setup, method: str, n_batches: int | None = None) -> Run:
+    if method != "sar":
+        raise SystemExit("the in-process authors' baseline exists for sar only (--methods sar)")
+    step = authors_sar(setup.fresh_model(), setup.lr, setup.margin, AUTHORS_CHECKOUT[0])
+    preds = []
+    start = time.perf_counter()
+    for x in setup.batches()[:n_batches]:
+        preds.append(step(x.to(setup.device)).argmax(1).cpu())
+    sync(setup.device)
+    return Run(time.perf_counter() - start, torch.cat(preds))
+
+
 RUNNERS: dict[str, Callable[[Setup, str, int | None], Run]] = {"plain": run_plain, "tta": run_tta}
 
 
@@ -525,15 +561,7 @@ def process_run(impl: str, folder: Path, name: str, batch_size: int, lr: float, 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     if impl == "authors":
-        sys.path.insert(0, str(authors))
-        import sam as authors_sam  # type: ignore[import-not-found]
-        import sar as authors_sar  # type: ignore[import-not-found]
-
-        model = authors_sar.configure_model(model)
-        params, _ = authors_sar.collect_params(model)
-        optimizer = authors_sam.SAM(params, torch.optim.SGD, lr=lr, momentum=0.9)
-        n_classes = model.get_classifier().out_features
-        step = authors_sar.SAR(model, optimizer, margin_e0=E0_FACTOR * math.log(n_classes))
+        step = authors_sar(model, lr, E0_FACTOR, authors)  # type: ignore[arg-type]
     else:
         step = PlainSAR(model, lr=lr, margin=E0_FACTOR).step
     preds = [step(x).argmax(1) for x in images.split(batch_size)]
@@ -637,7 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapt-out", default="/tmp/tta-speed-adapt")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--make-jpegs", type=Path, help="write --images JPEG files (256 px) here and stop")
-    p.add_argument("--authors", type=Path, help="a checkout of the authors' SAR: whole processes on --folder")
+    p.add_argument("--authors", type=Path, help="a checkout of the authors' SAR: the baseline in one process, "
+                   "or whole processes on --folder")
     p.add_argument("--folder", help="images for --authors (decoded by each process)")
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--process-threads", type=int, help="OMP_NUM_THREADS for every process of --authors "
@@ -653,7 +682,11 @@ def main(argv: list[str] | None = None) -> None:
         process_run(args.process_run, Path(args.folder), args.models[0], args.batch_size, args.lr,
                     Path(args.adapt_out), args.authors)
         return
-    if args.authors:
+    if args.authors and not args.folder:  # in one process, on the same tensors: their SAR is the baseline
+        AUTHORS_CHECKOUT.append(args.authors)
+        RUNNERS["plain"] = run_authors
+        args.no_memory = True
+    elif args.authors:
         result = whole_processes(args)
         print(json.dumps(result, indent=2))
         if args.json:
