@@ -198,6 +198,8 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     method = _build_method(config, setup, console)
     distributed.check_world(config.batch_size, method.name, bool(stream.videos))
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
+    if not config.predict_only and config.export_bn == "stream":
+        track_stream_statistics(method, config.batch_size)  # on every rank: the statistics are global
     if not distributed.is_main():
         return _follow_stream(config, setup, stream, workers, method)
     monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
@@ -208,8 +210,6 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
         prepare_out_dir(out, config.overwrite)
     if not config.quiet:
         _print_plan(console, loaded, method, stream.describe(), device)
-    if not config.predict_only and config.export_bn == "stream":
-        track_stream_statistics(method, config.batch_size)
     csv_files = (out / f"predictions.{config.format}", out / "errors.csv")
     if point is not None:
         truncate_outputs(csv_files, point)

@@ -269,11 +269,12 @@ class BatchNormStats:
 
     def _stream_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]
-            if self.mode == "batch" and x.numel() // x.shape[1] <= 1:
-                return  # this forward fell back to the source statistics
             with torch.no_grad():
-                mean_b, var_b = _channel_stats(x.detach().float())
+                # data-parallel: the global batch's, as the run normalised with (a collective, so
+                # every rank tracks)
+                mean_b, var_b, values = _batch_stats(args[0].detach().float())
+                if self.mode == "batch" and values <= 1:
+                    return  # this forward fell back to the source statistics
                 entry = self._stream.get(name)
                 if entry is None:
                     self._stream[name] = [mean_b, var_b, 1]
