@@ -50,11 +50,10 @@ CASES = {
 
 
 KNOWN_GAPS = {
-    "deyo_occ_gn_bs16_lr1e-3": "parameters 8.9e-4 from the reference (bar 1e-4; predictions 99.9%, "
-                               "selections 100%): this case amplifies last-bit differences of the CPU "
-                               "kernels (ATEN_CPU_CAPABILITY=default moves tta and a mirror of the "
-                               "authors' code alike by 8e-4) and the reference machine's source "
-                               "logits already differ from this one's (docs/METHODS.md)",
+    "deyo_occ_gn_bs16_lr1e-3": "the case amplifies last-bit differences of the CPU kernels: on an Intel "
+                               "AVX-512 machine the authors' own deyo.py lands 1.03e-4 from the reference "
+                               "(bar 1e-4) and tta equals it bit for bit; 8.9e-4 on an AMD AVX2 machine "
+                               "(docs/METHODS.md)",
 }
 
 
@@ -115,7 +114,7 @@ def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=True)) if n in KNOWN_GAPS else n
+    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=False)) if n in KNOWN_GAPS else n
     for n in CASES
 ])
 def test_matches_authors_code(name: str, shared: Path, tmp_path: Path) -> None:
