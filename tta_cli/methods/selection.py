@@ -212,6 +212,8 @@ class BatchNormStats:
         self.alpha = alpha
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._stream: dict[str, list[torch.Tensor | int]] = {}
+        self._tracking = False
         if mode == "source":
             return
         for module in model.modules():
@@ -259,7 +261,7 @@ class BatchNormStats:
         :meth:`stream_running_stats`. Only for the ``batch`` and ``mix`` modes."""
         if self.mode not in ("batch", "mix"):
             return
-        self._stream: dict[str, list[torch.Tensor | int]] = {}
+        self._tracking = True
         self._stream_momentum = momentum
         for name, module in model.named_modules():
             if is_batchnorm(module) and module.running_mean is not None:
@@ -288,10 +290,10 @@ class BatchNormStats:
     def stream_state(self) -> dict[str, list[torch.Tensor | int]]:
         """The tracked stream statistics (run state, kept for ``--resume``)."""
         return {name: [entry[0].clone(), entry[1].clone(), int(entry[2])]  # type: ignore[union-attr]
-                for name, entry in getattr(self, "_stream", {}).items()}
+                for name, entry in self._stream.items()}
 
     def load_stream_state(self, state: dict[str, list[torch.Tensor | int]], device: torch.device) -> None:
-        if not hasattr(self, "_stream"):
+        if not self._tracking:
             return  # not tracking in this run (``--export-bn source``)
         self._stream = {name: [entry[0].to(device), entry[1].to(device), int(entry[2])]  # type: ignore[union-attr]
                         for name, entry in state.items()}
@@ -300,7 +302,7 @@ class BatchNormStats:
         """State-dict entries (``<bn>.running_mean``/``running_var``) that make the model, in eval
         mode, normalise with the tracked stream statistics: the EMA itself for ``batch``, mixed
         with the source statistics as the run mixed them for ``mix``. Empty when nothing was tracked."""
-        stream = getattr(self, "_stream", {})
+        stream = self._stream
         state: dict[str, torch.Tensor] = {}
         for name, module in model.named_modules():
             if name not in stream:
