@@ -58,6 +58,27 @@ def test_batchnorm_single_class_batch_predicts_with_source_statistics() -> None:
     assert method.stats()["bn_alpha_mean"] == 0.0
 
 
+class _AlwaysVaried:
+    def ratio(self, pred: torch.Tensor) -> float:
+        return 1.0
+
+
+def test_batchnorm_running_statistics_move_by_the_momentum_of_a_varied_batch() -> None:
+    model = tiny_timm("test_resnet")
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    source_mean = bn.running_mean.clone()
+    seen: list[torch.Tensor] = []
+    bn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    method = create_method("auto", model, batch_size=8)
+    method._variety = _AlwaysVaried()  # type: ignore[assignment]
+    x = random_inputs(1)[0]
+    method.step(x)
+    batch_mean = seen[-1].mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, torch.lerp(source_mean, batch_mean, 0.25), atol=1e-5)
+    method.reset()
+    assert torch.equal(bn.running_mean, source_mean)
+
+
 def test_guard_resets_then_falls_back_to_source() -> None:
     model = tiny_timm("test_vit")
     x = random_inputs(1)[0]

@@ -5,15 +5,18 @@ wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto again
 SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
-  - **BatchNorm**: nothing is learned. Every batch is first predicted with the source statistics;
-    the effective number of classes of those predictions, n = exp(H(histogram)), against what a
-    batch of the same size drawn from the stream's own source-predicted class distribution would
-    have, says how varied the batch is (``BatchVariety``: r = (n - 1) / (E[n] - 1), clipped to
-    [0, 1]). The BatchNorm statistics are then alpha-BN, (1 - a) source + a batch, with
-    a = ``bn_alpha_max`` * clip((r - floor) / (1 - floor), 0, 1): batch statistics where the batch
-    looks like the whole stream, the source statistics where it holds few of its classes (label
-    shift, correlated streams, batch size 1, where batch statistics are what made ``norm`` and
-    every BatchNorm method fall below source, docs/BENCHMARKS.md);
+  - **BatchNorm**: nothing is learned. The model normalises with running statistics that start
+    at the source's. Every batch is first predicted with them as they are; the effective number
+    of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
+    drawn from the stream's own predicted class distribution would have, says how varied the
+    batch is (``BatchVariety``: r = (n - 1) / (E[n] - 1), clipped to [0, 1]). The running
+    statistics then move towards the batch's with momentum a = ``bn_alpha_max`` * r (0.25 for a
+    batch as varied as the stream), and the batch is predicted with them. A running mean over
+    batches averages the class make-up of several batches, so label shift and correlated labels
+    (where one batch's statistics made ``norm`` and every BatchNorm method fall below source,
+    docs/BENCHMARKS.md) move it less, while a new corruption is tracked within a few batches; a
+    batch of one class, or of size 1, leaves the statistics as they are. ``bn_stats=mix`` is the
+    earlier rule (alpha-BN of source and batch statistics per batch, nothing carried over);
   - **GroupNorm / LayerNorm / none** (batch-independent models): ``inner`` (see
     ``AutoConfig.inner``) with its own defaults, under the guard below;
 * the number of classes C (the thresholds are in units of ln C) and the batch size B;
@@ -47,12 +50,17 @@ InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "l
 class AutoConfig(MethodConfig):
     inner: InnerChoice = "auto"
     """The method for batch-independent (GroupNorm / LayerNorm / no-norm) models; auto: measured."""
-    bn_alpha_max: float = field(default=1.0, metadata=between(0.0, 1.0))
-    """BatchNorm models: the batch's weight in alpha-BN for a batch as varied as min(B, C) classes."""
+    bn_stats: Literal["ema", "mix"] = "ema"
+    """BatchNorm models: ema (running statistics that start at the source's and move towards each
+    batch's with a momentum set by the batch's variety) or mix (alpha-BN: source and batch
+    statistics mixed per batch, nothing carried over)."""
+    bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
+    """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
+    varied as the stream."""
     guard: bool = True
     """Watch for collapse against a frozen source copy (one extra no-grad forward per batch)."""
-    variety_floor: float = field(default=0.5, metadata=between(0.0, 1.0, high_inclusive=False))
-    """BatchNorm models: batches less varied than this (``BatchVariety``) use the source statistics."""
+    variety_floor: float = field(default=0.0, metadata=between(0.0, 1.0, high_inclusive=False))
+    """BatchNorm models: batches less varied than this (``BatchVariety``) get weight 0."""
     max_collapses: int = field(default=2, metadata=at_least(1))
     """After this many collapse events, stop adapting and predict with the source model."""
     window: int = field(default=0, metadata=at_least(0))
@@ -76,9 +84,11 @@ def model_norm_kind(model: nn.Module) -> str:
 def choose(kind: str, batch_size: int, num_classes: int, inner: str) -> dict[str, Any]:
     """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
     if kind == "batchnorm":
-        return {"method": "norm", "norm": kind, "bn_stats": "mix, alpha per batch from source-prediction diversity",
-                "why": "BatchNorm: test-time statistics gain most, but batch statistics fail on batches of one "
-                       "or few classes (label shift, B=1); alpha-BN weighted by how varied the batch looks"}
+        return {"method": "norm", "norm": kind,
+                "bn_stats": "running statistics from the source's, momentum per batch from its prediction variety",
+                "why": "BatchNorm: test-time statistics gain most, but one batch's statistics fail on batches of "
+                       "one or few classes (label shift, B=1); a running mean over batches, moved less by "
+                       "batches that look less varied than the stream, keeps most of the gain"}
     name = DEFAULT_INNER if inner == "auto" else inner
     return {"method": name, "norm": kind,
             "why": f"{kind}: batch-independent model; {name} measured safest among entropy methods "
@@ -175,7 +185,8 @@ class Auto(TTAMethod):
         self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
         if self.kind == "batchnorm":
-            self.inner = create_method("norm", model, batch_size=batch_size, bn_stats="mix", bn_alpha=0.0)
+            self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=self.config.bn_stats,
+                                       bn_alpha=0.0)
         else:
             self.inner = create_method(self.choice["method"], model, batch_size=batch_size)
         self.updates_parameters = self.inner.updates_parameters  # type: ignore[misc]
@@ -263,15 +274,15 @@ class Auto(TTAMethod):
     @torch.no_grad()
     def _step_bn(self, x: torch.Tensor) -> StepResult:
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
-        hooks.alpha = 0.0  # alpha-BN with weight 0 is the source statistics
-        source_logits = self.inner.step(x).logits
+        hooks.alpha = 0.0  # weight 0: the running statistics as they are (ema) or the source's (mix)
+        before = self.inner.step(x).logits
         if self._variety is None:
-            self._variety = BatchVariety(source_logits.shape[1], prior=max(self.batch_size, source_logits.shape[1]))
-        ratio = self._variety.ratio(source_logits.argmax(1).cpu())
+            self._variety = BatchVariety(before.shape[1], prior=max(self.batch_size, before.shape[1]))
+        ratio = self._variety.ratio(before.argmax(1).cpu())
         alpha = batch_alpha(ratio, self.config.bn_alpha_max, self.config.variety_floor)
         self.alphas.append(alpha)
         if alpha == 0.0:
-            return StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+            return StepResult(logits=before, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         hooks.alpha = alpha
         return self.inner.step(x)
 
