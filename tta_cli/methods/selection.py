@@ -231,8 +231,10 @@ class BatchNormStats:
         x = args[0]
         if self.mode == "batch" and not distributed.active():
             if x.numel() // x.shape[1] > 1:
-                self._stash[id(module)] = (module.running_mean, module.running_var)
-                module.running_mean, module.running_var = None, None
+                # the buffer dict directly: Module.__setattr__ would re-register each buffer
+                buffers = module._buffers
+                self._stash[id(module)] = (buffers["running_mean"], buffers["running_var"])
+                buffers["running_mean"] = buffers["running_var"] = None
             return None
         mean_b, var_b, count = _batch_stats(x)
         if self.mode == "batch":  # data-parallel: the global batch's statistics (SyncBatchNorm's)
@@ -251,7 +253,7 @@ class BatchNormStats:
     def _post_hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
         stashed = self._stash.pop(id(module), None)
         if stashed is not None:
-            module.running_mean, module.running_var = stashed
+            module._buffers["running_mean"], module._buffers["running_var"] = stashed
 
     # --- the test stream's statistics, for an exported model that normalises as the run did -----
 
