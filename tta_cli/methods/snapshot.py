@@ -95,16 +95,14 @@ class LastGood:
     def refresh(self, tensors: list[torch.Tensor]) -> LastGood:
         if [t.shape for t in self.copies] != [t.shape for t in tensors]:
             self.copies = [t.detach().clone() for t in tensors]
-        else:
-            for copy_, tensor in zip(self.copies, tensors, strict=True):
-                copy_.copy_(tensor)
+        elif tensors:
+            torch._foreach_copy_(self.copies, tensors)
         return self
 
     @torch.no_grad()
     def keep_or_restore(self, logits: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | bool:
         """Whether ``logits`` and ``tensors`` are all finite; where not, ``tensors`` get the copies back."""
-        flags = [torch.isfinite(logits).all()] + [torch.isfinite(t).all() for t in tensors]
-        ok = torch.stack([f.to(logits.device) for f in flags]).all()
+        ok = _all_finite([logits, *tensors], logits.device)
         if ok.device.type == "cpu":
             if bool(ok):
                 return True
@@ -114,6 +112,17 @@ class LastGood:
         for tensor, copy_ in zip(tensors, self.copies, strict=True):
             tensor.copy_(torch.where(ok, tensor, copy_))
         return ok
+
+
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One check per dtype and device over all the values (the tensors are many and small: one
+    concatenation costs less than a check per tensor)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point() or tensor.is_complex():
+            groups.setdefault((tensor.dtype, tensor.device), []).append(tensor.reshape(-1))
+    flags = [torch.isfinite(torch.cat(group)).all().to(device) for group in groups.values()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 __all__ = ["LastGood", "SourceSnapshot", "bn_buffers", "momentum_buffers", "prime_momentum"]
