@@ -42,14 +42,15 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from _common import shared_dir as common_shared_dir
 from PIL import Image
+from speed import Recorder
 from torch import nn
 
 from tta_cli.engine import run_stream
 from tta_cli.methods import create_method
 from tta_cli.sources.items import Batch, StreamItem
 
-ROOT = Path(__file__).resolve().parents[1]
 GN, BN, LN = "cifar10-resnet18-gn", "cifar10-resnet18-bn", "cifar10-convnext-atto-ln"
 UNUSED_BY_THESE_METHODS = ("open_clip", "requests", "pandas", "autoattack", "webdataset")
 
@@ -88,10 +89,7 @@ Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 def shared_dir() -> Path:
-    path = Path(os.environ.get("TTA_SHARED") or ROOT.parent / "shared")
-    if not (path / "fixtures" / "fidelity2" / "reference").is_dir():
-        sys.exit(f"no fixtures/fidelity2 under {path}: set TTA_SHARED")
-    return path
+    return common_shared_dir(None, "fixtures/fidelity2/README.md")
 
 
 def load_model(name: str) -> nn.Module:
@@ -119,14 +117,6 @@ def seed_globals(seed: int) -> None:
 
 
 # --- tta ------------------------------------------------------------------------------------------
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.preds: list[torch.Tensor] = []
-
-    def on_batch(self, out: Any) -> None:
-        self.preds.append(out.pred)
 
 
 def run_tta(case: Case, model: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:

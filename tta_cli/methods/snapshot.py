@@ -102,7 +102,8 @@ class LastGood:
     @torch.no_grad()
     def keep_or_restore(self, logits: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | bool:
         """Whether ``logits`` and ``tensors`` are all finite; where not, ``tensors`` get the copies back."""
-        ok = _all_finite([logits, *tensors], logits.device)
+        flags = [torch.isfinite(logits).all()] + [torch.isfinite(t).all() for t in tensors]
+        ok = torch.stack([f.to(logits.device) for f in flags]).all()
         if ok.device.type == "cpu":
             if bool(ok):
                 return True
@@ -112,17 +113,6 @@ class LastGood:
         for tensor, copy_ in zip(tensors, self.copies, strict=True):
             tensor.copy_(torch.where(ok, tensor, copy_))
         return ok
-
-
-def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One check per dtype and device over all the values (the tensors are many and small: one
-    concatenation costs less than a check per tensor)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        if tensor.is_floating_point() or tensor.is_complex():
-            groups.setdefault((tensor.dtype, tensor.device), []).append(tensor.reshape(-1))
-    flags = [torch.isfinite(torch.cat(group)).all().to(device) for group in groups.values()]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 __all__ = ["LastGood", "SourceSnapshot", "bn_buffers", "momentum_buffers", "prime_momentum"]
