@@ -6,6 +6,7 @@ import torch
 
 from tests.helpers import random_inputs, run_method, tiny_timm
 from tta_cli.methods import create_method
+from tta_cli.methods.snapshot import all_finite
 
 
 def test_reset_snapshot_holds_only_the_adapted_tensors() -> None:
@@ -52,3 +53,15 @@ def test_primed_momentum_gives_torch_sgd_arithmetic() -> None:
         primed_opt.step()
         lazy_opt.step()
     assert torch.equal(param, lazy)
+
+
+def test_all_finite_finds_nan_and_infinity_in_any_tensor() -> None:
+    tensors = [torch.randn(4), torch.randn(3, dtype=torch.bfloat16), torch.tensor(2.0),
+               torch.zeros(0), torch.tensor([7], dtype=torch.long)]
+    assert bool(all_finite(tensors))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for index in (0, 1):
+            broken = [t.clone() for t in tensors]
+            broken[index][-1] = bad
+            assert not bool(all_finite(broken))
+    assert bool(all_finite([torch.full((2,), 3e38)]))  # large but finite: no overflow

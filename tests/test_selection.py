@@ -139,6 +139,36 @@ def test_batch_mode_at_one_value_per_channel_uses_source_stats() -> None:
     hooks.remove()
 
 
+def test_batch_mode_hooks_the_model_once_not_each_layer() -> None:
+    model = _bn_model()
+    hooks = BatchNormStats(model, "batch")
+    assert len(model._forward_pre_hooks) == 1 and not model[1]._forward_pre_hooks
+    model(torch.randn(1, 3, 8, 8))  # one sample: per-layer hooks for this forward only
+    assert not model[1]._forward_pre_hooks and not model[1]._forward_hooks
+    hooks.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_batch_mode_puts_the_buffers_back_when_the_forward_fails() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(5, 1, 1)).eval()
+    BatchNormStats(model, "batch")
+    with pytest.raises(RuntimeError):
+        model(torch.randn(4, 3, 8, 8))
+    assert model[1].running_mean is not None and model[1].running_var is not None
+
+
+def test_batch_mode_single_sample_falls_back_per_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(1), nn.Linear(144, 4),
+                          nn.BatchNorm1d(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        feats = model[0](x)
+        normed = nn.functional.batch_norm(feats, None, None, model[1].weight, model[1].bias, True, 0.0, 1e-5)
+        expected = model[4](model[3](model[2](normed)))  # the 2-d layer: batch; the 1-d: source
+        BatchNormStats(model, "batch")
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+
 def test_mix_mode_interpolates_statistics() -> None:
     model = _bn_model()
     x = torch.randn(1, 3, 8, 8)

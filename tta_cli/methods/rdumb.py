@@ -62,7 +62,9 @@ class RDumb(ETA):
         self.adaptation_steps = 0
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.params, lr=self.lr, betas=(self.config.beta1, 0.999), weight_decay=0.0)
+        # foreach: one kernel per op for all tensors, the same updates with less per-tensor overhead
+        return torch.optim.Adam(self.params, lr=self.lr, betas=(self.config.beta1, 0.999), weight_decay=0.0,
+                                foreach=True)
 
     def reads_are_free(self, tensor: torch.Tensor) -> bool:
         # Adam's moments and step count cannot be undone like SGD's momentum, so the "update only

@@ -205,33 +205,61 @@ class BatchNormStats:
     * ``source``: the source running statistics (eval mode).
     * ``mix``: alpha-BN, (1 - a) source + a batch for mean and variance; defined at batch size 1.
     * ``ema``: running statistics updated with momentum ``a`` from each batch, then used.
+
+    ``batch`` hooks the model, not each layer: a batch of two or more samples has more than one
+    value per channel in every layer, so one pre-hook removes every layer's buffers for the forward
+    and one hook puts them back; a hook on every BatchNorm puts each of its calls on PyTorch's slow
+    path (docs/PERFORMANCE.md). Batches of one sample and data-parallel runs, which need a decision
+    per layer, get per-layer hooks for that forward.
     """
 
     def __init__(self, model: nn.Module, mode: BNStats, alpha: float = 0.1) -> None:
         self.mode = mode
         self.alpha = alpha
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._layer_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._stream: dict[str, list[torch.Tensor | int]] = {}
         self._tracking = False
-        if mode == "source":
+        self._layers = [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
+        if mode == "source" or not self._layers:
             return
-        for module in model.modules():
-            if is_batchnorm(module) and module.running_mean is not None:
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
-                if mode == "batch":
-                    self._handles.append(module.register_forward_hook(self._post_hook))
+        if mode == "batch":
+            self._handles.append(model.register_forward_pre_hook(self._enter_forward))
+            self._handles.append(model.register_forward_hook(self._leave_forward, always_call=True))
+            return
+        self._handles.extend(layer.register_forward_pre_hook(self._pre_hook) for layer in self._layers)
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles + self._layer_handles:
             handle.remove()
         self._handles.clear()
+        self._layer_handles.clear()
+
+    def _enter_forward(self, model: nn.Module, args: tuple[object, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.ndim > 1 and x.shape[0] > 1 and not distributed.active():
+            for layer in self._layers:
+                # the buffer dict directly: Module.__setattr__ would re-register each buffer
+                buffers = layer._buffers
+                self._stash[id(layer)] = (buffers["running_mean"], buffers["running_var"])
+                buffers["running_mean"] = buffers["running_var"] = None
+            return
+        for layer in self._layers:
+            self._layer_handles.append(layer.register_forward_pre_hook(self._pre_hook))
+            self._layer_handles.append(layer.register_forward_hook(self._post_hook))
+
+    def _leave_forward(self, model: nn.Module, args: object, output: object) -> None:
+        for layer in self._layers:
+            self._post_hook(layer, args, output)
+        for handle in self._layer_handles:
+            handle.remove()
+        self._layer_handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         x = args[0]
         if self.mode == "batch" and not distributed.active():
             if x.numel() // x.shape[1] > 1:
-                # the buffer dict directly: Module.__setattr__ would re-register each buffer
                 buffers = module._buffers
                 self._stash[id(module)] = (buffers["running_mean"], buffers["running_var"])
                 buffers["running_mean"] = buffers["running_var"] = None
@@ -250,7 +278,7 @@ class BatchNormStats:
         var_m = (1 - self.alpha) * module.running_var + self.alpha * var_b
         return _renormalised(module, x, mean_m, var_m)
 
-    def _post_hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+    def _post_hook(self, module: nn.Module, args: object, output: object) -> None:
         stashed = self._stash.pop(id(module), None)
         if stashed is not None:
             module._buffers["running_mean"], module._buffers["running_var"] = stashed
