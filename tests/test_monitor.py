@@ -101,6 +101,23 @@ def test_label_shift_stream_is_not_a_collapse() -> None:
     assert not monitor.events
 
 
+def test_collapse_onto_the_sources_own_favourite_class_is_flagged() -> None:
+    """A weak source that gives 75% of the images one class: the collapse keeps agreeing with it
+    on those 75%, so only the one-class share tells (SAR on a 10,000-image gaussian_noise stream,
+    docs/METHODS.md)."""
+    g = torch.Generator().manual_seed(0)
+    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    for b in range(4):
+        classes = torch.where(torch.rand(32, generator=g) < 0.75, 0, torch.randint(1, C, (32,), generator=g))
+        pred = torch.zeros(32, dtype=torch.long)
+        pred[0] = 3
+        monitor.on_batch(_outputs(classes, pred, 0.1 * math.log(C), b * 32))
+    assert monitor.events
+    signals = monitor.events[0].signals
+    assert signals["agreement"] > Thresholds().max_agreement  # the earlier rule alone missed it
+    assert signals["source_entropy"] - signals["entropy"] < Thresholds().entropy_drop
+
+
 def test_stop_raises_and_warn_only_records() -> None:
     with pytest.raises(CollapseStop) as stopped:
         _feed(CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "stop", window=64), collapsed=True)

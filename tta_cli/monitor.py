@@ -53,7 +53,10 @@ class Thresholds:
     diversity_ratio: float = 0.5
     """Adapted effective classes at most this share of the source's on the same images ..."""
     max_agreement: float = 0.6
-    """... and at most this share of the predictions agrees with the source's ..."""
+    """... and at most this share of the predictions agrees with the source's, or one class has
+    ``one_class_share`` of the window (a collapse onto the class the source itself predicts most
+    keeps the agreement at that class's share of the source's predictions) ..."""
+    one_class_share: float = 0.95
     entropy_drop: float = 0.25
     """... or the mean entropy fell this much (in units of ln C) below the source's with the
     diversity at most ``1.5 * diversity_ratio`` of the source's."""
@@ -98,7 +101,8 @@ def is_collapsed(signals: dict[str, float], thresholds: Thresholds) -> bool:
         return (signals["top_share"] >= thresholds.lone_class_share
                 and signals["entropy"] <= thresholds.lone_entropy)
     ratio = signals["effective_classes"] / max(signals["source_effective_classes"], 1e-9)
-    if ratio <= thresholds.diversity_ratio and signals["agreement"] <= thresholds.max_agreement:
+    if ratio <= thresholds.diversity_ratio and (signals["agreement"] <= thresholds.max_agreement
+                                                or signals["top_share"] >= thresholds.one_class_share):
         return True
     dropped = signals["source_entropy"] - signals["entropy"] >= thresholds.entropy_drop
     return dropped and ratio <= 1.5 * thresholds.diversity_ratio
