@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, BatchVariety, batch_alpha, model_norm_kind
+from tta_cli.methods.selection import batchnorm_layers
 
 
 @pytest.mark.parametrize(("arch", "kind", "inner"), [
@@ -77,6 +79,18 @@ def test_batchnorm_running_statistics_move_by_the_momentum_of_a_varied_batch() -
     assert torch.allclose(bn.running_mean, torch.lerp(source_mean, batch_mean, 0.25), atol=1e-5)
     method.reset()
     assert torch.equal(bn.running_mean, source_mean)
+
+
+def test_batchnorm_depth_moves_only_the_shallow_statistics() -> None:
+    model = tiny_timm("test_resnet")
+    layers = batchnorm_layers(model)
+    before = [bn.running_mean.clone() for bn in layers]
+    method = create_method("auto", model, batch_size=8, bn_depth=0.25)
+    method._variety = _AlwaysVaried()  # type: ignore[assignment]
+    method.step(random_inputs(1)[0])
+    moved = [not torch.equal(bn.running_mean, b) for bn, b in zip(layers, before, strict=True)]
+    shallow = math.ceil(0.25 * len(layers))
+    assert all(moved[:shallow]) and not any(moved[shallow:])
 
 
 def test_guard_resets_then_falls_back_to_source() -> None:

@@ -17,6 +17,7 @@ SAR"). What it looks at, before the first batch and while the stream runs:
     docs/BENCHMARKS.md) move it less, while a new corruption is tracked within a few batches; a
     batch of one class, or of size 1, leaves the statistics as they are. ``bn_stats=mix`` is the
     earlier rule (alpha-BN of source and batch statistics per batch, nothing carried over);
+    ``bn_depth`` < 1 moves only the shallow layers' statistics (measured, not the default);
   - **GroupNorm / LayerNorm / none** (batch-independent models): ``inner`` (see
     ``AutoConfig.inner``) with its own defaults, under the guard below;
 * the number of classes C (the thresholds are in units of ln C) and the batch size B;
@@ -41,7 +42,7 @@ from torch import nn
 from tta_cli.methods._registry import create_method, register_method
 from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.hyperparameters import at_least, between
-from tta_cli.methods.selection import BatchNormStats, has_batchnorm, norm_modules
+from tta_cli.methods.selection import BatchNormStats, batchnorm_layers, has_batchnorm, norm_modules
 
 InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "lame"]
 
@@ -57,6 +58,9 @@ class AutoConfig(MethodConfig):
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
+    bn_depth: float = field(default=1.0, metadata=between(0.0, 1.0))
+    """BatchNorm models: the share of BatchNorm layers, from the input, whose statistics move; the
+    deeper ones keep the source's."""
     guard: bool = True
     """Watch for collapse against a frozen source copy (one extra no-grad forward per batch)."""
     variety_floor: float = field(default=0.0, metadata=between(0.0, 1.0, high_inclusive=False))
@@ -187,6 +191,8 @@ class Auto(TTAMethod):
         if self.kind == "batchnorm":
             self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=self.config.bn_stats,
                                        bn_alpha=0.0)
+            if self.config.bn_depth < 1.0:
+                self._move_shallow_statistics_only(model)
         else:
             self.inner = create_method(self.choice["method"], model, batch_size=batch_size)
         self.updates_parameters = self.inner.updates_parameters  # type: ignore[misc]
@@ -196,6 +202,12 @@ class Auto(TTAMethod):
         self.batches_seen = 0
         self._guard: _Guard | None = None
         self._variety: BatchVariety | None = None
+
+    def _move_shallow_statistics_only(self, model: nn.Module) -> None:
+        layers = batchnorm_layers(model)
+        shallow = layers[: math.ceil(self.config.bn_depth * len(layers))]
+        self.inner._bn_hooks.remove()  # type: ignore[union-attr]
+        self.inner._bn_hooks = BatchNormStats(model, self.inner.bn_mode, 0.0, shallow)  # type: ignore[arg-type]
 
     @staticmethod
     def _reference(model: nn.Module) -> nn.Module:

@@ -165,6 +165,12 @@ def resolve_bn_stats(requested: str, batch_size: int | None) -> BNStats:
     return requested  # type: ignore[return-value]
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms with running statistics, in the model's order (from the input for the usual
+    sequential definitions)."""
+    return [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
+
+
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [d for d in range(x.ndim) if d != 1]
     var, mean = torch.var_mean(x, dim=dims, correction=0)
@@ -213,7 +219,9 @@ class BatchNormStats:
     per layer, get per-layer hooks for that forward.
     """
 
-    def __init__(self, model: nn.Module, mode: BNStats, alpha: float = 0.1) -> None:
+    def __init__(self, model: nn.Module, mode: BNStats, alpha: float = 0.1,
+                 layers: list[nn.Module] | None = None) -> None:
+        """``layers``: the BatchNorms to change (default all); the others keep the source statistics."""
         self.mode = mode
         self.alpha = alpha
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -221,7 +229,7 @@ class BatchNormStats:
         self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._stream: dict[str, list[torch.Tensor | int]] = {}
         self._tracking = False
-        self._layers = [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
+        self._layers = layers if layers is not None else batchnorm_layers(model)
         if mode == "source" or not self._layers:
             return
         if mode == "batch":
