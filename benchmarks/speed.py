@@ -568,10 +568,11 @@ def process_run(impl: str, folder: Path, name: str, batch_size: int, lr: float, 
     out.write_text(json.dumps(torch.cat(preds).tolist()))
 
 
-def tta_process(folder: Path, name: str, batch_size: int, lr: float, out: Path, precision: str) -> list[str]:
+def tta_process(folder: Path, name: str, batch_size: int, lr: float, out: Path, precision: str,
+                *extra: str) -> list[str]:
     return [sys.executable, "-m", "tta_cli", "adapt", str(folder), "--model", model_spec(name), "--method",
             "sar", "--batch-size", str(batch_size), "--lr", str(lr), "--precision", precision,
-            "--out", str(out), "--overwrite", "--quiet"]
+            "--out", str(out), "--overwrite", "--quiet", *extra]
 
 
 def tta_predictions(out: Path) -> list[int]:
@@ -591,6 +592,9 @@ def whole_processes(args: argparse.Namespace) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(args.process_threads)
     commands = {
         "tta": tta_process(folder, name, args.batch_size, lr, work / "tta", "fp32"),
+        # the authors' script has no source model beside SAR: the same work without tta's reference
+        "tta_no_reference": tta_process(folder, name, args.batch_size, lr, work / "tta_no_reference", "fp32",
+                                        "--no-source-reference"),
         "authors": [sys.executable, __file__, "--process-run", "authors", "--folder", str(folder),
                     "--models", name, "--batch-size", str(args.batch_size), "--lr", str(lr),
                     "--authors", str(args.authors), "--adapt-out", str(work / "authors.json")],
@@ -604,15 +608,17 @@ def whole_processes(args: argparse.Namespace) -> dict[str, Any]:
             subprocess.run(commands[impl], env=env, check=True)
             times[impl].append(time.perf_counter() - start)
             print(f"  {impl} rep {rep}: {times[impl][-1]:.1f} s", file=sys.stderr, flush=True)
-    preds = {"tta": tta_predictions(work / "tta"),
+    preds = {"tta": tta_predictions(work / "tta"), "tta_no_reference": tta_predictions(work / "tta_no_reference"),
              "authors": json.loads((work / "authors.json").read_text()),
              "plain": json.loads((work / "plain.json").read_text())}
     n = len(preds["authors"])
-    same = {k: sum(a == b for a, b in zip(preds[k], preds["authors"], strict=True)) / n for k in ("tta", "plain")}
+    same = {k: sum(a == b for a, b in zip(preds[k], preds["authors"], strict=True)) / n
+            for k in ("tta", "tta_no_reference", "plain")}
     median = {k: statistics.median(v) for k, v in times.items()}
     record = json.loads((work / "tta" / "run.json").read_text())
     return {"model": name, "images": n, "batch_size": args.batch_size, "lr": lr, "seconds": times,
             "median_seconds": median, "tta_vs_authors": median["authors"] / median["tta"],
+            "tta_no_reference_vs_authors": median["authors"] / median["tta_no_reference"],
             "tta_vs_plain": median["plain"] / median["tta"],
             "ratio_per_rep": [a / t for a, t in zip(times["authors"], times["tta"], strict=True)],
             "same_predictions_as_authors": same, "tta_timing": record["timing"],
