@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, BatchVariety, batch_alpha, model_norm_kind
+from tta_cli.methods.base import softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
 
@@ -55,9 +57,25 @@ def test_batchnorm_single_class_batch_predicts_with_source_statistics() -> None:
     x = random_inputs(1)[0][:1].repeat(8, 1, 1, 1)  # 8 copies of one image: one source class
     with torch.no_grad():
         expected = model.eval()(x)
-    method = create_method("auto", model, batch_size=8)
+    method = create_method("auto", model, batch_size=8, bn_stats="ema")
     assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
     assert method.stats()["bn_alpha_mean"] == 0.0
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_batchnorm_choose_keeps_the_lower_entropy_prediction(shift: float) -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0] * 2 + shift
+    with torch.no_grad():
+        source = model.eval()(x)
+        batch = create_method("norm", copy.deepcopy(model), batch_size=8, bn_stats="batch").step(x).logits
+    method = create_method("auto", model, batch_size=8)
+    assert method.config.bn_stats == "choose"
+    logits = method.step(x).logits
+    expected = batch if softmax_entropy(batch).mean() < softmax_entropy(source).mean() else source
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert method.stats()["batch_statistics_share"] == float(expected is batch)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), tiny_timm("test_resnet").buffers(), strict=True))
 
 
 class _AlwaysVaried:
@@ -71,7 +89,7 @@ def test_batchnorm_running_statistics_move_by_the_momentum_of_a_varied_batch() -
     source_mean = bn.running_mean.clone()
     seen: list[torch.Tensor] = []
     bn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    method = create_method("auto", model, batch_size=8)
+    method = create_method("auto", model, batch_size=8, bn_stats="ema")
     method._variety = _AlwaysVaried()  # type: ignore[assignment]
     x = random_inputs(1)[0]
     method.step(x)
@@ -85,7 +103,7 @@ def test_batchnorm_depth_moves_only_the_shallow_statistics() -> None:
     model = tiny_timm("test_resnet")
     layers = batchnorm_layers(model)
     before = [bn.running_mean.clone() for bn in layers]
-    method = create_method("auto", model, batch_size=8, bn_depth=0.25)
+    method = create_method("auto", model, batch_size=8, bn_stats="ema", bn_depth=0.25)
     method._variety = _AlwaysVaried()  # type: ignore[assignment]
     method.step(random_inputs(1)[0])
     moved = [not torch.equal(bn.running_mean, b) for bn, b in zip(layers, before, strict=True)]

@@ -5,7 +5,12 @@ wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto again
 SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
-  - **BatchNorm**: nothing is learned. The model normalises with running statistics that start
+  - **BatchNorm**: nothing is learned. Each batch is predicted twice, with the source statistics
+    and with the batch's own (``norm``), and the prediction with the lower mean entropy is kept
+    (``bn_stats=choose``): no blend of the two, which breaks some models (EfficientNet-Lite0), and
+    no memory, so a new corruption is taken at once and a batch of few classes, whose own
+    statistics remove its class signal, predicts less confidently and keeps the source's.
+    ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
     at the source's. Every batch is first predicted with them as they are; the effective number
     of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
     drawn from the stream's own predicted class distribution would have, says how varied the
@@ -51,10 +56,11 @@ InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "l
 class AutoConfig(MethodConfig):
     inner: InnerChoice = "auto"
     """The method for batch-independent (GroupNorm / LayerNorm / no-norm) models; auto: measured."""
-    bn_stats: Literal["ema", "mix"] = "ema"
-    """BatchNorm models: ema (running statistics that start at the source's and move towards each
-    batch's with a momentum set by the batch's variety) or mix (alpha-BN: source and batch
-    statistics mixed per batch, nothing carried over)."""
+    bn_stats: Literal["choose", "ema", "mix"] = "choose"
+    """BatchNorm models: choose (per batch, the source statistics or the batch's own, whichever
+    predicts with the lower mean entropy), ema (running statistics that start at the source's and
+    move towards each batch's with a momentum set by the batch's variety) or mix (alpha-BN: source
+    and batch statistics mixed per batch, nothing carried over)."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -85,14 +91,21 @@ def model_norm_kind(model: nn.Module) -> str:
     return "layernorm" if kinds else "none"
 
 
-def choose(kind: str, batch_size: int, num_classes: int, inner: str) -> dict[str, Any]:
+BN_RULES = {
+    "choose": "per batch, the source statistics or the batch's own, whichever predicts with lower entropy",
+    "ema": "running statistics from the source's, momentum per batch from its prediction variety",
+    "mix": "per batch, source and batch statistics mixed by the batch's prediction variety (alpha-BN)",
+}
+
+
+def choose(kind: str, batch_size: int, num_classes: int, inner: str, bn_stats: str = "choose") -> dict[str, Any]:
     """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
     if kind == "batchnorm":
-        return {"method": "norm", "norm": kind,
-                "bn_stats": "running statistics from the source's, momentum per batch from its prediction variety",
-                "why": "BatchNorm: test-time statistics gain most, but one batch's statistics fail on batches of "
-                       "one or few classes (label shift, B=1); a running mean over batches, moved less by "
-                       "batches that look less varied than the stream, keeps most of the gain"}
+        return {"method": "norm", "norm": kind, "bn_stats": BN_RULES[bn_stats],
+                "why": "BatchNorm: test-time statistics gain most on shifted data, but one batch's statistics "
+                       "fail on batches of one or few classes (label shift, correlated streams) and blends of "
+                       "the two break some models; of the two predictions the less confident is the worse one "
+                       "(measured, docs/BENCHMARKS.md)"}
     name = DEFAULT_INNER if inner == "auto" else inner
     return {"method": name, "norm": kind,
             "why": f"{kind}: batch-independent model; {name} measured safest among entropy methods "
@@ -176,7 +189,8 @@ class Auto(TTAMethod):
     name = "auto"
     config_class = AutoConfig
     predicts_first_forward = False
-    """BatchNorm models: the prediction uses per-batch alpha-BN; after repeated collapse, the source's."""
+    """BatchNorm models: the prediction with the source or the batch statistics (``choose``); others:
+    the inner method's, after repeated collapse the source's."""
     config: AutoConfig
 
     def __init__(self, model: nn.Module, config: AutoConfig | None = None, batch_size: int = 64) -> None:
@@ -186,11 +200,12 @@ class Auto(TTAMethod):
         self.batch_size = batch_size
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         self.kind = model_norm_kind(model)
-        self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner)
+        self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner,
+                             self.config.bn_stats)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
         if self.kind == "batchnorm":
-            self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=self.config.bn_stats,
-                                       bn_alpha=0.0)
+            inner_stats = "batch" if self.config.bn_stats == "choose" else self.config.bn_stats
+            self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=inner_stats, bn_alpha=0.0)
             if self.config.bn_depth < 1.0:
                 self._move_shallow_statistics_only(model)
         else:
@@ -285,6 +300,8 @@ class Auto(TTAMethod):
 
     @torch.no_grad()
     def _step_bn(self, x: torch.Tensor) -> StepResult:
+        if self.config.bn_stats == "choose":
+            return self._step_bn_choose(x)
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
         hooks.alpha = 0.0  # weight 0: the running statistics as they are (ema) or the source's (mix)
         before = self.inner.step(x).logits
@@ -297,6 +314,21 @@ class Auto(TTAMethod):
             return StepResult(logits=before, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         hooks.alpha = alpha
         return self.inner.step(x)
+
+    def _step_bn_choose(self, x: torch.Tensor) -> StepResult:
+        """The source statistics or the batch's own, whichever predicts with the lower mean entropy."""
+        hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
+        hooks.paused = True
+        try:
+            source = self.inner.step(x)
+        finally:
+            hooks.paused = False
+        batch = self.inner.step(x)
+        use_batch = bool(softmax_entropy(batch.logits).mean() < softmax_entropy(source.logits).mean())
+        self.alphas.append(float(use_batch))
+        if use_batch:
+            return batch
+        return StepResult(logits=source.logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
         if self.frozen_at is not None:
@@ -337,7 +369,8 @@ class Auto(TTAMethod):
         stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
                                  "source_from_batch": self.frozen_at}
         if self.alphas:
-            stats["bn_alpha_mean"] = sum(self.alphas) / len(self.alphas)
+            key = "batch_statistics_share" if self.config.bn_stats == "choose" else "bn_alpha_mean"
+            stats[key] = sum(self.alphas) / len(self.alphas)
         return stats
 
     def describe(self) -> dict[str, Any]:

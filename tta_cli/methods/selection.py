@@ -229,6 +229,9 @@ class BatchNormStats:
         self._stash: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._stream: dict[str, list[torch.Tensor | int]] = {}
         self._tracking = False
+        self.paused = False
+        """While True every BatchNorm normalises with its running (source) statistics and nothing is
+        tracked: a forward of the source model without a copy of it."""
         self._layers = layers if layers is not None else batchnorm_layers(model)
         if mode == "source" or not self._layers:
             return
@@ -245,6 +248,8 @@ class BatchNormStats:
         self._layer_handles.clear()
 
     def _enter_forward(self, model: nn.Module, args: tuple[object, ...]) -> None:
+        if self.paused:
+            return
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.ndim > 1 and x.shape[0] > 1 and not distributed.active():
             for layer in self._layers:
@@ -265,6 +270,8 @@ class BatchNormStats:
         self._layer_handles.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self.paused:
+            return None
         x = args[0]
         if self.mode == "batch" and not distributed.active():
             if x.numel() // x.shape[1] > 1:
@@ -309,6 +316,8 @@ class BatchNormStats:
 
     def _stream_hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if self.paused:
+                return
             with torch.no_grad():
                 # data-parallel: the global batch's, as the run normalised with (a collective, so
                 # every rank tracks)
