@@ -78,6 +78,16 @@ def test_batchnorm_choose_keeps_the_lower_entropy_prediction(shift: float) -> No
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), tiny_timm("test_resnet").buffers(), strict=True))
 
 
+def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0][:1] * 2 + 3.0  # shifted: with a batch of 8 the batch statistics win
+    with torch.no_grad():
+        expected = model.eval()(x)
+    method = create_method("auto", model, batch_size=1)
+    assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
+    assert method.stats()["batch_statistics_share"] == 0.0
+
+
 class _AlwaysVaried:
     def ratio(self, pred: torch.Tensor) -> float:
         return 1.0

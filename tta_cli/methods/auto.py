@@ -323,6 +323,9 @@ class Auto(TTAMethod):
             source = self.inner.step(x)
         finally:
             hooks.paused = False
+        if x.shape[0] < 2:  # one image's own statistics normalise each image alone, not the domain
+            self.alphas.append(0.0)
+            return StepResult(logits=source.logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         batch = self.inner.step(x)
         use_batch = bool(softmax_entropy(batch.logits).mean() < softmax_entropy(source.logits).mean())
         self.alphas.append(float(use_batch))
