@@ -103,9 +103,8 @@ def choose(kind: str, batch_size: int, num_classes: int, inner: str, bn_stats: s
     if kind == "batchnorm":
         return {"method": "norm", "norm": kind, "bn_stats": BN_RULES[bn_stats],
                 "why": "BatchNorm: test-time statistics gain most on shifted data, but one batch's statistics "
-                       "fail on batches of one or few classes (label shift, correlated streams) and blends of "
-                       "the two break some models; of the two predictions the less confident is the worse one "
-                       "(measured, docs/BENCHMARKS.md)"}
+                       "fail on batches of one or few classes (label shift, correlated streams); the rule is the "
+                       "one measured safest in docs/BENCHMARKS.md"}
     name = DEFAULT_INNER if inner == "auto" else inner
     return {"method": name, "norm": kind,
             "why": f"{kind}: batch-independent model; {name} measured safest among entropy methods "
@@ -294,14 +293,17 @@ class Auto(TTAMethod):
     # --- the stream -------------------------------------------------------------------------------
 
     def step(self, x: torch.Tensor) -> StepResult:
-        result = self._step_bn(x) if self.kind == "batchnorm" else self._step_guarded(x)
+        if self.kind != "batchnorm":
+            result = self._step_guarded(x)
+        elif self.config.bn_stats == "choose":
+            result = self._step_bn_choose(x)
+        else:
+            result = self._step_bn_variety(x)
         self.batches_seen += 1
         return result
 
     @torch.no_grad()
-    def _step_bn(self, x: torch.Tensor) -> StepResult:
-        if self.config.bn_stats == "choose":
-            return self._step_bn_choose(x)
+    def _step_bn_variety(self, x: torch.Tensor) -> StepResult:
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
         hooks.alpha = 0.0  # weight 0: the running statistics as they are (ema) or the source's (mix)
         before = self.inner.step(x).logits
@@ -315,23 +317,22 @@ class Auto(TTAMethod):
         hooks.alpha = alpha
         return self.inner.step(x)
 
+    @torch.no_grad()
     def _step_bn_choose(self, x: torch.Tensor) -> StepResult:
-        """The source statistics or the batch's own, whichever predicts with the lower mean entropy."""
+        """The source statistics or the batch's own, whichever predicts with the lower mean entropy
+        (``norm`` steps: nothing is updated either way)."""
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
         hooks.paused = True
         try:
-            source = self.inner.step(x)
+            chosen = source = self.inner.step(x)
         finally:
             hooks.paused = False
-        if x.shape[0] < 2:  # one image's own statistics normalise each image alone, not the domain
-            self.alphas.append(0.0)
-            return StepResult(logits=source.logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-        batch = self.inner.step(x)
-        use_batch = bool(softmax_entropy(batch.logits).mean() < softmax_entropy(source.logits).mean())
-        self.alphas.append(float(use_batch))
-        if use_batch:
-            return batch
-        return StepResult(logits=source.logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        if x.shape[0] > 1:  # one image's own statistics normalise each image alone, not the domain
+            batch = self.inner.step(x)
+            if softmax_entropy(batch.logits).mean() < softmax_entropy(source.logits).mean():
+                chosen = batch
+        self.alphas.append(float(chosen is not source))  # the batch statistics' weight: 0 or 1
+        return chosen
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
         if self.frozen_at is not None:
