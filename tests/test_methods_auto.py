@@ -62,20 +62,39 @@ def test_batchnorm_single_class_batch_predicts_with_source_statistics() -> None:
     assert method.stats()["bn_alpha_mean"] == 0.0
 
 
+def _source_and_batch_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        source = model.eval()(x)
+        batch = create_method("norm", copy.deepcopy(model), batch_size=8, bn_stats="batch").step(x).logits
+    return source, batch
+
+
 @pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_batchnorm_choose_keeps_the_lower_entropy_prediction(shift: float) -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + shift
-    with torch.no_grad():
-        source = model.eval()(x)
-        batch = create_method("norm", copy.deepcopy(model), batch_size=8, bn_stats="batch").step(x).logits
-    method = create_method("auto", model, batch_size=8)
+    source, batch = _source_and_batch_logits(model, x)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0)
     assert method.config.bn_stats == "choose"
     logits = method.step(x).logits
     expected = batch if softmax_entropy(batch).mean() < softmax_entropy(source).mean() else source
     assert torch.allclose(logits, expected, atol=1e-5)
     assert method.stats()["batch_statistics_share"] == float(expected is batch)
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), tiny_timm("test_resnet").buffers(), strict=True))
+
+
+@pytest.mark.parametrize("temperature", [0.005, 1.0])
+def test_batchnorm_choose_mixes_near_ties(temperature: float) -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0] * 2 + 3.0
+    source, batch = _source_and_batch_logits(model, x)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=temperature)
+    lead = softmax_entropy(source).mean() - softmax_entropy(batch).mean()
+    weight = torch.sigmoid(lead / (temperature * math.log(10)))
+    expected = torch.lerp(source.softmax(1), batch.softmax(1), weight)
+    assert torch.allclose(method.step(x).logits.softmax(1), expected, atol=1e-5)
+    assert method.stats()["batch_statistics_share"] == pytest.approx(weight.item(), abs=1e-6)
+    assert (0.0 < weight < 1.0) if temperature == 1.0 else True
 
 
 def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:

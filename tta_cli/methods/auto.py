@@ -7,7 +7,8 @@ SAR"). What it looks at, before the first batch and while the stream runs:
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
   - **BatchNorm**: nothing is learned. Each batch is predicted twice, with the source statistics
     and with the batch's own (``norm``), and the prediction with the lower mean entropy is kept
-    (``bn_stats=choose``): no blend of the two, which breaks some models (EfficientNet-Lite0), and
+    (``bn_stats=choose``; a near tie, within about ``bn_choice_temperature`` ln C, mixes the two
+    predictions' probabilities): no blend of the two, which breaks some models (EfficientNet-Lite0), and
     no memory, so a new corruption is taken at once and a batch of few classes, whose own
     statistics remove its class signal, predicts less confidently and keeps the source's.
     ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
@@ -61,6 +62,10 @@ class AutoConfig(MethodConfig):
     predicts with the lower mean entropy), ema (running statistics that start at the source's and
     move towards each batch's with a momentum set by the batch's variety) or mix (alpha-BN: source
     and batch statistics mixed per batch, nothing carried over)."""
+    bn_choice_temperature: float = field(default=0.005, metadata=at_least(0.0))
+    """BatchNorm models with ``bn_stats=choose``: 0 keeps one of the two predictions; t > 0 mixes
+    their probabilities with the batch statistics' weight sigmoid((H_source - H_batch) / (t ln C))
+    (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -92,7 +97,8 @@ def model_norm_kind(model: nn.Module) -> str:
 
 
 BN_RULES = {
-    "choose": "per batch, the source statistics or the batch's own, whichever predicts with lower entropy",
+    "choose": "per batch, the source statistics or the batch's own, whichever predicts with lower entropy "
+              "(near ties mix the two)",
     "ema": "running statistics from the source's, momentum per batch from its prediction variety",
     "mix": "per batch, source and batch statistics mixed by the batch's prediction variety (alpha-BN)",
 }
@@ -327,12 +333,20 @@ class Auto(TTAMethod):
             chosen = source = self.inner.step(x)
         finally:
             hooks.paused = False
-        if x.shape[0] > 1:  # one image's own statistics normalise each image alone, not the domain
-            batch = self.inner.step(x)
-            if softmax_entropy(batch.logits).mean() < softmax_entropy(source.logits).mean():
-                chosen = batch
-        self.alphas.append(float(chosen is not source))  # the batch statistics' weight: 0 or 1
-        return chosen
+        if x.shape[0] == 1:  # one image's own statistics normalise each image alone, not the domain
+            self.alphas.append(0.0)
+            return source
+        batch = self.inner.step(x)
+        lead = softmax_entropy(source.logits).mean() - softmax_entropy(batch.logits).mean()
+        temperature = self.config.bn_choice_temperature
+        if temperature == 0.0:
+            chosen = batch if lead > 0 else source
+            self.alphas.append(float(chosen is batch))  # the batch statistics' weight: 0 or 1
+            return chosen
+        weight = torch.sigmoid(lead / (temperature * math.log(max(batch.logits.shape[1], 2))))
+        self.alphas.append(weight.item())
+        mixed = torch.lerp(source.logits.softmax(1), batch.logits.softmax(1), weight)
+        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=batch.used)
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
         if self.frozen_at is not None:
