@@ -74,7 +74,7 @@ def test_batchnorm_choose_keeps_the_lower_entropy_prediction(shift: float) -> No
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + shift
     source, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream_momentum=0.0)
     assert method.config.bn_stats == "choose"
     logits = method.step(x).logits
     expected = batch if softmax_entropy(batch).mean() < softmax_entropy(source).mean() else source
@@ -88,13 +88,53 @@ def test_batchnorm_choose_mixes_near_ties(temperature: float) -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + 3.0
     source, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_choice_temperature=temperature)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=temperature, bn_stream_momentum=0.0)
     lead = softmax_entropy(source).mean() - softmax_entropy(batch).mean()
     weight = torch.sigmoid(lead / (temperature * math.log(10)))
     expected = torch.lerp(source.softmax(1), batch.softmax(1), weight)
     assert torch.allclose(method.step(x).logits.softmax(1), expected, atol=1e-5)
-    assert method.stats()["batch_statistics_share"] == pytest.approx(weight.item(), abs=1e-6)
+    assert method.stats()["batch_statistics_share"] == pytest.approx(weight.item(), abs=1e-5)
     assert (0.0 < weight < 1.0) if temperature == 1.0 else True
+
+
+def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_stream() -> None:
+    model = tiny_timm("test_resnet")
+    pristine = copy.deepcopy(model)
+    x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
+    method = create_method("auto", model, batch_size=8, bn_stream_momentum=0.5)
+    method.step(x1)
+    method.step(x2)
+    stream_model = method.stream_model
+    assert stream_model is not None
+    first = batchnorm_layers(stream_model)[0]
+    means = []
+    handle = batchnorm_layers(pristine)[0].register_forward_pre_hook(
+        lambda module, args: means.append(args[0].mean(dim=(0, 2, 3))))
+    with torch.no_grad():
+        pristine.eval()(x1), pristine(x2)
+    handle.remove()
+    # the first BatchNorm's input does not depend on any statistics: 0.5 of each batch's mean
+    assert torch.allclose(first.running_mean, torch.lerp(means[0], means[1], 0.5), atol=1e-5)
+    assert "stream_statistics_share" in method.stats()
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
+
+
+def test_batchnorm_choose_stream_candidate_with_momentum_one_is_the_batch_statistics() -> None:
+    model = tiny_timm("test_resnet")
+    x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
+    _, batch = _source_and_batch_logits(model, x2)
+    method = create_method("auto", model, batch_size=8, bn_stream_momentum=1.0)
+    method.step(x1)
+    assert torch.allclose(method._stream_step(x2).logits, batch, atol=1e-4)
+
+
+def test_batchnorm_choose_stream_candidate_starts_at_the_first_batch() -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0] * 2 + 3.0
+    _, batch = _source_and_batch_logits(model, x)
+    method = create_method("auto", model, batch_size=8)
+    assert method.config.bn_stream_momentum > 0
+    assert torch.allclose(method._stream_step(x).logits, batch, atol=1e-4)
 
 
 def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:

@@ -5,12 +5,17 @@ wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto again
 SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
-  - **BatchNorm**: nothing is learned. Each batch is predicted twice, with the source statistics
-    and with the batch's own (``norm``), and the prediction with the lower mean entropy is kept
-    (``bn_stats=choose``; a near tie, within about ``bn_choice_temperature`` ln C, mixes the two
-    predictions' probabilities): no blend of the two, which breaks some models (EfficientNet-Lite0), and
-    no memory, so a new corruption is taken at once and a batch of few classes, whose own
-    statistics remove its class signal, predicts less confidently and keeps the source's.
+  - **BatchNorm**: nothing is learned. Each batch is predicted three times (``bn_stats=choose``):
+    with the source statistics, with the batch's own (``norm``) and with running statistics of the
+    stream's batches (momentum ``bn_stream_momentum`` per batch, starting at the first batch's;
+    the source statistics play no part in them), and the prediction with the lowest mean entropy
+    is kept; a near tie, within about ``bn_choice_temperature`` ln C, mixes the predictions'
+    probabilities. No statistics are blended with the source's, which breaks some models
+    (EfficientNet-Lite0); the batch's own statistics take a new corruption at once; the stream's
+    average the class make-up of about 1 / momentum batches, which a batch of few classes
+    (label shift, correlated streams) lacks; and where both remove a batch's class signal, their
+    predictions are less confident and the source's are kept. A batch of one image keeps the
+    source's.
     ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
     at the source's. Every batch is first predicted with them as they are; the effective number
     of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
@@ -66,6 +71,10 @@ class AutoConfig(MethodConfig):
     """BatchNorm models with ``bn_stats=choose``: 0 keeps one of the two predictions; t > 0 mixes
     their probabilities with the batch statistics' weight sigmoid((H_source - H_batch) / (t ln C))
     (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
+    bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0))
+    """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with running
+    statistics of the stream's batches (this momentum per batch, starting at the first batch's;
+    the source statistics play no part in them); 0: only the source and the batch statistics."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -97,8 +106,8 @@ def model_norm_kind(model: nn.Module) -> str:
 
 
 BN_RULES = {
-    "choose": "per batch, the source statistics or the batch's own, whichever predicts with lower entropy "
-              "(near ties mix the two)",
+    "choose": "per batch, the source statistics, the batch's own or the stream's running ones, whichever "
+              "predicts with the lowest entropy (near ties mix them)",
     "ema": "running statistics from the source's, momentum per batch from its prediction variety",
     "mix": "per batch, source and batch statistics mixed by the batch's prediction variety (alpha-BN)",
 }
@@ -208,6 +217,10 @@ class Auto(TTAMethod):
         self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner,
                              self.config.bn_stats)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
+        self.stream_model: nn.Module | None = None
+        if self.kind == "batchnorm" and self.config.bn_stats == "choose" and self.config.bn_stream_momentum > 0:
+            self.stream_model = self._reference(model)
+            self._stream_stats = BatchNormStats(self.stream_model, "ema", alpha=1.0)  # the first batch's
         if self.kind == "batchnorm":
             inner_stats = "batch" if self.config.bn_stats == "choose" else self.config.bn_stats
             self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=inner_stats, bn_alpha=0.0)
@@ -219,6 +232,7 @@ class Auto(TTAMethod):
         self.collapse_events: list[dict[str, Any]] = []
         self.frozen_at: int | None = None
         self.alphas: list[float] = []
+        self.stream_weights: list[float] = []
         self.batches_seen = 0
         self._guard: _Guard | None = None
         self._variety: BatchVariety | None = None
@@ -263,8 +277,9 @@ class Auto(TTAMethod):
                               compile: bool | str = False) -> None:
         self.inner.configure_performance(precision, channels_last, compile)
         self.performance = self.inner.performance
-        if self.reference is not None and channels_last:
-            self.reference.to(memory_format=torch.channels_last)
+        for copy_ in (self.reference, self.stream_model):
+            if copy_ is not None and channels_last:
+                copy_.to(memory_format=torch.channels_last)
 
     @property
     def non_finite_updates(self) -> int:
@@ -274,8 +289,9 @@ class Auto(TTAMethod):
         self.inner.reseed(seed)
 
     def state_for_resume(self) -> dict[str, Any]:
-        """The inner method's state; auto's own windows (guard, batch variety) start afresh on a
-        resume, so a resumed auto run can differ from an uninterrupted one after the resume point."""
+        """The inner method's state; auto's own windows (guard, batch variety, the stream's running
+        BatchNorm statistics) start afresh on a resume, so a resumed auto run can differ from an
+        uninterrupted one after the resume point."""
         return self.inner.state_for_resume()
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
@@ -295,6 +311,8 @@ class Auto(TTAMethod):
 
     def close(self) -> None:
         self.inner.close()
+        if self.stream_model is not None:
+            self._stream_stats.remove()
 
     # --- the stream -------------------------------------------------------------------------------
 
@@ -325,28 +343,44 @@ class Auto(TTAMethod):
 
     @torch.no_grad()
     def _step_bn_choose(self, x: torch.Tensor) -> StepResult:
-        """The source statistics or the batch's own, whichever predicts with the lower mean entropy
-        (``norm`` steps: nothing is updated either way)."""
+        """The prediction with the source, the batch's or the stream's running statistics, whichever
+        has the lowest mean entropy; near ties mix them (``norm`` steps: the model is not updated)."""
         hooks: BatchNormStats = self.inner._bn_hooks  # type: ignore[assignment]
         hooks.paused = True
         try:
-            chosen = source = self.inner.step(x)
+            source = self.inner.step(x)
         finally:
             hooks.paused = False
         if x.shape[0] == 1:  # one image's own statistics normalise each image alone, not the domain
             self.alphas.append(0.0)
             return source
-        batch = self.inner.step(x)
-        lead = softmax_entropy(source.logits).mean() - softmax_entropy(batch.logits).mean()
+        candidates = [source, self.inner.step(x)]
+        if self.stream_model is not None:
+            candidates.append(self._stream_step(x))
+        entropies = torch.stack([softmax_entropy(c.logits).mean() for c in candidates])
+        weights = self._choice_weights(entropies, source.logits.shape[1])
+        self.alphas.append(weights[1].item())
+        if self.stream_model is not None:
+            self.stream_weights.append(weights[2].item())
+        if self.config.bn_choice_temperature == 0.0:
+            return candidates[int(weights.argmax())]
+        mixed = sum(w * c.logits.float().softmax(1) for w, c in zip(weights, candidates, strict=True))
+        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(),  # type: ignore[union-attr]
+                          used=candidates[1].used)
+
+    def _choice_weights(self, entropies: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """One-hot on the lowest entropy, or softmax(-H / (t ln C)) with t = bn_choice_temperature."""
         temperature = self.config.bn_choice_temperature
         if temperature == 0.0:
-            chosen = batch if lead > 0 else source
-            self.alphas.append(float(chosen is batch))  # the batch statistics' weight: 0 or 1
-            return chosen
-        weight = torch.sigmoid(lead / (temperature * math.log(max(batch.logits.shape[1], 2))))
-        self.alphas.append(weight.item())
-        mixed = torch.lerp(source.logits.softmax(1), batch.logits.softmax(1), weight)
-        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=batch.used)
+            return torch.nn.functional.one_hot(entropies.argmin(), len(entropies)).float()
+        return torch.softmax(-entropies.float() / (temperature * math.log(max(num_classes, 2))), 0)
+
+    def _stream_step(self, x: torch.Tensor) -> StepResult:
+        assert self.stream_model is not None
+        with self.inner.autocast():
+            logits = self.stream_model(self.inner.prepare_input(x)).float()
+        self._stream_stats.alpha = self.config.bn_stream_momentum
+        return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
         if self.frozen_at is not None:
@@ -389,6 +423,8 @@ class Auto(TTAMethod):
         if self.alphas:
             key = "batch_statistics_share" if self.config.bn_stats == "choose" else "bn_alpha_mean"
             stats[key] = sum(self.alphas) / len(self.alphas)
+        if self.stream_weights:
+            stats["stream_statistics_share"] = sum(self.stream_weights) / len(self.stream_weights)
         return stats
 
     def describe(self) -> dict[str, Any]:
