@@ -42,6 +42,7 @@ SAR"). What it looks at, before the first batch and while the stream runs:
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class AutoConfig(MethodConfig):
     """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with running
     statistics of the stream's batches (this momentum per batch, starting at the first batch's;
     the source statistics play no part in them); 0: only the source and the batch statistics."""
+    bn_choice_window: int = field(default=64, metadata=at_least(1))
+    """BatchNorm models with ``bn_stats=choose``: the mean entropies compared are over the last
+    batches that hold at least this many images (the current batch alone from this size on), so
+    that batches of a few images are not judged on their own few entropies."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -162,6 +167,24 @@ class BatchVariety:
         return min(max((effective_classes(batch) - 1) / (expected - 1), 0.0), 1.0)
 
 
+class EntropyWindow:
+    """Mean entropy of each candidate prediction over the latest batches that together hold at
+    least ``images`` images."""
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.batches: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+        self.count = 0
+
+    def add(self, entropy_sums: torch.Tensor, count: int) -> torch.Tensor:
+        """``entropy_sums``: each candidate's entropy summed over this batch's ``count`` images."""
+        self.batches.append((count, entropy_sums))
+        self.count += count
+        while self.count - self.batches[0][0] >= self.images:
+            self.count -= self.batches.popleft()[0]
+        return sum(sums for _, sums in self.batches) / self.count  # type: ignore[return-value]
+
+
 def batch_alpha(ratio: float, alpha_max: float, floor: float) -> float:
     """alpha-BN weight: ``alpha_max`` for a batch as varied as the stream, 0 below ``floor``,
     linear in between."""
@@ -236,6 +259,7 @@ class Auto(TTAMethod):
         self.batches_seen = 0
         self._guard: _Guard | None = None
         self._variety: BatchVariety | None = None
+        self._entropy_window: EntropyWindow | None = None
 
     def _move_shallow_statistics_only(self, model: nn.Module) -> None:
         layers = batchnorm_layers(model)
@@ -357,7 +381,10 @@ class Auto(TTAMethod):
         candidates = [source, self.inner.step(x)]
         if self.stream_model is not None:
             candidates.append(self._stream_step(x))
-        entropies = torch.stack([softmax_entropy(c.logits).mean() for c in candidates])
+        if self._entropy_window is None:
+            self._entropy_window = EntropyWindow(self.config.bn_choice_window)
+        sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
+        entropies = self._entropy_window.add(sums, x.shape[0])
         weights = self._choice_weights(entropies, source.logits.shape[1])
         self.alphas.append(weights[1].item())
         if self.stream_model is not None:
