@@ -12,7 +12,14 @@ import torch
 
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
 from tta_cli.methods import create_method
-from tta_cli.methods.auto import DEFAULT_INNER, BatchVariety, batch_alpha, model_norm_kind
+from tta_cli.methods.auto import (
+    DEFAULT_INNER,
+    STREAM_MOMENTUM_IMAGES,
+    BatchVariety,
+    EntropyWindow,
+    batch_alpha,
+    model_norm_kind,
+)
 from tta_cli.methods.base import softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
@@ -113,8 +120,9 @@ def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_strea
     with torch.no_grad():
         pristine.eval()(x1), pristine(x2)
     handle.remove()
-    # the first BatchNorm's input does not depend on any statistics: 0.5 of each batch's mean
-    assert torch.allclose(first.running_mean, torch.lerp(means[0], means[1], 0.5), atol=1e-5)
+    # the first BatchNorm's input does not depend on any statistics; momentum 0.5 per 64 images
+    weight = 1 - 0.5 ** (8 / STREAM_MOMENTUM_IMAGES)
+    assert torch.allclose(first.running_mean, torch.lerp(means[0], means[1], weight), atol=1e-5)
     assert "stream_statistics_share" in method.stats()
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
 
@@ -206,3 +214,12 @@ def test_adapt_default_is_auto_and_records_the_choice(tmp_path: Path, tiny_model
     assert "auto chose" in result.output
     record = json.loads((out / "run.json").read_text())
     assert record["method"]["method"] == "auto" and record["method"]["choice"]["method"] == DEFAULT_INNER
+
+
+def test_entropy_window_covers_at_least_the_window_images() -> None:
+    window = EntropyWindow(images=4)
+    assert torch.equal(window.add(torch.tensor([2.0, 4.0]), 2), torch.tensor([1.0, 2.0]))
+    assert torch.equal(window.add(torch.tensor([0.0, 0.0]), 2), torch.tensor([0.5, 1.0]))
+    # a third batch of 2: the first falls out, the latest 4 images remain
+    assert torch.equal(window.add(torch.tensor([4.0, 4.0]), 2), torch.tensor([1.0, 1.0]))
+    assert torch.equal(EntropyWindow(images=4).add(torch.tensor([8.0]), 8), torch.tensor([1.0]))

@@ -74,7 +74,7 @@ class AutoConfig(MethodConfig):
     (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
     bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0))
     """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with running
-    statistics of the stream's batches (this momentum per batch, starting at the first batch's;
+    statistics of the stream's batches (this momentum per 64 images, starting at the first batch's;
     the source statistics play no part in them); 0: only the source and the batch statistics."""
     bn_choice_window: int = field(default=64, metadata=at_least(1))
     """BatchNorm models with ``bn_stats=choose``: the mean entropies compared are over the last
@@ -95,6 +95,9 @@ class AutoConfig(MethodConfig):
     window: int = field(default=0, metadata=at_least(0))
     """Images in the guard's window; 0: max(256, 2 B, 8 C)."""
 
+
+STREAM_MOMENTUM_IMAGES = 64
+"""``bn_stream_momentum`` is the weight of a batch of this many images (1 - (1 - m)^(B / 64) for B)."""
 
 DEFAULT_INNER = "eta"
 """Batch-independent models: measured in docs/BENCHMARKS.md ("auto"); see ``choose``."""
@@ -406,7 +409,8 @@ class Auto(TTAMethod):
         assert self.stream_model is not None
         with self.inner.autocast():
             logits = self.stream_model(self.inner.prepare_input(x)).float()
-        self._stream_stats.alpha = self.config.bn_stream_momentum
+        # the momentum is per 64 images, so the statistics remember as many images at any batch size
+        self._stream_stats.alpha = 1.0 - (1.0 - self.config.bn_stream_momentum) ** (x.shape[0] / STREAM_MOMENTUM_IMAGES)
         return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
