@@ -58,3 +58,24 @@ def test_nothing_to_track_for_the_source_method() -> None:
     method = create_method("source", tiny_timm("test_resnet"), batch_size=8)
     assert not track_stream_statistics(method, 8)
     assert exported_state(method, "stream")[1] == "source"
+
+
+def test_auto_exports_the_stream_statistics_it_predicted_with() -> None:
+    model = tiny_timm("test_resnet")
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0)
+    for x in random_inputs(3):
+        method.step(x * 2 + 3.0)
+    assert method.stream_model is not None
+    running = {k: v for k, v in method.stream_model.state_dict().items() if k.endswith("running_mean")}
+    state, label = exported_state(method, "stream")
+    if sum(method.stream_weights) >= 0.5 * len(method.stream_weights):
+        assert label == "stream" and all(torch.equal(state[k], v) for k, v in running.items())
+    else:
+        assert label == "source"
+    state, label = exported_state(method, "source")
+    assert label == "source"
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k.endswith("running_mean"))
+    method.stream_weights[:] = [1.0]
+    assert exported_state(method, "stream")[1] == "stream"
+    method.stream_weights[:] = [0.0]
+    assert exported_state(method, "stream")[1] == "source"

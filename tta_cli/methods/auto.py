@@ -333,6 +333,16 @@ class Auto(TTAMethod):
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.adapted_state_dict()
 
+    def exported_bn_statistics(self) -> dict[str, torch.Tensor]:
+        """The stream's running BatchNorm statistics when their prediction carried most of the
+        stream's weight (so the exported model predicts as the run mostly did); else none."""
+        if self.stream_model is None or not self.stream_weights:
+            return {}
+        if sum(self.stream_weights) < 0.5 * len(self.stream_weights):
+            return {}
+        return {name: tensor.detach().clone() for name, tensor in self.stream_model.state_dict().items()
+                if name.endswith(("running_mean", "running_var"))}
+
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
         return self.inner.extra_exports()
 
