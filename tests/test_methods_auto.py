@@ -140,9 +140,9 @@ def test_batchnorm_choose_stream_candidate_starts_at_the_first_batch() -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + 3.0
     _, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8)
-    assert method.config.bn_stream_momentum > 0
+    method = create_method("auto", model, batch_size=8, bn_stream_momentum=0.1)
     assert torch.allclose(method._stream_step(x).logits, batch, atol=1e-4)
+    assert create_method("auto", tiny_timm("test_resnet"), batch_size=8).stream_model is None  # not the default
 
 
 def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:

@@ -5,17 +5,16 @@ wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto again
 SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
-  - **BatchNorm**: nothing is learned. Each batch is predicted three times (``bn_stats=choose``):
-    with the source statistics, with the batch's own (``norm``) and with running statistics of the
-    stream's batches (momentum ``bn_stream_momentum`` per batch, starting at the first batch's;
-    the source statistics play no part in them), and the prediction with the lowest mean entropy
-    is kept; a near tie, within about ``bn_choice_temperature`` ln C, mixes the predictions'
-    probabilities. No statistics are blended with the source's, which breaks some models
-    (EfficientNet-Lite0); the batch's own statistics take a new corruption at once; the stream's
-    average the class make-up of about 1 / momentum batches, which a batch of few classes
-    (label shift, correlated streams) lacks; and where both remove a batch's class signal, their
-    predictions are less confident and the source's are kept. A batch of one image keeps the
-    source's.
+  - **BatchNorm**: nothing is learned. Each batch is predicted with the source statistics and
+    with the batch's own (``norm``), and the prediction with the lower mean entropy is kept
+    (``bn_stats=choose``); a near tie, within about ``bn_choice_temperature`` ln C, mixes the
+    predictions' probabilities. No statistics are blended with the source's, which breaks some
+    models (EfficientNet-Lite0); the batch's own take a new corruption at once; where they remove
+    a batch's class signal (a batch of few classes) their predictions are less confident and the
+    source's are kept. A batch of one image keeps the source's. ``bn_stream_momentum`` > 0 adds a
+    third candidate, running statistics of the stream's batches (momentum per 64 images, from the
+    first batch's): better under correlated labels, but not the default, since on clean
+    class-ordered streams it predicts confidently and wrongly (docs/BENCHMARKS.md, "auto v4").
     ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
     at the source's. Every batch is first predicted with them as they are; the effective number
     of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
@@ -72,14 +71,17 @@ class AutoConfig(MethodConfig):
     """BatchNorm models with ``bn_stats=choose``: 0 keeps one of the two predictions; t > 0 mixes
     their probabilities with the batch statistics' weight sigmoid((H_source - H_batch) / (t ln C))
     (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
-    bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0))
+    bn_stream_momentum: float = field(default=0.0, metadata=between(0.0, 1.0))
     """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with running
     statistics of the stream's batches (this momentum per 64 images, starting at the first batch's;
-    the source statistics play no part in them); 0: only the source and the batch statistics."""
-    bn_choice_window: int = field(default=64, metadata=at_least(1))
+    the source statistics play no part in them); 0 (the default): only the source and the batch
+    statistics. Not the default: on clean class-ordered streams the stream's statistics of a few
+    classes predict confidently and wrongly (docs/BENCHMARKS.md, "auto v4")."""
+    bn_choice_window: int = field(default=1, metadata=at_least(1))
     """BatchNorm models with ``bn_stats=choose``: the mean entropies compared are over the last
     batches that hold at least this many images (the current batch alone from this size on), so
-    that batches of a few images are not judged on their own few entropies."""
+    that batches of a few images are not judged on their own few entropies (64 with
+    ``bn_stream_momentum`` > 0; 1, the default, is the measured per-batch choice)."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -114,8 +116,8 @@ def model_norm_kind(model: nn.Module) -> str:
 
 
 BN_RULES = {
-    "choose": "per batch, the source statistics, the batch's own or the stream's running ones, whichever "
-              "predicts with the lowest entropy (near ties mix them)",
+    "choose": "per batch, the source statistics or the batch's own (or, with bn_stream_momentum > 0, the "
+              "stream's running ones), whichever predicts with the lowest entropy (near ties mix them)",
     "ema": "running statistics from the source's, momentum per batch from its prediction variety",
     "mix": "per batch, source and batch statistics mixed by the batch's prediction variety (alpha-BN)",
 }
