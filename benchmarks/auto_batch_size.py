@@ -13,22 +13,17 @@ statistics. docs/BENCHMARKS.md ("auto at small batches") was made with::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 from pathlib import Path
 
 import torch
 
+from tta_cli.bench.runner import parse_methods
 from tta_cli.methods import create_method
-from tta_cli.models import load_model
 from tta_cli.runtime import start_run
 from tta_cli.sources.folder import folder_items
-
-
-def parse_method(text: str) -> tuple[str, dict[str, str]]:
-    """``name:key=value:...`` as ``tta bench --methods`` takes it."""
-    name, *pairs = text.split(":")
-    return name, dict(pair.split("=", 1) for pair in pairs)
 
 
 def main() -> None:
@@ -37,7 +32,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path, help="a class-folder set")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--batch-sizes", default="2,4,8,16,64")
-    parser.add_argument("--methods", default="source,norm,auto")
+    parser.add_argument("--methods", default="source,norm,auto", help="as tta bench --methods takes them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -54,11 +49,11 @@ def main() -> None:
     rows = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         for order, index in orders.items():
-            for spec in args.methods.split(","):
-                name, config = parse_method(spec)
-                method = create_method(name, load_model(args.model).model, batch_size=batch_size, **config)
+            for spec in parse_methods(args.methods):
+                method = create_method(spec.name, copy.deepcopy(setup.loaded.model), batch_size=batch_size,
+                                       **spec.hyperparameters)
                 predictions = torch.cat([method.step(x[i]).logits.argmax(1) for i in index.split(batch_size)])
-                row = {"batch_size": batch_size, "order": order, "method": spec,
+                row = {"batch_size": batch_size, "order": order, "method": spec.label,
                        "accuracy": round(100 * (predictions == y[index]).float().mean().item(), 1)}
                 share = method.stats().get("batch_statistics_share")
                 if share is not None:

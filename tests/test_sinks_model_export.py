@@ -68,14 +68,14 @@ def test_auto_exports_the_stream_statistics_it_predicted_with() -> None:
     assert method.stream_model is not None
     running = {k: v for k, v in method.stream_model.state_dict().items() if k.endswith("running_mean")}
     state, label = exported_state(method, "stream")
-    if sum(method.stream_weights) >= 0.5 * len(method.stream_weights):
+    if method.stats()["stream_statistics_share"] >= 0.5:
         assert label == "stream" and all(torch.equal(state[k], v) for k, v in running.items())
     else:
         assert label == "source"
     state, label = exported_state(method, "source")
     assert label == "source"
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k.endswith("running_mean"))
-    method.stream_weights[:] = [1.0]
+    method._choice_weights_sum, method._choice_batches = torch.tensor([0.0, 0.0, 1.0]), 1
     assert exported_state(method, "stream")[1] == "stream"
-    method.stream_weights[:] = [0.0]
+    method._choice_weights_sum = torch.tensor([1.0, 0.0, 0.0])
     assert exported_state(method, "stream")[1] == "source"

@@ -260,7 +260,8 @@ class Auto(TTAMethod):
         self.collapse_events: list[dict[str, Any]] = []
         self.frozen_at: int | None = None
         self.alphas: list[float] = []
-        self.stream_weights: list[float] = []
+        self._choice_weights_sum: torch.Tensor | None = None
+        self._choice_batches = 0
         self.batches_seen = 0
         self._guard: _Guard | None = None
         self._variety: BatchVariety | None = None
@@ -335,14 +336,12 @@ class Auto(TTAMethod):
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.adapted_state_dict()
 
-    def exported_bn_statistics(self) -> dict[str, torch.Tensor]:
-        """The stream's running BatchNorm statistics when their prediction carried most of the
-        stream's weight (so the exported model predicts as the run mostly did); else none."""
-        if self.stream_model is None or not self.stream_weights:
+    def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
+        """The stream candidate's running statistics when its prediction carried most of the run's
+        weight (so the exported model predicts as the run mostly did); else none: the source's."""
+        if self.stream_model is None or self.choice_shares().get("stream_statistics_share", 0.0) < 0.5:
             return {}
-        if sum(self.stream_weights) < 0.5 * len(self.stream_weights):
-            return {}
-        return {name: tensor.detach().clone() for name, tensor in self.stream_model.state_dict().items()
+        return {name: tensor.detach() for name, tensor in self.stream_model.state_dict().items()
                 if name.endswith(("running_mean", "running_var"))}
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -391,7 +390,7 @@ class Auto(TTAMethod):
         finally:
             hooks.paused = False
         if x.shape[0] == 1:  # one image's own statistics normalise each image alone, not the domain
-            self.alphas.append(0.0)
+            self._choice_batches += 1  # all the weight on the source statistics
             return source
         candidates = [source, self.inner.step(x)]
         if self.stream_model is not None:
@@ -401,14 +400,22 @@ class Auto(TTAMethod):
         sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
         entropies = self._entropy_window.add(sums, x.shape[0])
         weights = self._choice_weights(entropies, source.logits.shape[1])
-        self.alphas.append(weights[1].item())
-        if self.stream_model is not None:
-            self.stream_weights.append(weights[2].item())
+        self._choice_weights_sum = weights if self._choice_weights_sum is None else self._choice_weights_sum + weights
+        self._choice_batches += 1
         if self.config.bn_choice_temperature == 0.0:
             return candidates[int(weights.argmax())]
         mixed = sum(w * c.logits.float().softmax(1) for w, c in zip(weights, candidates, strict=True))
         return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(),  # type: ignore[union-attr]
                           used=candidates[1].used)
+
+    def choice_shares(self) -> dict[str, float]:
+        """The mean weight of the batch (and stream) statistics' predictions over the batches seen
+        (a batch of one image gives the source's all of it)."""
+        if not self._choice_batches:
+            return {}
+        names = ["batch_statistics_share"] + (["stream_statistics_share"] if self.stream_model is not None else [])
+        sums = self._choice_weights_sum[1:].tolist() if self._choice_weights_sum is not None else [0.0] * len(names)
+        return {name: value / self._choice_batches for name, value in zip(names, sums, strict=True)}
 
     def _choice_weights(self, entropies: torch.Tensor, num_classes: int) -> torch.Tensor:
         """One-hot on the lowest entropy, or softmax(-H / (t ln C)) with t = bn_choice_temperature."""
@@ -464,10 +471,8 @@ class Auto(TTAMethod):
         stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
                                  "source_from_batch": self.frozen_at}
         if self.alphas:
-            key = "batch_statistics_share" if self.config.bn_stats == "choose" else "bn_alpha_mean"
-            stats[key] = sum(self.alphas) / len(self.alphas)
-        if self.stream_weights:
-            stats["stream_statistics_share"] = sum(self.stream_weights) / len(self.stream_weights)
+            stats["bn_alpha_mean"] = sum(self.alphas) / len(self.alphas)
+        stats.update(self.choice_shares())
         return stats
 
     def describe(self) -> dict[str, Any]:

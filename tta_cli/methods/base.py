@@ -344,6 +344,13 @@ class TTAMethod(nn.Module):
         """Files written next to ``model/`` besides the model (e.g. a teacher method's student)."""
         return {}
 
+    def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
+        """Running BatchNorm statistics with which the exported model, in eval mode, normalises as
+        the run did (``--export-bn stream``); empty where the source statistics are those."""
+        if self._bn_hooks is None or self.bn_mode not in ("batch", "mix"):
+            return {}
+        return self._bn_hooks.stream_running_stats(self.model)
+
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict as it stands: the source's but for the adapted tensors.
 

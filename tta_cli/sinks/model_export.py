@@ -51,15 +51,8 @@ def exported_state(method: TTAMethod, export_bn: str) -> tuple[dict[str, torch.T
     """The state dict to export and which BN statistics it holds (source, stream or run: the
     running statistics the run itself kept, e.g. ``ema``)."""
     state = method.adapted_state_dict()
-    own = getattr(method, "exported_bn_statistics", None)  # a method that keeps its own (auto)
-    if export_bn == "stream" and callable(own):
-        statistics = own()
-        if statistics:
-            state.update(statistics)
-            return state, "stream"
-    hooks = getattr(method, "_bn_hooks", None)
-    if export_bn == "stream" and hooks is not None and method.bn_mode in ("batch", "mix"):
-        stream = hooks.stream_running_stats(method.model)
+    if export_bn == "stream":
+        stream = method.stream_bn_statistics()
         if stream:
             state.update({k: v.detach().clone() for k, v in stream.items()})
             return state, "stream"
