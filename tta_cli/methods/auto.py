@@ -77,6 +77,11 @@ class AutoConfig(MethodConfig):
     the source statistics play no part in them); 0 (the default): only the source and the batch
     statistics. Not the default: on clean class-ordered streams the stream's statistics of a few
     classes predict confidently and wrongly (docs/BENCHMARKS.md, "auto v4")."""
+    bn_stream_balanced: bool = False
+    """BatchNorm models with ``bn_stream_momentum`` > 0: the stream's statistics are class-balanced
+    (``ClassBalancedStats``: running moments per source-predicted class, averaged over the classes
+    with the source statistics standing in for classes not seen yet) instead of one running mean
+    over the stream's batches."""
     bn_choice_window: int = field(default=1, metadata=at_least(1))
     """BatchNorm models with ``bn_stats=choose``: the mean entropies compared are over the last
     batches that hold at least this many images (the current batch alone from this size on), so
@@ -172,6 +177,61 @@ class BatchVariety:
         return min(max((effective_classes(batch) - 1) / (expected - 1), 0.0), 1.0)
 
 
+class ClassBalancedStats:
+    """Class-balanced running BatchNorm statistics of a stream, on a model copy's buffers.
+
+    Each BatchNorm input's per-image channel moments (mean and mean square) are kept per class
+    (the source model's predicted class, ``labels``) as running means: a class with n images in
+    the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
+    about ``momentum`` per 64 images; a class's first images set its moments. The statistics used
+    are the average over all C classes, where a class not seen yet counts with the source
+    statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C, where a
+    plain running mean would become that class's statistics; a shifted stream that shows all its
+    classes moves them all the way."""
+
+    def __init__(self, model: nn.Module, num_classes: int, momentum: float) -> None:
+        self.num_classes, self.momentum = num_classes, momentum
+        self.labels: torch.Tensor | None = None
+        self._layers = batchnorm_layers(model)
+        self._source = {id(layer): (layer.running_mean.clone(), layer.running_var.clone()) for layer in self._layers}
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook) for layer in self._layers]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self.labels is None:
+            return
+        x = args[0].float()
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        means, squares = flat.mean(2), (flat * flat).mean(2)  # (B, channels)
+        onehot = torch.nn.functional.one_hot(self.labels, self.num_classes).to(x)  # (B, C)
+        counts = onehot.sum(0)
+        present = counts > 0
+        batch_means = (onehot.T @ means) / counts.clamp_min(1)[:, None]
+        batch_squares = (onehot.T @ squares) / counts.clamp_min(1)[:, None]
+        key = id(module)
+        if key not in self._moments:
+            self._moments[key] = (torch.zeros_like(batch_means), torch.zeros_like(batch_squares),
+                                  torch.zeros_like(present))
+        class_means, class_squares, seen = self._moments[key]
+        weight = 1.0 - (1.0 - self.momentum) ** (counts * self.num_classes / STREAM_MOMENTUM_IMAGES)
+        weight = torch.where(seen, weight, present.to(weight))[:, None]
+        class_means.lerp_(batch_means, weight)
+        class_squares.lerp_(batch_squares, weight)
+        seen |= present
+        source_mean, source_var = self._source[key]
+        unseen = self.num_classes - seen.sum()
+        mean = (class_means[seen].sum(0) + unseen * source_mean) / self.num_classes
+        square = (class_squares[seen].sum(0) + unseen * (source_var + source_mean**2)) / self.num_classes
+        module.running_mean.copy_(mean)
+        module.running_var.copy_((square - mean**2).clamp_min(0))
+
+
 class EntropyWindow:
     """Mean entropy of each candidate prediction over the latest batches that together hold at
     least ``images`` images."""
@@ -248,7 +308,11 @@ class Auto(TTAMethod):
         self.stream_model: nn.Module | None = None
         if self.kind == "batchnorm" and self.config.bn_stats == "choose" and self.config.bn_stream_momentum > 0:
             self.stream_model = self._reference(model)
-            self._stream_stats = BatchNormStats(self.stream_model, "ema", alpha=1.0)  # the first batch's
+            if self.config.bn_stream_balanced:
+                self._stream_stats: BatchNormStats | ClassBalancedStats = ClassBalancedStats(
+                    self.stream_model, max(self.num_classes, 2), self.config.bn_stream_momentum)
+            else:
+                self._stream_stats = BatchNormStats(self.stream_model, "ema", alpha=1.0)  # the first batch's
         if self.kind == "batchnorm":
             inner_stats = "batch" if self.config.bn_stats == "choose" else self.config.bn_stats
             self.inner = create_method("norm", model, batch_size=batch_size, bn_stats=inner_stats, bn_alpha=0.0)
@@ -394,7 +458,7 @@ class Auto(TTAMethod):
             return source
         candidates = [source, self.inner.step(x)]
         if self.stream_model is not None:
-            candidates.append(self._stream_step(x))
+            candidates.append(self._stream_step(x, source.logits.argmax(1)))
         if self._entropy_window is None:
             self._entropy_window = EntropyWindow(self.config.bn_choice_window)
         sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
@@ -424,10 +488,14 @@ class Auto(TTAMethod):
             return torch.nn.functional.one_hot(entropies.argmin(), len(entropies)).float()
         return torch.softmax(-entropies.float() / (temperature * math.log(max(num_classes, 2))), 0)
 
-    def _stream_step(self, x: torch.Tensor) -> StepResult:
+    def _stream_step(self, x: torch.Tensor, source_pred: torch.Tensor) -> StepResult:
         assert self.stream_model is not None
+        if isinstance(self._stream_stats, ClassBalancedStats):
+            self._stream_stats.labels = source_pred
         with self.inner.autocast():
             logits = self.stream_model(self.inner.prepare_input(x)).float()
+        if isinstance(self._stream_stats, ClassBalancedStats):
+            return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         # the momentum is per 64 images, so the statistics remember as many images at any batch size
         self._stream_stats.alpha = 1.0 - (1.0 - self.config.bn_stream_momentum) ** (x.shape[0] / STREAM_MOMENTUM_IMAGES)
         return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
