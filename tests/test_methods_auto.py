@@ -81,7 +81,7 @@ def test_batchnorm_choose_keeps_the_lower_entropy_prediction(shift: float) -> No
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + shift
     source, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream_momentum=0.0)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream="off")
     assert method.config.bn_stats == "choose"
     logits = method.step(x).logits
     expected = batch if softmax_entropy(batch).mean() < softmax_entropy(source).mean() else source
@@ -95,7 +95,7 @@ def test_batchnorm_choose_mixes_near_ties(temperature: float) -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + 3.0
     source, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_choice_temperature=temperature, bn_stream_momentum=0.0)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=temperature, bn_stream="off")
     lead = softmax_entropy(source).mean() - softmax_entropy(batch).mean()
     weight = torch.sigmoid(lead / (temperature * math.log(10)))
     expected = torch.lerp(source.softmax(1), batch.softmax(1), weight)
@@ -108,7 +108,7 @@ def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_strea
     model = tiny_timm("test_resnet")
     pristine = copy.deepcopy(model)
     x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
-    method = create_method("auto", model, batch_size=8, bn_stream_momentum=0.5)
+    method = create_method("auto", model, batch_size=8, bn_stream="running", bn_stream_momentum=0.5)
     method.step(x1)
     method.step(x2)
     stream_model = method.stream_model
@@ -131,18 +131,66 @@ def test_batchnorm_choose_stream_candidate_with_momentum_one_is_the_batch_statis
     model = tiny_timm("test_resnet")
     x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
     _, batch = _source_and_batch_logits(model, x2)
-    method = create_method("auto", model, batch_size=8, bn_stream_momentum=1.0)
+    method = create_method("auto", model, batch_size=8, bn_stream="running", bn_stream_momentum=1.0)
     method.step(x1)
-    assert torch.allclose(method._stream_step(x2).logits, batch, atol=1e-4)
+    assert torch.allclose(method._stream_step(x2, batch.argmax(1)).logits, batch, atol=1e-4)
 
 
 def test_batchnorm_choose_stream_candidate_starts_at_the_first_batch() -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0] * 2 + 3.0
     _, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream_momentum=0.1)
-    assert torch.allclose(method._stream_step(x).logits, batch, atol=1e-4)
-    assert create_method("auto", tiny_timm("test_resnet"), batch_size=8).stream_model is None  # not the default
+    method = create_method("auto", model, batch_size=8, bn_stream="running")
+    assert torch.allclose(method._stream_step(x, batch.argmax(1)).logits, batch, atol=1e-4)
+
+
+def _first_bn_input_moments(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image channel means and mean squares of the first BatchNorm's input (which depends on
+    no statistics)."""
+    seen = []
+    handle = batchnorm_layers(model)[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        copy.deepcopy(model).eval()(x)
+    handle.remove()
+    return seen[0].mean(dim=(2, 3)), (seen[0] ** 2).mean(dim=(2, 3))
+
+
+def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None:
+    model = tiny_timm("test_resnet", num_classes=4)
+    source_mean = batchnorm_layers(model)[0].running_mean.clone()
+    pristine = copy.deepcopy(model)
+    x = random_inputs(1)[0] * 2 + 3.0
+    means, _ = _first_bn_input_moments(model, x)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced")
+    method._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
+    first = batchnorm_layers(method.stream_model)[0]
+    assert torch.allclose(first.running_mean, (means.mean(0) + 3 * source_mean) / 4, atol=1e-5)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
+
+
+def test_balanced_stream_statistics_of_a_batch_of_every_class_are_the_batch_statistics() -> None:
+    model = tiny_timm("test_resnet", num_classes=4)
+    x = random_inputs(1)[0] * 2 + 3.0
+    _, batch = _source_and_batch_logits(model, x)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced")
+    labels = torch.arange(8) % 4  # two images of each class: the class average is the batch's
+    assert torch.allclose(method._stream_step(x, labels).logits, batch, atol=1e-4)
+
+
+def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
+    model = tiny_timm("test_resnet", num_classes=4)
+    source_mean = batchnorm_layers(model)[0].running_mean.clone()
+    x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
+    means1, _ = _first_bn_input_moments(model, x1)
+    means2, _ = _first_bn_input_moments(model, x2)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5)
+    zeros = torch.zeros(8, dtype=torch.long)
+    method._stream_step(x1, zeros)
+    method._stream_step(x2, zeros)
+    weight = 1 - 0.5 ** (8 * 4 / STREAM_MOMENTUM_IMAGES)  # 8 images of class 0, 4 classes
+    class_mean = torch.lerp(means1.mean(0), means2.mean(0), weight)
+    first = batchnorm_layers(method.stream_model)[0]
+    assert torch.allclose(first.running_mean, (class_mean + 3 * source_mean) / 4, atol=1e-5)
 
 
 def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:

@@ -62,7 +62,7 @@ def test_nothing_to_track_for_the_source_method() -> None:
 
 def test_auto_exports_the_stream_statistics_it_predicted_with() -> None:
     model = tiny_timm("test_resnet")
-    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream_momentum=0.1)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream="balanced")
     for x in random_inputs(3):
         method.step(x * 2 + 3.0)
     assert method.stream_model is not None

@@ -11,7 +11,7 @@ SAR"). What it looks at, before the first batch and while the stream runs:
     predictions' probabilities. No statistics are blended with the source's, which breaks some
     models (EfficientNet-Lite0); the batch's own take a new corruption at once; where they remove
     a batch's class signal (a batch of few classes) their predictions are less confident and the
-    source's are kept. A batch of one image keeps the source's. ``bn_stream_momentum`` > 0 adds a
+    source's are kept. A batch of one image keeps the source's. ``bn_stream`` adds a
     third candidate, running statistics of the stream's batches (momentum per 64 images, from the
     first batch's): better under correlated labels, but not the default, since on clean
     class-ordered streams it predicts confidently and wrongly (docs/BENCHMARKS.md, "auto v4").
@@ -71,22 +71,18 @@ class AutoConfig(MethodConfig):
     """BatchNorm models with ``bn_stats=choose``: 0 keeps one of the two predictions; t > 0 mixes
     their probabilities with the batch statistics' weight sigmoid((H_source - H_batch) / (t ln C))
     (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
-    bn_stream_momentum: float = field(default=0.0, metadata=between(0.0, 1.0))
-    """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with running
-    statistics of the stream's batches (this momentum per 64 images, starting at the first batch's;
-    the source statistics play no part in them); 0 (the default): only the source and the batch
-    statistics. Not the default: on clean class-ordered streams the stream's statistics of a few
-    classes predict confidently and wrongly (docs/BENCHMARKS.md, "auto v4")."""
-    bn_stream_balanced: bool = False
-    """BatchNorm models with ``bn_stream_momentum`` > 0: the stream's statistics are class-balanced
-    (``ClassBalancedStats``: running moments per source-predicted class, averaged over the classes
-    with the source statistics standing in for classes not seen yet) instead of one running mean
-    over the stream's batches."""
-    bn_choice_window: int = field(default=1, metadata=at_least(1))
+    bn_stream: Literal["balanced", "running", "off"] = "balanced"
+    """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with statistics
+    of the stream so far. balanced: class-balanced running statistics (``ClassBalancedStats``; the
+    source's stand in for classes not seen yet); running: one running mean over the stream's
+    batches, from the first batch's (confidently wrong on clean class-ordered streams,
+    docs/BENCHMARKS.md, "auto v4"); off: only the source and the batch statistics."""
+    bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0, low_inclusive=False))
+    """The stream statistics' momentum per 64 images (``STREAM_MOMENTUM_IMAGES``)."""
+    bn_choice_window: int = field(default=0, metadata=at_least(0))
     """BatchNorm models with ``bn_stats=choose``: the mean entropies compared are over the last
-    batches that hold at least this many images (the current batch alone from this size on), so
-    that batches of a few images are not judged on their own few entropies (64 with
-    ``bn_stream_momentum`` > 0; 1, the default, is the measured per-batch choice)."""
+    batches that hold at least this many images, so that batches of a few images are not judged on
+    their own few entropies; 0: 64 with a stream candidate, 1 (each batch alone) without."""
     bn_alpha_max: float = field(default=0.25, metadata=between(0.0, 1.0))
     """BatchNorm models: the batch's weight (ema: the momentum; mix: in alpha-BN) for a batch as
     varied as the stream."""
@@ -225,9 +221,10 @@ class ClassBalancedStats:
         class_squares.lerp_(batch_squares, weight)
         seen |= present
         source_mean, source_var = self._source[key]
-        unseen = self.num_classes - seen.sum()
-        mean = (class_means[seen].sum(0) + unseen * source_mean) / self.num_classes
-        square = (class_squares[seen].sum(0) + unseen * (source_var + source_mean**2)) / self.num_classes
+        seen_weight = seen.to(class_means)[:, None]  # masks, not indexing: no host sync on a GPU
+        unseen = self.num_classes - seen_weight.sum()
+        mean = ((class_means * seen_weight).sum(0) + unseen * source_mean) / self.num_classes
+        square = ((class_squares * seen_weight).sum(0) + unseen * (source_var + source_mean**2)) / self.num_classes
         module.running_mean.copy_(mean)
         module.running_var.copy_((square - mean**2).clamp_min(0))
 
@@ -306,9 +303,9 @@ class Auto(TTAMethod):
                              self.config.bn_stats)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
         self.stream_model: nn.Module | None = None
-        if self.kind == "batchnorm" and self.config.bn_stats == "choose" and self.config.bn_stream_momentum > 0:
+        if self.kind == "batchnorm" and self.config.bn_stats == "choose" and self.config.bn_stream != "off":
             self.stream_model = self._reference(model)
-            if self.config.bn_stream_balanced:
+            if self.config.bn_stream == "balanced":
                 self._stream_stats: BatchNormStats | ClassBalancedStats = ClassBalancedStats(
                     self.stream_model, max(self.num_classes, 2), self.config.bn_stream_momentum)
             else:
@@ -460,7 +457,8 @@ class Auto(TTAMethod):
         if self.stream_model is not None:
             candidates.append(self._stream_step(x, source.logits.argmax(1)))
         if self._entropy_window is None:
-            self._entropy_window = EntropyWindow(self.config.bn_choice_window)
+            window = self.config.bn_choice_window or (STREAM_MOMENTUM_IMAGES if self.stream_model is not None else 1)
+            self._entropy_window = EntropyWindow(window)
         sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
         entropies = self._entropy_window.add(sums, x.shape[0])
         weights = self._choice_weights(entropies, source.logits.shape[1])

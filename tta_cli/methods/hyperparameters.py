@@ -53,8 +53,8 @@ def greater_than(low: float) -> dict[str, Bounds]:
     return {"bounds": Bounds(low=low, low_inclusive=False)}
 
 
-def between(low: float, high: float, high_inclusive: bool = True) -> dict[str, Bounds]:
-    return {"bounds": Bounds(low=low, high=high, high_inclusive=high_inclusive)}
+def between(low: float, high: float, high_inclusive: bool = True, low_inclusive: bool = True) -> dict[str, Bounds]:
+    return {"bounds": Bounds(low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive)}
 
 
 def _field_type(config_class: type, name: str) -> tuple[Any, bool]:
