@@ -193,14 +193,19 @@ def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     assert torch.allclose(first.running_mean, (class_mean + 3 * source_mean) / 4, atol=1e-5)
 
 
-def test_batchnorm_choose_at_one_image_predicts_with_source_statistics() -> None:
+def test_batchnorm_choose_at_one_image_never_takes_its_own_statistics() -> None:
     model = tiny_timm("test_resnet")
     x = random_inputs(1)[0][:1] * 2 + 3.0  # shifted: with a batch of 8 the batch statistics win
     with torch.no_grad():
         expected = model.eval()(x)
-    method = create_method("auto", model, batch_size=1)
+    method = create_method("auto", model, batch_size=1, bn_stream="off")
     assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
     assert method.stats()["batch_statistics_share"] == 0.0
+    balanced = create_method("auto", tiny_timm("test_resnet"), batch_size=1, bn_choice_temperature=1.0)
+    for _ in range(3):
+        balanced.step(x)
+    shares = balanced.stats()
+    assert shares["batch_statistics_share"] == 0.0 and 0.0 < shares["stream_statistics_share"] < 1.0
 
 
 class _AlwaysVaried:

@@ -305,10 +305,11 @@ class Auto(TTAMethod):
                              self.config.bn_stats)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
         self.stream_model: nn.Module | None = None
+        self._stream_stats: BatchNormStats | ClassBalancedStats | None = None
         if self.kind == "batchnorm" and self.config.bn_stats == "choose" and self.config.bn_stream != "off":
             self.stream_model = self._reference(model)
             if self.config.bn_stream == "balanced":
-                self._stream_stats: BatchNormStats | ClassBalancedStats = ClassBalancedStats(
+                self._stream_stats = ClassBalancedStats(
                     self.stream_model, max(self.num_classes, 2), self.config.bn_stream_momentum)
             else:
                 self._stream_stats = BatchNormStats(self.stream_model, "ema", alpha=1.0)  # the first batch's
@@ -452,16 +453,21 @@ class Auto(TTAMethod):
             source = self.inner.step(x)
         finally:
             hooks.paused = False
-        if x.shape[0] == 1:  # one image's own statistics normalise each image alone, not the domain
+        # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
+        # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
+        alone = x.shape[0] == 1
+        if alone and not isinstance(self._stream_stats, ClassBalancedStats):
             self._choice_batches += 1  # all the weight on the source statistics
             return source
-        candidates = [source, self.inner.step(x)]
+        candidates = [source, source if alone else self.inner.step(x)]
         if self.stream_model is not None:
             candidates.append(self._stream_step(x, source.logits.argmax(1)))
         if self._entropy_window is None:
             window = self.config.bn_choice_window or (STREAM_MOMENTUM_IMAGES if self.stream_model is not None else 1)
             self._entropy_window = EntropyWindow(window)
         sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
+        if alone:
+            sums[1] = math.inf  # weight 0 for the batch statistics
         entropies = self._entropy_window.add(sums, x.shape[0])
         weights = self._choice_weights(entropies, source.logits.shape[1])
         self._choice_weights_sum = weights if self._choice_weights_sum is None else self._choice_weights_sum + weights
@@ -474,7 +480,7 @@ class Auto(TTAMethod):
 
     def choice_shares(self) -> dict[str, float]:
         """The mean weight of the batch (and stream) statistics' predictions over the batches seen
-        (a batch of one image gives the source's all of it)."""
+        (a batch of one image gives the batch statistics none of it)."""
         if not self._choice_batches:
             return {}
         names = ["batch_statistics_share"] + (["stream_statistics_share"] if self.stream_model is not None else [])
