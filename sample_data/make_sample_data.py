@@ -256,7 +256,8 @@ def write_readme(out: Path, command: str, args: argparse.Namespace, results: dic
         "scikit-image's `random_noise` without a generator) is given a seeded one, so the output is "
         f"deterministic. Made with {versions()}; other versions of these may give slightly different pixels."
     )
-    method_rows = [f"| `{m}` | {acc:.2%} | {seconds:.1f} s |" for m, (acc, seconds) in results["methods"].items()]
+    method_rows = [f"| `{m}`{' (the default)' if m == 'auto' else ''} | {acc:.2%} | {seconds:.1f} s |"
+                   for m, (acc, seconds) in results["methods"].items()]
     lines = [
         "# sample_data",
         "",

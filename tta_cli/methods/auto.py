@@ -5,16 +5,19 @@ wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto again
 SAR"). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
-  - **BatchNorm**: nothing is learned. Each batch is predicted with the source statistics and
-    with the batch's own (``norm``), and the prediction with the lower mean entropy is kept
-    (``bn_stats=choose``); a near tie, within about ``bn_choice_temperature`` ln C, mixes the
-    predictions' probabilities. No statistics are blended with the source's, which breaks some
-    models (EfficientNet-Lite0); the batch's own take a new corruption at once; where they remove
-    a batch's class signal (a batch of few classes) their predictions are less confident and the
-    source's are kept. A batch of one image keeps the source's. ``bn_stream`` adds a
-    third candidate, running statistics of the stream's batches (momentum per 64 images, from the
-    first batch's): better under correlated labels, but not the default, since on clean
-    class-ordered streams it predicts confidently and wrongly (docs/BENCHMARKS.md, "auto v4").
+  - **BatchNorm**: nothing is learned. Each batch is predicted with three sets of statistics:
+    the source's, the batch's own (``norm``) and the stream's so far, class-balanced
+    (``ClassBalancedStats``: running moments per source-predicted class, averaged over all the
+    classes, the source's standing in for classes not seen yet; ``bn_stream``). The prediction
+    with the lowest mean entropy over the latest 64 or more images is kept
+    (``bn_stats=choose``); near ties, within about ``bn_choice_temperature`` ln C, mix the
+    predictions' probabilities. No statistics are blended with the source's per layer and batch
+    (that breaks EfficientNet-Lite0); the batch's own take a new corruption at once; the stream's
+    keep what batches of few classes (label shift, correlated labels, small batches) lack, and
+    being balanced over the classes they do not become the statistics of the classes seen last
+    (a plain running mean, ``bn_stream=running``, does, and on clean class-ordered streams
+    predicts confidently and wrongly: docs/BENCHMARKS.md, "auto v4"). At batch size 1 the batch
+    statistics are no candidate.
     ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
     at the source's. Every batch is first predicted with them as they are; the effective number
     of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
@@ -63,14 +66,14 @@ class AutoConfig(MethodConfig):
     inner: InnerChoice = "auto"
     """The method for batch-independent (GroupNorm / LayerNorm / no-norm) models; auto: measured."""
     bn_stats: Literal["choose", "ema", "mix"] = "choose"
-    """BatchNorm models: choose (per batch, the source statistics or the batch's own, whichever
-    predicts with the lower mean entropy), ema (running statistics that start at the source's and
-    move towards each batch's with a momentum set by the batch's variety) or mix (alpha-BN: source
-    and batch statistics mixed per batch, nothing carried over)."""
+    """BatchNorm models: choose (per batch, the source statistics, the batch's own or the stream's
+    (``bn_stream``), whichever predicts with the lowest mean entropy), ema (running statistics that
+    start at the source's and move towards each batch's with a momentum set by the batch's variety)
+    or mix (alpha-BN: source and batch statistics mixed per batch, nothing carried over)."""
     bn_choice_temperature: float = field(default=0.005, metadata=at_least(0.0))
-    """BatchNorm models with ``bn_stats=choose``: 0 keeps one of the two predictions; t > 0 mixes
-    their probabilities with the batch statistics' weight sigmoid((H_source - H_batch) / (t ln C))
-    (mean entropies), so a near tie, where the choice is a coin toss, takes both."""
+    """BatchNorm models with ``bn_stats=choose``: 0 keeps the lowest-entropy prediction; t > 0 mixes
+    the candidates' probabilities with weights softmax(-H / (t ln C)) (H: their mean entropies), so
+    a near tie, where the choice is a coin toss, takes them all."""
     bn_stream: Literal["balanced", "running", "off"] = "balanced"
     """BatchNorm models with ``bn_stats=choose``: a third candidate, the prediction with statistics
     of the stream so far. balanced: class-balanced running statistics (``ClassBalancedStats``; the
@@ -117,17 +120,24 @@ def model_norm_kind(model: nn.Module) -> str:
 
 
 BN_RULES = {
-    "choose": "per batch, the source statistics or the batch's own (or, with bn_stream_momentum > 0, the "
-              "stream's running ones), whichever predicts with the lowest entropy (near ties mix them)",
+    "choose": "per batch, the source statistics or the batch's own, whichever predicts with the lower entropy "
+              "(near ties mix them)",
+    "choose+balanced": "per batch, the source statistics, the batch's own or the stream's so far (class-balanced), "
+                       "whichever predicts with the lowest entropy over the latest 64 or more images (near ties mix "
+                       "them)",
+    "choose+running": "per batch, the source statistics, the batch's own or a running mean of the stream's, "
+                      "whichever predicts with the lowest entropy (near ties mix them)",
     "ema": "running statistics from the source's, momentum per batch from its prediction variety",
     "mix": "per batch, source and batch statistics mixed by the batch's prediction variety (alpha-BN)",
 }
 
 
-def choose(kind: str, batch_size: int, num_classes: int, inner: str, bn_stats: str = "choose") -> dict[str, Any]:
+def choose(kind: str, batch_size: int, num_classes: int, inner: str, bn_stats: str = "choose",
+           bn_stream: str = "balanced") -> dict[str, Any]:
     """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
     if kind == "batchnorm":
-        return {"method": "norm", "norm": kind, "bn_stats": BN_RULES[bn_stats],
+        rule = f"{bn_stats}+{bn_stream}" if bn_stats == "choose" and bn_stream != "off" else bn_stats
+        return {"method": "norm", "norm": kind, "bn_stats": BN_RULES[rule],
                 "why": "BatchNorm: test-time statistics gain most on shifted data, but one batch's statistics "
                        "fail on batches of one or few classes (label shift, correlated streams); the rule is the "
                        "one measured safest in docs/BENCHMARKS.md"}
@@ -302,7 +312,7 @@ class Auto(TTAMethod):
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         self.kind = model_norm_kind(model)
         self.choice = choose(self.kind, batch_size, max(self.num_classes, 2), self.config.inner,
-                             self.config.bn_stats)
+                             self.config.bn_stats, self.config.bn_stream)
         self.reference = self._reference(model) if self.config.guard and self.kind != "batchnorm" else None
         self.stream_model: nn.Module | None = None
         self._stream_stats: BatchNormStats | ClassBalancedStats | None = None
