@@ -1,8 +1,8 @@
 """auto: chooses a method and its settings from what it can see without labels, and guards it.
 
 Not a paper's method: a policy over the project's faithful methods, chosen by measurement on the
-wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto against source and
-SAR"). What it looks at, before the first batch and while the stream runs:
+wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``, "auto v5" and the sections
+before it). What it looks at, before the first batch and while the stream runs:
 
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
   - **BatchNorm**: nothing is learned. Each batch is predicted with three sets of statistics:
@@ -18,19 +18,9 @@ SAR"). What it looks at, before the first batch and while the stream runs:
     (a plain running mean, ``bn_stream=running``, does, and on clean class-ordered streams
     predicts confidently and wrongly: docs/BENCHMARKS.md, "auto v4"). At batch size 1 the batch
     statistics are no candidate.
-    ``bn_stats=ema`` is the previous rule: the model normalises with running statistics that start
-    at the source's. Every batch is first predicted with them as they are; the effective number
-    of classes of those predictions, n = exp(H(histogram)), against what a batch of the same size
-    drawn from the stream's own predicted class distribution would have, says how varied the
-    batch is (``BatchVariety``: r = (n - 1) / (E[n] - 1), clipped to [0, 1]). The running
-    statistics then move towards the batch's with momentum a = ``bn_alpha_max`` * r (0.25 for a
-    batch as varied as the stream), and the batch is predicted with them. A running mean over
-    batches averages the class make-up of several batches, so label shift and correlated labels
-    (where one batch's statistics made ``norm`` and every BatchNorm method fall below source,
-    docs/BENCHMARKS.md) move it less, while a new corruption is tracked within a few batches; a
-    batch of one class, or of size 1, leaves the statistics as they are. ``bn_stats=mix`` is the
-    earlier rule (alpha-BN of source and batch statistics per batch, nothing carried over);
-    ``bn_depth`` < 1 moves only the shallow layers' statistics (measured, not the default);
+    ``bn_stats=ema`` (running statistics from the source's, moved with a momentum set by the
+    batch's prediction variety, ``BatchVariety``) and ``bn_stats=mix`` (alpha-BN per batch) are
+    earlier rules, ``bn_depth`` < 1 moves only the shallow layers' statistics (docs/METHODS.md);
   - **GroupNorm / LayerNorm / none** (batch-independent models): ``inner`` (see
     ``AutoConfig.inner``) with its own defaults, under the guard below;
 * the number of classes C (the thresholds are in units of ln C) and the batch size B;
