@@ -7,8 +7,8 @@ before it). What it looks at, before the first batch and while the stream runs:
 * the model's normalisation layers (``selection.has_batchnorm``, ``norm_modules``):
   - **BatchNorm**: nothing is learned. Each batch is predicted with three sets of statistics:
     the source's, the batch's own (``norm``) and the stream's so far, class-balanced
-    (``ClassBalancedStats``: running moments per source-predicted class, averaged over all the
-    classes, the source's standing in for classes not seen yet; ``bn_stream``). The prediction
+    (``ClassBalancedStats``: running moments per predicted class, averaged over all the classes,
+    the source's standing in for classes not seen yet; ``bn_stream``, ``bn_stream_labels``). The prediction
     with the lowest mean entropy over the latest 64 or more images is kept
     (``bn_stats=choose``); near ties, within about ``bn_choice_temperature`` ln C, mix the
     predictions' probabilities. No statistics are blended with the source's per layer and batch
@@ -70,6 +70,10 @@ class AutoConfig(MethodConfig):
     source's stand in for classes not seen yet); running: one running mean over the stream's
     batches, from the first batch's (confidently wrong on clean class-ordered streams,
     docs/BENCHMARKS.md, "auto v4"); off: only the source and the batch statistics."""
+    bn_stream_labels: Literal["choice", "source"] = "choice"
+    """``bn_stream=balanced``: the class each image counts for. choice: the argmax of the source and
+    batch statistics' predictions mixed as v3.1 mixes them (each batch alone; better labels on a
+    shifted stream, the source's on a batch of few classes); source: the source model's."""
     bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0, low_inclusive=False))
     """The stream statistics' momentum per 64 images (``STREAM_MOMENTUM_IMAGES``)."""
     bn_choice_window: int = field(default=0, metadata=at_least(0))
@@ -177,7 +181,7 @@ class ClassBalancedStats:
     """Class-balanced running BatchNorm statistics of a stream, on a model copy's buffers.
 
     Each BatchNorm input's per-image channel moments (mean and mean square) are kept per class
-    (the source model's predicted class, ``labels``) as running means: a class with n images in
+    (the class each image is predicted to be, ``labels``) as running means: a class with n images in
     the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
     about ``momentum`` per 64 images; a class's first images set its moments. The statistics used
     are the average over all C classes, where a class not seen yet counts with the source
@@ -461,7 +465,7 @@ class Auto(TTAMethod):
             return source
         candidates = [source, source if alone else self.inner.step(x)]
         if self.stream_model is not None:
-            candidates.append(self._stream_step(x, source.logits.argmax(1)))
+            candidates.append(self._stream_step(x, self._class_labels(candidates, alone)))
         if self._entropy_window is None:
             window = self.config.bn_choice_window or (STREAM_MOMENTUM_IMAGES if self.stream_model is not None else 1)
             self._entropy_window = EntropyWindow(window)
@@ -494,10 +498,19 @@ class Auto(TTAMethod):
             return torch.nn.functional.one_hot(entropies.argmin(), len(entropies)).float()
         return torch.softmax(-entropies.float() / (temperature * math.log(max(num_classes, 2))), 0)
 
-    def _stream_step(self, x: torch.Tensor, source_pred: torch.Tensor) -> StepResult:
+    def _class_labels(self, candidates: list[StepResult], alone: bool) -> torch.Tensor:
+        """Each image's class for the class-balanced stream statistics (``bn_stream_labels``)."""
+        source, batch = candidates
+        if self.config.bn_stream_labels == "source" or alone:
+            return source.logits.argmax(1)
+        entropies = torch.stack([softmax_entropy(c.logits.float()).mean() for c in candidates])
+        weights = self._choice_weights(entropies, source.logits.shape[1])
+        return (weights[0] * source.logits.float().softmax(1) + weights[1] * batch.logits.float().softmax(1)).argmax(1)
+
+    def _stream_step(self, x: torch.Tensor, labels: torch.Tensor) -> StepResult:
         assert self.stream_model is not None
         if isinstance(self._stream_stats, ClassBalancedStats):
-            self._stream_stats.labels = source_pred
+            self._stream_stats.labels = labels
         with self.inner.autocast():
             logits = self.stream_model(self.inner.prepare_input(x)).float()
         if isinstance(self._stream_stats, ClassBalancedStats):
