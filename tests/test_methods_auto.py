@@ -177,6 +177,22 @@ def test_balanced_stream_statistics_of_a_batch_of_every_class_are_the_batch_stat
     assert torch.allclose(method._stream_step(x, labels).logits, batch, atol=1e-4)
 
 
+@pytest.mark.parametrize("labels", ["choice", "source"])
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_balanced_stream_statistics_count_each_image_for_its_chosen_class(labels: str, shift: float) -> None:
+    model = tiny_timm("test_resnet")
+    x = random_inputs(1)[0] * 2 + shift
+    source, batch = _source_and_batch_logits(model, x)
+    method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream_labels=labels)
+    seen = []
+    original = method._stream_step
+    method._stream_step = lambda x_, labels_: seen.append(labels_) or original(x_, labels_)  # type: ignore[method-assign]
+    method.step(x)
+    batch_wins = softmax_entropy(batch).mean() < softmax_entropy(source).mean()
+    expected = batch if labels == "choice" and batch_wins else source
+    assert torch.equal(seen[0], expected.argmax(1))
+
+
 def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
