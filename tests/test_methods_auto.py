@@ -161,7 +161,7 @@ def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None
     pristine = copy.deepcopy(model)
     x = random_inputs(1)[0] * 2 + 3.0
     means, _ = _first_bn_input_moments(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream="balanced")
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
     method._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
     first = batchnorm_layers(method.stream_model)[0]
     assert torch.allclose(first.running_mean, (means.mean(0) + 3 * source_mean) / 4, atol=1e-5)
@@ -172,7 +172,7 @@ def test_balanced_stream_statistics_of_a_batch_of_every_class_are_the_batch_stat
     model = tiny_timm("test_resnet", num_classes=4)
     x = random_inputs(1)[0] * 2 + 3.0
     _, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream="balanced")
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
     labels = torch.arange(8) % 4  # two images of each class: the class average is the batch's
     assert torch.allclose(method._stream_step(x, labels).logits, batch, atol=1e-4)
 
@@ -193,13 +193,26 @@ def test_balanced_stream_statistics_count_each_image_for_its_chosen_class(labels
     assert torch.equal(seen[0], expected.argmax(1))
 
 
+def test_balanced_stream_statistics_weigh_each_class_against_the_prior() -> None:
+    model = tiny_timm("test_resnet", num_classes=4)
+    source_mean = batchnorm_layers(model)[0].running_mean.clone()
+    x = random_inputs(1)[0] * 2 + 3.0
+    means, _ = _first_bn_input_moments(model, x)
+    method = create_method("auto", model, batch_size=8, bn_stream_prior=24.0)
+    method._stream_step(x, torch.zeros(8, dtype=torch.long))  # 8 images of class 0: trust 8 / (8 + 24)
+    trust = 8 / 32
+    expected = (trust * means.mean(0) + (4 - trust) * source_mean) / 4
+    assert torch.allclose(batchnorm_layers(method.stream_model)[0].running_mean, expected, atol=1e-5)
+
+
 def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
     x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
     means1, _ = _first_bn_input_moments(model, x1)
     means2, _ = _first_bn_input_moments(model, x2)
-    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5,
+                           bn_stream_prior=0.0)
     zeros = torch.zeros(8, dtype=torch.long)
     method._stream_step(x1, zeros)
     method._stream_step(x2, zeros)

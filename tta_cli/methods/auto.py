@@ -74,6 +74,10 @@ class AutoConfig(MethodConfig):
     """``bn_stream=balanced``: the class each image counts for. choice: the argmax of the source and
     batch statistics' predictions mixed as v3.1 mixes them (each batch alone; better labels on a
     shifted stream, the source's on a batch of few classes); source: the source model's."""
+    bn_stream_prior: float = field(default=32.0, metadata=at_least(0.0))
+    """``bn_stream=balanced``: each class's moments count as its images so far against this many
+    images' worth of the source statistics, so classes seen on few images stay near the source's
+    (0: a class's first images count fully; measured in docs/BENCHMARKS.md, "auto v5")."""
     bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0, low_inclusive=False))
     """The stream statistics' momentum per 64 images (``STREAM_MOMENTUM_IMAGES``)."""
     bn_choice_window: int = field(default=0, metadata=at_least(0))
@@ -184,13 +188,14 @@ class ClassBalancedStats:
     (the class each image is predicted to be, ``labels``) as running means: a class with n images in
     the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
     about ``momentum`` per 64 images; a class's first images set its moments. The statistics used
-    are the average over all C classes, where a class not seen yet counts with the source
-    statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C, where a
+    are the average over all C classes of each class's moments weighted n / (n + ``prior``) against
+    the source statistics (n: the class's images so far), so a class not seen yet counts with the
+    source statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C, where a
     plain running mean would become that class's statistics; a shifted stream that shows all its
     classes moves them all the way."""
 
-    def __init__(self, model: nn.Module, num_classes: int, momentum: float) -> None:
-        self.num_classes, self.momentum = num_classes, momentum
+    def __init__(self, model: nn.Module, num_classes: int, momentum: float, prior: float = 0.0) -> None:
+        self.num_classes, self.momentum, self.prior = num_classes, momentum, prior
         self.labels: torch.Tensor | None = None
         self._layers = batchnorm_layers(model)
         self._source = {id(layer): (layer.running_mean.clone(), layer.running_var.clone()) for layer in self._layers}
@@ -219,18 +224,20 @@ class ClassBalancedStats:
         key = id(module)
         if key not in self._moments:
             self._moments[key] = (torch.zeros_like(batch_means), torch.zeros_like(batch_squares),
-                                  torch.zeros_like(present))
-        class_means, class_squares, seen = self._moments[key]
+                                  torch.zeros_like(counts))
+        class_means, class_squares, images = self._moments[key]
         weight = 1.0 - (1.0 - self.momentum) ** (counts * self.num_classes / STREAM_MOMENTUM_IMAGES)
-        weight = torch.where(seen, weight, present.to(weight))[:, None]
+        weight = torch.where(images > 0, weight, present.to(weight))[:, None]
         class_means.lerp_(batch_means, weight)
         class_squares.lerp_(batch_squares, weight)
-        seen |= present
+        images += counts
+        # each class's moments count as its images against ``prior`` images of the source's (a
+        # class not seen yet is the source's)
+        trust = (images / (images + self.prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
         source_mean, source_var = self._source[key]
-        seen_weight = seen.to(class_means)[:, None]  # masks, not indexing: no host sync on a GPU
-        unseen = self.num_classes - seen_weight.sum()
-        mean = ((class_means * seen_weight).sum(0) + unseen * source_mean) / self.num_classes
-        square = ((class_squares * seen_weight).sum(0) + unseen * (source_var + source_mean**2)) / self.num_classes
+        source_share = self.num_classes - trust.sum()
+        mean = ((class_means * trust).sum(0) + source_share * source_mean) / self.num_classes
+        square = ((class_squares * trust).sum(0) + source_share * (source_var + source_mean**2)) / self.num_classes
         module.running_mean.copy_(mean)
         module.running_var.copy_((square - mean**2).clamp_min(0))
 
@@ -314,7 +321,8 @@ class Auto(TTAMethod):
             self.stream_model = self._reference(model)
             if self.config.bn_stream == "balanced":
                 self._stream_stats = ClassBalancedStats(
-                    self.stream_model, max(self.num_classes, 2), self.config.bn_stream_momentum)
+                    self.stream_model, max(self.num_classes, 2), self.config.bn_stream_momentum,
+                    self.config.bn_stream_prior)
             else:
                 self._stream_stats = BatchNormStats(self.stream_model, "ema", alpha=1.0)  # the first batch's
         if self.kind == "batchnorm":
