@@ -231,15 +231,21 @@ class ClassBalancedStats:
         class_means.lerp_(batch_means, weight)
         class_squares.lerp_(batch_squares, weight)
         images += counts
-        # each class's moments count as its images against ``prior`` images of the source's (a
-        # class not seen yet is the source's)
-        trust = (images / (images + self.prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
+        mean, var = self._balanced(key, self.prior)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+
+    def _balanced(self, key: int, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class-balanced mean and variance of one layer: each class's moments count as its
+        images against ``prior`` images of the source statistics (a class not seen yet is the
+        source's)."""
+        class_means, class_squares, images = self._moments[key]
+        trust = (images / (images + prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
         source_mean, source_var = self._source[key]
         source_share = self.num_classes - trust.sum()
         mean = ((class_means * trust).sum(0) + source_share * source_mean) / self.num_classes
         square = ((class_squares * trust).sum(0) + source_share * (source_var + source_mean**2)) / self.num_classes
-        module.running_mean.copy_(mean)
-        module.running_var.copy_((square - mean**2).clamp_min(0))
+        return mean, (square - mean**2).clamp_min(0)
 
 
 class EntropyWindow:
@@ -413,9 +419,16 @@ class Auto(TTAMethod):
         return self.inner.adapted_state_dict()
 
     def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
-        """The stream candidate's running statistics when its prediction carried most of the run's
-        weight (so the exported model predicts as the run mostly did); else none: the source's."""
-        if self.stream_model is None or self.choice_shares().get("stream_statistics_share", 0.0) < 0.5:
+        """The stream candidate's statistics for the export when the run predicted mostly with test
+        statistics, so the exported model predicts closer to the run; else none (the source's).
+        Class-balanced: once the batch and stream statistics together carried most of the weight (a
+        batch's own statistics cannot be exported, the stream's stand for them); running: once the
+        stream's alone did."""
+        shares = self.choice_shares()
+        test_share = shares.get("stream_statistics_share", 0.0)
+        if isinstance(self._stream_stats, ClassBalancedStats):
+            test_share += shares.get("batch_statistics_share", 0.0)
+        if self.stream_model is None or test_share < 0.5:
             return {}
         return {name: tensor.detach() for name, tensor in self.stream_model.state_dict().items()
                 if name.endswith(("running_mean", "running_var"))}
