@@ -104,6 +104,17 @@ def test_batchnorm_choose_mixes_near_ties(temperature: float) -> None:
     assert (0.0 < weight < 1.0) if temperature == 1.0 else True
 
 
+def _first_bn_input_means(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-image channel means of the first BatchNorm's input (which depends on no statistics),
+    from a copy of ``model`` in eval mode."""
+    source = copy.deepcopy(model).eval()
+    seen = []
+    batchnorm_layers(source)[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        source(x)
+    return seen[0].mean(dim=(2, 3))
+
+
 def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_stream() -> None:
     model = tiny_timm("test_resnet")
     pristine = copy.deepcopy(model)
@@ -114,14 +125,8 @@ def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_strea
     stream_model = method.stream_model
     assert stream_model is not None
     first = batchnorm_layers(stream_model)[0]
-    means = []
-    handle = batchnorm_layers(pristine)[0].register_forward_pre_hook(
-        lambda module, args: means.append(args[0].mean(dim=(0, 2, 3))))
-    with torch.no_grad():
-        pristine.eval()(x1), pristine(x2)
-    handle.remove()
-    # the first BatchNorm's input does not depend on any statistics; momentum 0.5 per 64 images
-    weight = 1 - 0.5 ** (8 / STREAM_MOMENTUM_IMAGES)
+    means = [_first_bn_input_means(pristine, x).mean(0) for x in (x1, x2)]
+    weight = 1 - 0.5 ** (8 / STREAM_MOMENTUM_IMAGES)  # momentum 0.5 per 64 images
     assert torch.allclose(first.running_mean, torch.lerp(means[0], means[1], weight), atol=1e-5)
     assert "stream_statistics_share" in method.stats()
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
@@ -144,23 +149,12 @@ def test_batchnorm_choose_stream_candidate_starts_at_the_first_batch() -> None:
     assert torch.allclose(method._stream_step(x, batch.argmax(1)).logits, batch, atol=1e-4)
 
 
-def _first_bn_input_moments(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image channel means and mean squares of the first BatchNorm's input (which depends on
-    no statistics)."""
-    seen = []
-    handle = batchnorm_layers(model)[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
-        copy.deepcopy(model).eval()(x)
-    handle.remove()
-    return seen[0].mean(dim=(2, 3)), (seen[0] ** 2).mean(dim=(2, 3))
-
-
 def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None:
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
     pristine = copy.deepcopy(model)
     x = random_inputs(1)[0] * 2 + 3.0
-    means, _ = _first_bn_input_moments(model, x)
+    means = _first_bn_input_means(model, x)
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
     method._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
     first = batchnorm_layers(method.stream_model)[0]
@@ -197,7 +191,7 @@ def test_balanced_stream_statistics_weigh_each_class_against_the_prior() -> None
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
     x = random_inputs(1)[0] * 2 + 3.0
-    means, _ = _first_bn_input_moments(model, x)
+    means = _first_bn_input_means(model, x)
     method = create_method("auto", model, batch_size=8, bn_stream_prior=24.0)
     method._stream_step(x, torch.zeros(8, dtype=torch.long))  # 8 images of class 0: trust 8 / (8 + 24)
     trust = 8 / 32
@@ -209,8 +203,7 @@ def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
     x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
-    means1, _ = _first_bn_input_moments(model, x1)
-    means2, _ = _first_bn_input_moments(model, x2)
+    means1, means2 = (_first_bn_input_means(model, x) for x in (x1, x2))
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5,
                            bn_stream_prior=0.0)
     zeros = torch.zeros(8, dtype=torch.long)

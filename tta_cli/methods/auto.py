@@ -185,22 +185,22 @@ class ClassBalancedStats:
     """Class-balanced running BatchNorm statistics of a stream, on a model copy's buffers.
 
     Each BatchNorm input's per-image channel moments (mean and mean square) are kept per class
-    (the class each image is predicted to be, ``labels``) as running means: a class with n images in
-    the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
+    (the class each image is predicted to be, ``labels``) as running means: a class with n images
+    in the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
     about ``momentum`` per 64 images; a class's first images set its moments. The statistics used
     are the average over all C classes of each class's moments weighted n / (n + ``prior``) against
     the source statistics (n: the class's images so far), so a class not seen yet counts with the
-    source statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C, where a
-    plain running mean would become that class's statistics; a shifted stream that shows all its
-    classes moves them all the way."""
+    source statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C,
+    where a plain running mean would become that class's statistics; a shifted stream that shows
+    all its classes moves them all the way."""
 
     def __init__(self, model: nn.Module, num_classes: int, momentum: float, prior: float = 0.0) -> None:
         self.num_classes, self.momentum, self.prior = num_classes, momentum, prior
         self.labels: torch.Tensor | None = None
-        self._layers = batchnorm_layers(model)
-        self._source = {id(layer): (layer.running_mean.clone(), layer.running_var.clone()) for layer in self._layers}
+        layers = batchnorm_layers(model)
+        self._source = {id(layer): (layer.running_mean.clone(), layer.running_var.clone()) for layer in layers}
         self._moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._handles = [layer.register_forward_pre_hook(self._pre_hook) for layer in self._layers]
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook) for layer in layers]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -231,16 +231,16 @@ class ClassBalancedStats:
         class_means.lerp_(batch_means, weight)
         class_squares.lerp_(batch_squares, weight)
         images += counts
-        mean, var = self._balanced(key, self.prior)
+        mean, var = self._balanced(key)
         module.running_mean.copy_(mean)
         module.running_var.copy_(var)
 
-    def _balanced(self, key: int, prior: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _balanced(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The class-balanced mean and variance of one layer: each class's moments count as its
         images against ``prior`` images of the source statistics (a class not seen yet is the
         source's)."""
         class_means, class_squares, images = self._moments[key]
-        trust = (images / (images + prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
+        trust = (images / (images + self.prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
         source_mean, source_var = self._source[key]
         source_share = self.num_classes - trust.sum()
         mean = ((class_means * trust).sum(0) + source_share * source_mean) / self.num_classes
@@ -438,7 +438,7 @@ class Auto(TTAMethod):
 
     def close(self) -> None:
         self.inner.close()
-        if self.stream_model is not None:
+        if self._stream_stats is not None:
             self._stream_stats.remove()
 
     # --- the stream -------------------------------------------------------------------------------
@@ -485,15 +485,17 @@ class Auto(TTAMethod):
             self._choice_batches += 1  # all the weight on the source statistics
             return source
         candidates = [source, source if alone else self.inner.step(x)]
+        sums = [softmax_entropy(c.logits.float()).sum() for c in candidates]
+        if alone:
+            sums[1] = torch.full_like(sums[1], math.inf)  # weight 0 for the batch statistics
         if self.stream_model is not None:
-            candidates.append(self._stream_step(x, self._class_labels(candidates, alone)))
+            stream = self._stream_step(x, self._class_labels(candidates, torch.stack(sums) / x.shape[0], alone))
+            candidates.append(stream)
+            sums.append(softmax_entropy(stream.logits.float()).sum())
         if self._entropy_window is None:
             window = self.config.bn_choice_window or (STREAM_MOMENTUM_IMAGES if self.stream_model is not None else 1)
             self._entropy_window = EntropyWindow(window)
-        sums = torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates])
-        if alone:
-            sums[1] = math.inf  # weight 0 for the batch statistics
-        entropies = self._entropy_window.add(sums, x.shape[0])
+        entropies = self._entropy_window.add(torch.stack(sums), x.shape[0])
         weights = self._choice_weights(entropies, source.logits.shape[1])
         self._choice_weights_sum = weights if self._choice_weights_sum is None else self._choice_weights_sum + weights
         self._choice_batches += 1
@@ -519,12 +521,12 @@ class Auto(TTAMethod):
             return torch.nn.functional.one_hot(entropies.argmin(), len(entropies)).float()
         return torch.softmax(-entropies.float() / (temperature * math.log(max(num_classes, 2))), 0)
 
-    def _class_labels(self, candidates: list[StepResult], alone: bool) -> torch.Tensor:
-        """Each image's class for the class-balanced stream statistics (``bn_stream_labels``)."""
+    def _class_labels(self, candidates: list[StepResult], entropies: torch.Tensor, alone: bool) -> torch.Tensor:
+        """Each image's class for the class-balanced stream statistics (``bn_stream_labels``);
+        ``entropies``: the source and batch predictions' mean entropies."""
         source, batch = candidates
         if self.config.bn_stream_labels == "source" or alone:
             return source.logits.argmax(1)
-        entropies = torch.stack([softmax_entropy(c.logits.float()).mean() for c in candidates])
         weights = self._choice_weights(entropies, source.logits.shape[1])
         return (weights[0] * source.logits.float().softmax(1) + weights[1] * batch.logits.float().softmax(1)).argmax(1)
 
@@ -534,10 +536,10 @@ class Auto(TTAMethod):
             self._stream_stats.labels = labels
         with self.inner.autocast():
             logits = self.stream_model(self.inner.prepare_input(x)).float()
-        if isinstance(self._stream_stats, ClassBalancedStats):
-            return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-        # the momentum is per 64 images, so the statistics remember as many images at any batch size
-        self._stream_stats.alpha = 1.0 - (1.0 - self.config.bn_stream_momentum) ** (x.shape[0] / STREAM_MOMENTUM_IMAGES)
+        if isinstance(self._stream_stats, BatchNormStats):
+            # the momentum is per 64 images, so the statistics remember as many images at any batch size
+            images = x.shape[0] / STREAM_MOMENTUM_IMAGES
+            self._stream_stats.alpha = 1.0 - (1.0 - self.config.bn_stream_momentum) ** images
         return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
 
     def _step_guarded(self, x: torch.Tensor) -> StepResult:
