@@ -44,3 +44,29 @@ def test_library_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert created, "the example creates its model with timm.create_model"
     logits = namespace.get("logits")
     assert isinstance(logits, torch.Tensor) and logits.shape == (4, 10)
+
+
+def readme_test_command(readme: str) -> str:
+    """The indented command after "Install and run the tests"."""
+    after = readme.split("Install and run the tests", 1)[1]
+    return next(line.strip() for line in after.splitlines() if line.startswith("    "))
+
+
+def test_ci_runs_the_readme_test_command_in_a_new_venv() -> None:
+    command = readme_test_command((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert command.startswith("pip install") and "pytest" in command
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    lines = [line.strip() for line in ci.splitlines()]
+    assert command in lines, "the README's test command, word for word"
+    venv_at = next(i for i, line in enumerate(lines) if "-m venv" in line)
+    activate_at = next(i for i, line in enumerate(lines) if line.startswith("source") and "activate" in line)
+    assert venv_at < activate_at < lines.index(command), "a new virtual environment, activated before the command"
+
+
+def test_test_extra_installs_the_bench_tools() -> None:
+    """The tests import scipy, corrupt-tta and matplotlib (the bench tools): the test extra installs them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    test_extra = project["optional-dependencies"]["test"]
+    assert any(req.replace(" ", "").startswith("tta-cli[bench") for req in test_extra)
