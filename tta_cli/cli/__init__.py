@@ -24,12 +24,13 @@ from typing import Any
 from tta_cli.cli.adapt_cmds import adapt, methods, models, predict
 from tta_cli.cli.app import app
 from tta_cli.cli.bench_cmds import bench, corrupt
+from tta_cli.cli.help import Command, examples
 from tta_cli.cli.report_cmd import report
 from tta_cli.errors import TTAError
 
 # Every command, registered here and only here (the command modules never import the app).
-for _command in (adapt, predict, methods, models, corrupt, bench, report):
-    app.command()(_command)
+for _command in (adapt, predict, report, methods, models, corrupt, bench):
+    app.command(cls=Command, epilog=examples(_command.__name__))(_command)
 
 _CLICK_LAYOUTS = ("typer._click.exceptions", "click.exceptions")
 """Where the click exceptions live: typer's vendored copy (typer >= 0.26), then click itself."""

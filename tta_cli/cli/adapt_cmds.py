@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 
 from tta_cli.cli.options import (
+    METHOD,
+    RUN,
     BatchSizeOpt,
     ChannelsLastOpt,
     CheckpointOpt,
@@ -45,8 +47,12 @@ from tta_cli.cli.options import (
     StrictOpt,
     SummaryJsonOpt,
     WorkersOpt,
+    one_of,
+    whole,
 )
 from tta_cli.errors import TTAError
+
+ON_COLLAPSE = ("reset", "stop", "warn")
 
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
@@ -62,29 +68,16 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
 
 def adapt(
     inputs: Annotated[list[Path] | None, typer.Argument(
+        metavar="INPUTS", show_default=False,
         help="Image folders, images, videos (.mp4 .mkv .avi .mov .webm) or .txt/.csv lists, in order.",
-        show_default=False)] = None,
+    )] = None,
     model: ModelOpt = "",
-    method: MethodOpt = "auto",
     pretrained: PretrainedOpt = True,
     checkpoint: CheckpointOpt = None,
     num_classes: NumClassesOpt = None,
     labels: LabelsOpt = None,
     labels_encoding: LabelsEncodingOpt = "utf-8",
     labels_from_folders: LabelsFromFoldersOpt = "auto",
-    clean: Annotated[Path | None, typer.Option(
-        "--clean", help="Folder of in-distribution images for EATA's Fisher regulariser.")] = None,
-    batch_size: BatchSizeOpt = 64,
-    lr: LrOpt = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Adaptation steps per batch.")] = None,
-    episodic: Annotated[bool, typer.Option("--episodic", help="Reset to the source model every batch.")] = False,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Method hyperparameter key=value (repeatable; see `tta methods`).")] = None,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    compile_model: CompileOpt = False,
-    channels_last: ChannelsLastOpt = "auto",
-    seed: SeedOpt = 0,
     shuffle: ShuffleOpt = False,
     every: EveryOpt = None,
     fps: FpsOpt = None,
@@ -92,7 +85,29 @@ def adapt(
     end: EndOpt = None,
     max_frames: MaxFramesOpt = None,
     max_pixels: MaxPixelsOpt = 89_478_485,
-    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    method: MethodOpt = "auto",
+    lr: LrOpt = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", metavar="N", rich_help_panel=METHOD, callback=whole(1),
+        help="Adaptation steps per batch.")] = None,
+    episodic: Annotated[bool, typer.Option(
+        "--episodic", rich_help_panel=METHOD, help="Reset to the source model after every batch.")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", rich_help_panel=METHOD, show_default=False,
+        help="A method hyperparameter (repeatable; tta methods lists them).")] = None,
+    clean: Annotated[Path | None, typer.Option(
+        "--clean", metavar="DIR", rich_help_panel=METHOD,
+        help="In-distribution images for EATA's Fisher regulariser.")] = None,
+    on_collapse: Annotated[str, typer.Option(
+        "--on-collapse", metavar="ACTION", rich_help_panel=METHOD, callback=one_of(*ON_COLLAPSE),
+        help="When predictions collapse (no labels needed): reset the model, stop (exit 4) or warn.",
+    )] = "reset",
+    no_source_reference: Annotated[bool, typer.Option(
+        "--no-source-reference", rich_help_panel=METHOD,
+        help="No frozen source copy predicting beside the run (about 20% faster; no collapse "
+             "signals, verdict, gain or source_pred column).")] = False,
+    _source_reference: Annotated[bool, typer.Option("--source-reference", hidden=True)] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     output_format: FormatOpt = "csv",
@@ -100,26 +115,33 @@ def adapt(
     export_mode: ExportModeOpt = "hardlink",
     min_confidence: MinConfidenceOpt = None,
     export_bn: ExportBnOpt = "stream",
-    strict: StrictOpt = False,
-    on_collapse: Annotated[str, typer.Option(
-        "--on-collapse", help="reset, stop (exit 4) or warn when predictions collapse (no labels needed).")] = "reset",
-    source_reference: Annotated[bool, typer.Option(
-        "--source-reference/--no-source-reference",
-        help="Run a frozen source copy per batch (collapse signals, health verdict, source_pred column).")] = True,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    compile_model: CompileOpt = False,
+    channels_last: ChannelsLastOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
     checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", min=0, help="Batches between resume checkpoints in --out (0: none).")] = 50,
+        "--checkpoint-every", metavar="N", rich_help_panel=RUN, callback=whole(0),
+        help="Batches between resume checkpoints in --out (0: none).")] = 50,
     resume: Annotated[Path | None, typer.Option(
-        "--resume", help="Continue the stopped run in this --out folder, with its recorded options.")] = None,
+        "--resume", metavar="DIR", rich_help_panel=RUN,
+        help="Continue the stopped run in DIR with the options it recorded.")] = None,
     per_input: Annotated[bool, typer.Option(
-        "--per-input", help="Adapt a separate model on each input, from the source model, into "
-                            "OUT/<input name>/ (under torchrun, the inputs are dealt over the ranks).")] = False,
+        "--per-input", rich_help_panel=RUN,
+        help="Adapt one model per input, from the source model, into OUT/<input name>/.")] = False,
 ) -> None:
-    """Adapt MODEL on the images in INPUTS; write predictions, model/ and run.json to --out.
+    """Adapt a model to the images it predicts on; write the predictions, the adapted model and
+    run.json.
 
-    Under ``torchrun --nproc-per-node N --no-python tta adapt ...`` the N processes adapt one model
-    data-parallel (the batch size stays the global batch; docs/DISTRIBUTED.md)."""
+    Reads INPUTS as one ordered stream, predicts each batch, then adapts on it (--method, default
+    auto). Ends with a summary: accuracy before and after where labels are given, and a verdict
+    that needs no labels. Under torchrun the processes adapt one model data-parallel
+    (docs/DISTRIBUTED.md).
+    """
     from tta_cli.config import AdaptConfig
     from tta_cli.run import adapt as run_adapt
 
@@ -152,7 +174,7 @@ def adapt(
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
         export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
         export_bn=export_bn, format=output_format,
-        on_collapse=on_collapse, source_reference=source_reference,
+        on_collapse=on_collapse, source_reference=not no_source_reference,
         checkpoint_every=checkpoint_every,
     )
     if per_input:
@@ -172,12 +194,6 @@ def predict(
     labels: LabelsOpt = None,
     labels_encoding: LabelsEncodingOpt = "utf-8",
     labels_from_folders: LabelsFromFoldersOpt = "auto",
-    batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "fp32",
-    compile_model: CompileOpt = False,
-    channels_last: ChannelsLastOpt = "auto",
-    seed: SeedOpt = 0,
     shuffle: ShuffleOpt = False,
     every: EveryOpt = None,
     fps: FpsOpt = None,
@@ -185,18 +201,27 @@ def predict(
     end: EndOpt = None,
     max_frames: MaxFramesOpt = None,
     max_pixels: MaxPixelsOpt = 89_478_485,
-    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     output_format: FormatOpt = "csv",
     export_folder: ExportFolderOpt = None,
     export_mode: ExportModeOpt = "hardlink",
     min_confidence: MinConfidenceOpt = None,
-    strict: StrictOpt = False,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    compile_model: CompileOpt = False,
+    channels_last: ChannelsLastOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Predict with MODEL on the images in INPUTS, without adapting; write predictions and run.json to --out."""
+    """Predict with a model as it is, without adapting; write the predictions and run.json.
+
+    Any --model that adapt takes, e.g. the model/ folder a tta adapt run exported.
+    """
     from tta_cli.config import AdaptConfig
     from tta_cli.run import predict as run_predict
 

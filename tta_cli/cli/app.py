@@ -7,10 +7,13 @@ from typing import Annotated
 import typer
 
 from tta_cli import __version__
+from tta_cli.cli.help import Group
 
 app = typer.Typer(
     name="tta",
-    help="Adapt image classifiers at test time to the shifted data they meet (SAR, Tent, ETA/EATA, BN).",
+    cls=Group,
+    help="Adapt an image classifier to the shifted data it meets, while it predicts: better "
+         "predictions and the adapted model (tta methods lists the methods; auto by default).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

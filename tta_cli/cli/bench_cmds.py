@@ -12,6 +12,11 @@ import typer
 
 from tta_cli.cli.adapt_cmds import print_summary
 from tta_cli.cli.options import (
+    INPUT,
+    METHOD,
+    OUTPUT,
+    RUN,
+    SPEED,
     CheckpointOpt,
     DeviceOpt,
     ModelOpt,
@@ -20,33 +25,41 @@ from tta_cli.cli.options import (
     QuietOpt,
     SeedOpt,
     SummaryJsonOpt,
+    finite,
+    whole,
 )
 
-SeverityOpt = Annotated[str, typer.Option(
-    "--severity", "-s", help="Severity 1-5 (tta corrupt also takes lists 3,5 and ranges 1-5).")]
 LimitOpt = Annotated[int | None, typer.Option(
-    "--limit", min=1, help="At most N images per corruption (a seeded sample, the same images for each).")]
+    "--limit", metavar="N", rich_help_panel=INPUT, callback=whole(1),
+    help="At most N images per corruption (a seeded sample, the same images for each).")]
 
 
 def corrupt(
-    src: Annotated[Path, typer.Argument(help="Class-foldered image set: SRC/<class>/<image>.")],
-    dst: Annotated[Path, typer.Argument(help="Output: DST/<corruption>/<severity>/<class>/<image>.png.")],
-    corruption: Annotated[list[str], typer.Option(
-        "--corruption", "-c", help="all (the 15 ImageNet-C test corruptions), held-out (the 4 others), "
-                                   "clean, or names, comma-separated or repeated.")] = ["all"],  # noqa: B006
-    severity: SeverityOpt = "5",
-    seed: SeedOpt = 0,
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", show_default=False, help="Class-foldered image set: SRC/<class>/<image>.")],
+    dst: Annotated[Path, typer.Argument(
+        metavar="DST", show_default=False, help="Output: DST/<corruption>/<severity>/<class>/<image>.png.")],
     limit: LimitOpt = None,
     crop: Annotated[int | None, typer.Option(
-        "--crop", min=2, help="Centre-crop to N x N first (224 for ImageNet, as ImageNet-C).")] = None,
+        "--crop", metavar="N", rich_help_panel=INPUT, callback=whole(2),
+        help="Centre-crop to N x N first (224 for ImageNet, as ImageNet-C).")] = None,
+    corruption: Annotated[list[str], typer.Option(
+        "--corruption", "-c", metavar="NAME", rich_help_panel=METHOD,
+        help="all (the 15 ImageNet-C test corruptions), held-out (the 4 others), clean, or names; "
+             "comma-separated or repeated.")] = ["all"],  # noqa: B006
+    severity: Annotated[str, typer.Option(
+        "--severity", "-s", metavar="S", rich_help_panel=METHOD,
+        help="Severity 1 to 5, a list (3,5) or a range (1-5).")] = "5",
     preset: Annotated[str, typer.Option(
-        "--preset", help="Corruption parameters: cifar (CIFAR-10-C's, for small images), imagenet "
-                         "(ImageNet-C's, with corrupt-tta) or auto (cifar for images up to 64 px).")] = "auto",
+        "--preset", metavar="NAME", rich_help_panel=METHOD,
+        help="Corruption parameters: cifar (CIFAR-10-C's, small images), imagenet (ImageNet-C's, "
+             "with corrupt-tta) or auto (cifar up to 64 px).")] = "auto",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Write corrupted copies of SRC into DST, deterministic for a seed.
+    """Write corrupted copies of the images in SRC into DST, the same for a seed.
 
     CIFAR-10-C's severities for small images, ImageNet-C's (corrupt-tta) for large ones (--preset).
     """
@@ -93,50 +106,64 @@ def corrupt(
 def bench(
     model: ModelOpt,
     data: Annotated[Path, typer.Option(
-        "--data", help="Corrupted set (tta corrupt's layout, or a flat folder whose labels.csv has a "
-                       "corruption column), or a clean class-foldered set to corrupt into OUT/data first.")],
-    methods: Annotated[str, typer.Option(
-        "--methods", help="Comma-separated methods, or all (every registered method); method:key=value "
-                          "sets a hyperparameter (e.g. norm:bn_stats=batch).")] = "all",
-    settings: Annotated[str, typer.Option(
-        "--settings", help="Comma-separated: mild, mixed, bs1, label-shift, label-shift-all, continual, "
-                           "correlated, mixed-correlated, gradual.")]
-        = "mild,mixed,bs1,label-shift",
-    seeds: Annotated[str | None, typer.Option(
-        "--seeds", help="Stream seeds, e.g. 0,1,2: each cell runs once per seed (another stream order); "
-                        "results show mean and standard deviation. Default: --seed.")] = None,
-    concentration: Annotated[float, typer.Option(
-        "--concentration", min=1e-6, help="Dirichlet concentration of the correlated settings "
-                                          "(small: long single-class runs).")] = 0.1,
-    online: Annotated[bool, typer.Option(
-        "--online/--no-online", help="Re-run methods slower than source adapting on every k-th batch "
-                                     "(the online view, Alfarra et al. 2024).")] = True,
+        "--data", metavar="DIR", rich_help_panel=INPUT, show_default=False,
+        help="Corrupted set (tta corrupt's layout, or a flat folder whose labels.csv has a corruption "
+             "column), or a clean class-foldered set to corrupt into OUT/data first.")],
+    checkpoint: CheckpointOpt = None,
     corruptions: Annotated[str | None, typer.Option(
-        "--corruptions", help="Corruptions to run (default: the 15 test ones found in --data).")] = None,
-    severity: Annotated[int, typer.Option("--severity", "-s", min=1, max=5, help="Severity 1-5.")] = 5,
+        "--corruptions", metavar="NAMES", rich_help_panel=INPUT,
+        help="Corruptions to run (default: the 15 test ones found in --data).")] = None,
+    severity: Annotated[int, typer.Option(
+        "--severity", "-s", metavar="S", rich_help_panel=INPUT, callback=whole(1, 5),
+        help="Severity 1 to 5.")] = 5,
     limit: LimitOpt = None,
     bs1_limit: Annotated[int | None, typer.Option(
-        "--bs1-limit", min=1, help="Only the first N images of each batch-size-1 stream (slow).")] = None,
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, help="Batch size (bs1 uses 1).")] = 64,
+        "--bs1-limit", metavar="N", rich_help_panel=INPUT, callback=whole(1),
+        help="Only the first N images of each batch-size-1 stream (slow).")] = None,
+    methods: Annotated[str, typer.Option(
+        "--methods", metavar="NAMES", rich_help_panel=METHOD,
+        help="Comma-separated methods, or all; method:key=value sets a hyperparameter "
+             "(e.g. norm:bn_stats=batch).")] = "all",
+    settings: Annotated[str, typer.Option(
+        "--settings", metavar="NAMES", rich_help_panel=METHOD,
+        help="Comma-separated: mild, mixed, bs1, label-shift, label-shift-all, continual, correlated, "
+             "mixed-correlated, gradual.")] = "mild,mixed,bs1,label-shift",
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", metavar="LIST", rich_help_panel=METHOD,
+        help="Stream seeds, e.g. 0,1,2: each cell once per seed, mean and standard deviation "
+             "(default: --seed).")] = None,
+    concentration: Annotated[float, typer.Option(
+        "--concentration", metavar="C", rich_help_panel=METHOD, callback=finite(1e-6),
+        help="Dirichlet concentration of the correlated settings (small: long single-class runs).")] = 0.1,
+    online: Annotated[bool, typer.Option(
+        "--online/--no-online", rich_help_panel=METHOD,
+        help="Re-run methods slower than source adapting on every k-th batch (Alfarra et al. 2024).")] = True,
     clean: Annotated[Path | None, typer.Option(
-        "--clean", help="Clean in-distribution images for EATA's Fisher (else eata runs as eta).")] = None,
+        "--clean", metavar="DIR", rich_help_panel=METHOD,
+        help="Clean in-distribution images for EATA's Fisher (else eata runs as eta).")] = None,
     fisher_size: Annotated[int, typer.Option(
-        "--fisher-size", min=1, help="At most N clean images for the Fisher (the paper: 2000).")] = 2000,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", min=1, help="torch CPU threads (default: chosen by timing steps, or OMP_NUM_THREADS).")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding worker processes.")] = 0,
+        "--fisher-size", metavar="N", rich_help_panel=METHOD, callback=whole(1),
+        help="At most N clean images for the Fisher (the paper: 2000).")] = 2000,
     out: OutOpt = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="Keep the runs already in OUT and run the rest.")] = False,
     overwrite: OverwriteOpt = False,
     plots: Annotated[bool, typer.Option(
-        "--plots/--no-plots", help="Write PNG plots (needs matplotlib).")] = True,
+        "--plots/--no-plots", rich_help_panel=OUTPUT,
+        help="Write PNG plots (needs matplotlib).")] = True,
     quiet: QuietOpt = False,
     as_json: SummaryJsonOpt = False,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", metavar="N", rich_help_panel=SPEED, callback=whole(1),
+        help="Batch size (bs1 uses 1).")] = 64,
+    device: DeviceOpt = "auto",
+    threads: Annotated[int | None, typer.Option(
+        "--threads", metavar="N", rich_help_panel=SPEED, callback=whole(1),
+        help="torch CPU threads (default: chosen by timing steps, or OMP_NUM_THREADS).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", metavar="N", rich_help_panel=SPEED, callback=whole(0),
+        help="Decoding processes.")] = 0,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option(
+        "--resume", rich_help_panel=RUN, help="Keep the runs already in OUT and run the rest.")] = False,
 ) -> None:
     """Run each method on each wild setting, a fresh source model per run; write results to --out.
 
