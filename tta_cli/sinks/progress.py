@@ -1,9 +1,20 @@
-"""The progress display (a live bar on a terminal, plain lines in a log) and the end-of-run summary table."""
+"""The progress display (a live bar on a terminal, plain lines in a log) and the end-of-run summary:
+a table, then one sentence with the accuracy before and after adaptation (or the share of
+predictions it changed, without labels) and the label-free verdict.
+
+Entropy is shown in nats (natural log) everywhere on the terminal, as in ``predictions.csv``; the
+summary adds it as a share of the maximum (ln of the number of classes), the unit of
+``run.json["health"]``.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli.outputs import BatchOutputs, Totals
+
+WIDE_TERMINAL = 110
+"""Columns from which the progress line has room for a bar beside its statistics."""
+LEGEND = {
+    "H": "H: mean prediction entropy so far, in nats (0: certain; lower is more confident)",
+    "EMA": "EMA: SAR's moving average of the entropy after its update, in nats (below 0.2 it resets the model)",
+}
 
 
 class ProgressDisplay:
@@ -37,17 +55,9 @@ class ProgressDisplay:
         self.start = clock()
         self._last_line = self.start
         self._line_done = 0  # images counted in the last plain line
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=console,
-            disable=quiet or self.plain,
-            transient=False,
-        )
+        self._progress = Progress(*self._columns(console.width), console=console,
+                                  disable=quiet or self.plain, transient=False)
+        self._legend_shown = False
         self._task = self._progress.add_task(method.name, total=total, rate="", stats="")
         self._ema: float | None = None
         self._ema_read_at = -1.0
@@ -63,8 +73,21 @@ class ProgressDisplay:
         if self.plain and not self.quiet and done and done != self._line_done:
             self._print_line()
 
+    @staticmethod
+    def _columns(width: int) -> list[Any]:
+        """Count, time left and rate first, so that a narrow terminal cuts only the statistics;
+        a bar only where it leaves room for them."""
+        columns: list[Any] = [TextColumn("[bold]{task.description}"), MofNCompleteColumn(),
+                              TimeRemainingColumn(compact=True), TextColumn("{task.fields[rate]}"),
+                              TextColumn("{task.fields[stats]}")]
+        if width >= WIDE_TERMINAL:
+            columns.insert(1, BarColumn(bar_width=max(10, min(40, width - WIDE_TERMINAL + 10))))
+        return columns
+
     def on_batch(self, out: BatchOutputs) -> None:
         self.totals.add(out)
+        if not self.quiet and not self._legend_shown and len(out.batch.items):
+            self._show_legend()
         if self.plain:
             if not self.quiet and self.clock() - self._last_line >= self.interval:
                 self._print_line()
@@ -75,6 +98,15 @@ class ProgressDisplay:
             rate=f"{self._rate():.1f} img/s",
             stats="  ".join(self._stats()),
         )
+
+    def _show_legend(self) -> None:
+        """What the abbreviations of the progress line mean, once, before its first update."""
+        self._legend_shown = True
+        parts = [LEGEND["H"]]
+        if self.method.updates_parameters and self._method_ema() is not None:
+            parts.append(LEGEND["EMA"])
+        self.console.print("; ".join(parts), soft_wrap=self.plain, markup=False, highlight=False,
+                           style="dim")
 
     def _rate(self) -> float:
         return self.totals.images / max(self.clock() - self.start, 1e-9)
@@ -123,38 +155,140 @@ class ProgressDisplay:
             self._ema_read_at = now
         return self._ema
 
+VERDICTS = {
+    "ok": "predictions changed, with no sign of collapse",
+    "no-change": "almost no prediction changed",
+    "suspect": "adaptation may have hurt, see the verdict's reasons",
+    "collapsed": "predictions collapsed onto few classes",
+}
+"""What each label-free verdict (``tta_cli.monitor.health_verdict``) means, in the summary sentence."""
+
+
+def source_accuracy(record: dict[str, Any]) -> tuple[int, int] | None:
+    """(correct, labelled) of the frozen source model's predictions over the run: from the record
+    where the monitor kept them, else from the ``source_pred`` and ``label`` columns of the
+    predictions file (the whole run, a resumed one too). None without labels or source predictions."""
+    health = record.get("health") or {}
+    if "source_correct" in health and "labelled" in health:
+        return int(health["source_correct"]), int(health["labelled"])
+    if not record.get("counts", {}).get("labelled") or "changed_share" not in health:
+        return None
+    out = Path(str(record.get("out", "")))
+    correct = labelled = 0
+    for row in _prediction_rows(out, (record.get("config") or {}).get("format", "csv")):
+        label, source = row.get("label"), row.get("source_pred")
+        if label in (None, "") or source in (None, ""):
+            continue
+        labelled += 1
+        correct += str(label) == str(source)
+    return (correct, labelled) if labelled else None
+
+
+def _prediction_rows(out: Path, fmt: str) -> Any:
+    path = out / f"predictions.{fmt}"
+    if not path.is_file():
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        if fmt == "jsonl":
+            for line in f:
+                yield json.loads(line)
+        else:
+            yield from csv.DictReader(f)
+
+
+def accuracy_text(record: dict[str, Any], source: tuple[int, int] | None) -> str:
+    """``48.8% -> 67.8% (+19.1)``: the source model's accuracy, the adapted run's and the change in
+    points; the run's alone where the source's is unknown."""
+    accuracy = record.get("accuracy")
+    if accuracy is None:
+        return "no labels"
+    if source is None or record.get("config", {}).get("predict_only"):
+        return f"{100 * accuracy:.1f}%"
+    before = source[0] / source[1]
+    return f"{100 * before:.1f}% -> {100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f})"
+
+
+def summary_sentence(record: dict[str, Any], source: tuple[int, int] | None) -> str:
+    """The summary's last line, for a newcomer: accuracy before and after, and the verdict."""
+    counts = record["counts"]
+    accuracy = record.get("accuracy")
+    if record.get("config", {}).get("predict_only"):
+        scored = f", accuracy {100 * accuracy:.1f}%" if accuracy is not None else ""
+        return f"Predicted {counts['images']} images with the model as it is, without adapting{scored}."
+    health = record.get("health") or {}
+    if accuracy is not None and source is not None:
+        before = source[0] / source[1]
+        moved = "raised" if accuracy > before else "lowered" if accuracy < before else "kept"
+        head = (f"Adaptation {moved} accuracy from {100 * before:.1f}% (the model as it was) to "
+                f"{100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f} points)")
+    elif accuracy is not None:
+        head = f"Accuracy with adaptation {100 * accuracy:.1f}% (the source model's is unknown: no source reference)"
+    elif "changed_share" in health:
+        head = (f"Adaptation changed {100 * health['changed_share']:.1f}% of the predictions "
+                "(no labels: accuracy unknown)")
+    else:
+        head = "No labels and no source reference: neither accuracy nor the change is known"
+    verdict = health.get("verdict")
+    if verdict is None:
+        return head + "."
+    return f"{head}; verdict {verdict}: {VERDICTS.get(verdict, '')}."
+
+
+def _entropy_text(record: dict[str, Any]) -> str:
+    nats = record["counts"]["mean_entropy"]
+    if nats is None:
+        return "-"
+    classes = record.get("model", {}).get("num_classes")
+    if isinstance(classes, int) and classes > 1:
+        return f"{nats:.3f} nats ({nats / math.log(classes):.2f} of the maximum, ln {classes})"
+    return f"{nats:.3f} nats"
+
+
 def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """The label-free verdict (``tta_cli.monitor.health_verdict``) and what auto chose."""
+    """What auto chose, then the label-free verdict (``tta_cli.monitor.health_verdict``), last; a
+    prediction run has neither (it does not adapt)."""
+    if record.get("config", {}).get("predict_only"):
+        return [("adaptation", "none: predicts with the model as it is")]
     rows = []
     choice = record["method"].get("choice")
     if choice:
         rows.append(("auto chose", f"{choice.get('method')}: {choice.get('why', '')}"))
     health = record.get("health")
-    if health:
-        rows.append(("health", f"{health['verdict']} ({'; '.join(health['reasons'])})"))
-    return rows
+    verdict = f"{health['verdict']} ({'; '.join(health['reasons'])})" if health else "-"
+    return [*rows, ("verdict", verdict)]
 
 
 def summary_table(record: dict[str, Any]) -> Table:
+    """The end-of-run table, its last line (the caption) one sentence with the outcome."""
     title = "tta predict" if record.get("config", {}).get("predict_only") else "tta adapt"
-    table = Table(title=title, show_header=False, title_justify="left")
+    source = source_accuracy(record)
+    table = Table(title=title, show_header=False, title_justify="left", caption_justify="left",
+                  caption=summary_sentence(record, source), caption_style="bold")
     table.add_column(style="bold")
     table.add_column()
     counts, timing = record["counts"], record["timing"]
     method = record["method"]
     lr = f", lr {method['lr']:.3g} ({method['lr_source']})" if method.get("lr") else ""
+    skipped = f" ({counts['skipped']} skipped)" if counts["skipped"] else ""
     rows = [
         ("model", f"{record['model']['spec']} ({record['model']['architecture']})"),
         ("method", f"{method['method']}{lr}"),
+        *_health_rows(record)[:-1],
         ("device", record["device"]),
-        ("images", str(counts["images"])),
-        ("skipped", str(counts["skipped"])),
-        ("used for updates", f"{counts['used_for_update']} ({100 * (counts['used_share'] or 0):.1f}%)"),
-        ("resets", str(counts["resets"])),
-        ("mean entropy", f"{counts['mean_entropy']:.4f}" if counts["mean_entropy"] is not None else "-"),
-        ("accuracy", f"{100 * record['accuracy']:.2f}%" if record.get("accuracy") is not None else "no labels"),
+        ("images", f"{counts['images']}{skipped}"),
+    ]
+    if counts["used_for_update"] or counts["resets"] or counts.get("after_each_filter"):
+        rows.append(("used for updates", f"{counts['used_for_update']} ({100 * (counts['used_share'] or 0):.1f}%),"
+                                         f" resets {counts['resets']}"))
+    rows.append(("mean entropy", _entropy_text(record)))
+    changed = (record.get("health") or {}).get("changed_share")
+    if record.get("accuracy") is None and changed is not None:
+        rows.append(("changed", f"{100 * changed:.1f}% of the predictions differ from the source model's"))
+    else:
+        rows.append(("accuracy", accuracy_text(record, source)))
+    rows += [
+        *_health_rows(record)[-1:],
         ("images/s", f"{timing['images_per_second']:.1f}"),
-        *_health_rows(record),
         ("outputs", record["out"]),
     ]
     rows += _export_rows(record)
