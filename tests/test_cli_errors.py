@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 VENDORED = importlib.util.find_spec("typer._click") is not None
 
 
-def tta(*args: str) -> subprocess.CompletedProcess[str]:
+def tta(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """``python -m tta_cli ARGS`` in a fresh process (this checkout's package first)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra_env}
     env.pop("TTA_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "tta_cli", *args], capture_output=True, text=True,
                           timeout=120, env=env, cwd=ROOT)
@@ -213,3 +214,18 @@ def test_the_typer_range_in_pyproject_holds_the_installed_typer() -> None:
     low, high = (part.split("=")[-1].lstrip("<") for part in spec.removeprefix("typer").split(","))
     installed = tuple(int(x) for x in version("typer").split(".")[:2])
     assert tuple(int(x) for x in low.split(".")[:2]) <= installed < tuple(int(x) for x in high.split(".")[:2])
+
+
+@pytest.mark.parametrize("offline", [
+    {"HF_HUB_OFFLINE": "1"},
+    {"HTTPS_PROXY": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"},  # a proxy that refuses: no network, anywhere
+], ids=["HF_HUB_OFFLINE", "unreachable"])
+def test_a_registry_model_without_cache_or_network_fails_at_once(offline: dict[str, str], tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = tta("adapt", "sample_data/stream", "--model", "vit_base", "--out", str(tmp_path / "out"),
+                 HF_HUB_CACHE=str(tmp_path / "empty-cache"), **offline)
+    elapsed = time.monotonic() - started
+    line = one_clean_line(result.stderr)
+    assert result.returncode == 2 and "cannot load weights for vit_base_patch16_224" in line
+    assert "local-dir:" in line and "--no-pretrained" in line  # the hint
+    assert elapsed < 60  # imports on a loaded machine; huggingface_hub's retries took 81 s
