@@ -128,6 +128,17 @@ def test_progress_and_summary_are_shown(tmp_path: Path, tiny_model_dir: Path, im
         assert text in result.output
 
 
+def test_methods_listing_describes_without_repeating_the_name_and_marks_the_default() -> None:
+    listing = json.loads(runner.invoke(app, ["methods", "--json"]).output)
+    for name, entry in listing.items():
+        first = entry["summary"].split(":")[0].lower()
+        assert name not in first.split() and "/" not in first, entry["summary"]
+        assert entry["summary"][:1].isupper()
+    assert [name for name, entry in listing.items() if entry["default"]] == ["auto"]
+    table = runner.invoke(app, ["methods"], env={"COLUMNS": "200"}).output
+    assert "auto (default)" in table and "eta / eata:" not in table
+
+
 def test_methods_and_models_listing() -> None:
     result = runner.invoke(app, ["methods", "--json"])
     listing = json.loads(result.output)

@@ -139,7 +139,8 @@ def _record(out: Path, accuracy: float | None, changed: float | None = 0.48125, 
 
 def _write_predictions(out: Path, labels: list[str], source: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = ["index,pred,label,source_pred"] + [f"{i},0,{y},{s}" for i, (y, s) in enumerate(zip(labels, source))]
+    pairs = enumerate(zip(labels, source, strict=True))
+    rows = ["index,pred,label,source_pred"] + [f"{i},0,{y},{s}" for i, (y, s) in pairs]
     (out / "predictions.csv").write_text("\n".join(rows) + "\n")
 
 

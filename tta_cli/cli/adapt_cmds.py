@@ -249,15 +249,16 @@ def methods(as_json: JsonOpt = False) -> None:
     import dataclasses
 
     from tta_cli.methods import get_method_class, list_methods
+    from tta_cli.methods._registry import DEFAULT_METHOD, method_summary
     from tta_cli.methods.hyperparameters import accepts, choices
 
     listing = {}
     for name in list_methods():
         cls = get_method_class(name)
-        doc = ((cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__) or "").strip()
         fields = [f.name for f in dataclasses.fields(cls.config_class)]
         listing[name] = {
-            "summary": doc.splitlines()[0] if doc else "",
+            "summary": method_summary(cls),
+            "default": name == DEFAULT_METHOD,
             "hyperparameters": {f.name: f.default for f in dataclasses.fields(cls.config_class)},
             "choices": {k: list(c) for k in fields if (c := choices(cls.config_class, k)) is not None},
             "accepts": {k: accepts(cls.config_class, k) for k in fields},
@@ -269,12 +270,13 @@ def methods(as_json: JsonOpt = False) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table("method", "what", "hyperparameters (--set key=value; choices in parentheses)")
+    table = Table("method", "what it does", "hyperparameters (--set key=value; choices in parentheses)")
     for name, entry in listing.items():
         hyperparameters = ", ".join(
             f"{k}={v}" + (f" ({'|'.join(map(str, entry['choices'][k]))})" if k in entry["choices"] else "")
             for k, v in entry["hyperparameters"].items())
-        table.add_row(name, escape(entry["summary"]), escape(hyperparameters))
+        table.add_row(name + (" (default)" if entry["default"] else ""), escape(entry["summary"]),
+                      escape(hyperparameters))
     Console().print(table)
 
 

@@ -38,6 +38,23 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+DEFAULT_METHOD = "auto"
+"""What ``tta adapt`` runs without ``--method``."""
+
+
+def method_summary(cls: type[TTAMethod]) -> str:
+    """What the method does, in one sentence: its module docstring's first paragraph, without the
+    leading ``name:`` (or ``eta / eata:``) that repeats the name beside it in a listing."""
+    import sys
+
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    text = " ".join(doc.split("\n\n")[0].split())
+    head, sep, rest = text.partition(": ")
+    if sep and all(part.strip().isidentifier() for part in head.split("/")):
+        text = rest
+    return text[:1].upper() + text[1:]
+
+
 def get_method_class(name: str) -> type[TTAMethod]:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in _REGISTRY:
