@@ -14,7 +14,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tta_cli.errors import TTAError
-from tta_cli.sinks.report import COLLAPSE_SHARE, image_path, stream_series, write_report
+from tta_cli.sinks.report import (
+    COLLAPSE_SHARE,
+    bar_chart,
+    image_path,
+    line_chart,
+    nice_ticks,
+    short_name,
+    stream_series,
+    write_report,
+)
 
 from .conftest import ROOT, make_images
 
@@ -58,10 +67,10 @@ def test_report_files_and_contents(tmp_path: Path) -> None:
     assert page.count('src="data:image/png;base64,') == 5  # every chart embedded, nothing linked
     assert not re.search(r'src="(?!data:)', page)
     changed = 40 - 10 - sum(1 for i in range(10, 40) if i % 4 == 0 or i % 3 == 2)
-    assert f"<tr><th>predictions changed by adaptation</th><td>{changed}</td></tr>" in page
+    assert f"<tr><th>predictions changed by adaptation</th><td>{changed} of 40</td></tr>" in page
     assert page.count("<figure>") == changed and page.count('src="data:image/jpeg;base64,') == changed
     assert "class &lt;0&gt;" in page  # class names are escaped
-    assert "accuracy (source model)" in page and "the method's 1 resets" in page
+    assert "the model as it was -&gt; adapted" in page and "the method's 1 resets" in page
     assert "&quot;batch_size&quot;: 10" in page  # the configuration from run.json
 
 
@@ -143,3 +152,62 @@ def test_report_of_a_real_run_on_the_sample(tmp_path: Path) -> None:
     page = report.html.read_text()
     assert "accuracy.png" in [p.name for p in report.pngs]  # the sample is labelled
     assert page.count('src="data:image/png;base64,') == len(report.pngs) == 5
+
+
+def test_the_verdict_and_the_accuracy_before_and_after_head_the_page(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record["health"] = {"verdict": "suspect", "reasons": ["prediction diversity 1.2 classes against 3.0"],
+                        "estimated_change": 0.031}
+    (run / "run.json").write_text(json.dumps(record))
+    page = write_report(run).html.read_text()
+    head = page[:page.index("<h2>")]
+    assert "Verdict: <b>suspect</b>, adaptation may have hurt" in head
+    assert "prediction diversity 1.2 classes" in head and "estimated change: 0.031" in head
+    preds = [i % 3 if i >= 10 else 2 for i in range(40)]  # as make_run writes them
+    sources = [2 if i % 4 else preds[i] for i in range(40)]
+    before = sum(sources[i] == i % 3 for i in range(40)) / 40
+    after = sum(preds[i] == i % 3 for i in range(40)) / 40
+    assert f"{100 * before:.1f}% -&gt; {100 * after:.1f}% ({100 * (after - before):+.1f})" in head
+
+
+def test_images_are_labelled_by_class_name_from_the_model_config(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    (run / "model").mkdir()
+    names = ["zero, nil", "one", "two"]
+    (run / "model" / "config.json").write_text(json.dumps({"architecture": "x", "label_descriptions": names}))
+    page = write_report(run).html.read_text()
+    assert not re.search(r"label: \d+<", page)  # label 0 and 1 are never predicted but are named
+    assert "label: zero, nil" in page and "label: one" in page
+
+
+def test_count_ticks_are_whole_numbers_and_value_ticks_nice() -> None:
+    assert nice_ticks(0, 5, whole=True) == [0, 2, 4, 6]
+    assert nice_ticks(0, 4, whole=True) == [0, 1, 2, 3, 4]
+    assert nice_ticks(0, 91, whole=True) == [0, 25, 50, 75, 100]
+    assert nice_ticks(0, 2, whole=True) == [0, 1, 2]
+    assert nice_ticks(0.0, 0.99) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    for hi in (1, 2, 3, 7, 13, 91, 1234):
+        assert all(float(t).is_integer() for t in nice_ticks(0, hi, whole=True))
+
+
+def _lowest_ink(image: Image.Image, x0: int, x1: int) -> int:
+    pixels = image.convert("L").load()
+    return max((y for y in range(image.height) for x in range(x0, x1) if pixels[x, y] < 128), default=-1)
+
+
+def test_long_class_names_fit_under_the_bars() -> None:
+    assert short_name("tench, Tinca tinca") == "tench"
+    assert len(short_name("a" * 40)) == 22
+    chart = bar_chart("t", [short_name("European fire salamander, Salamandra salamandra"), "b"],
+                      [("adapted", [3, 1], "#1f77b4")])
+    slot = (chart.width - 70 - 20) // 2
+    assert _lowest_ink(chart, 70 + slot // 2 - 8, 70 + slot // 2 + 8) < chart.height - 20  # clear of the x title
+
+
+def test_charts_have_axis_titles() -> None:
+    from tta_cli.sinks.report import Series
+
+    plain = line_chart("t", [Series("s", [1, 2], [0.5, 0.7])])
+    titled = line_chart("t", [Series("s", [1, 2], [0.5, 0.7])], y_title="entropy (nats)")
+    assert _lowest_ink(plain, 0, 20) == -1 and _lowest_ink(titled, 0, 20) > 0

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli.outputs import BatchOutputs, Totals
+from tta_cli.sinks.report import VERDICTS
 
 WIDE_TERMINAL = 110
 """Columns from which the progress line has room for a bar beside its statistics."""
@@ -154,15 +155,6 @@ class ProgressDisplay:
             self._ema = self.method.stats().get("ema")
             self._ema_read_at = now
         return self._ema
-
-VERDICTS = {
-    "ok": "predictions changed, with no sign of collapse",
-    "no-change": "almost no prediction changed",
-    "suspect": "adaptation may have hurt, see the verdict's reasons",
-    "collapsed": "predictions collapsed onto few classes",
-}
-"""What each label-free verdict (``tta_cli.monitor.health_verdict``) means, in the summary sentence."""
-
 
 def source_accuracy(record: dict[str, Any]) -> tuple[int, int] | None:
     """(correct, labelled) of the frozen source model's predictions over the run: from the record

@@ -1,7 +1,9 @@
 """``tta report RUN_DIR``: one self-contained HTML page (charts and thumbnails embedded) and PNGs.
 
 Reads only the run's ``predictions.csv`` and ``run.json`` (and the images, found from the inputs
-recorded in ``run.json``). Shows along the stream, in windows of one batch: mean entropy, the share
+recorded in ``run.json``; the class names from the exported ``model/config.json`` or the model
+folder the run used). Shows first the verdict with its reasons and the accuracy before and after
+adaptation, then along the stream, in windows of one batch: mean entropy, the share
 used for updates, accuracy where labels exist, the share of the window's most frequent predicted
 class (a collapse shows as a window that is nearly all one class), with the method's resets marked;
 the predicted-class histogram of the adapted run against the source model's; the images whose
@@ -9,6 +11,9 @@ prediction adaptation changed; the configuration.
 
 The source model's predictions come from a ``source_pred`` column of ``predictions.csv`` where the
 run wrote one; without it the report shows the adapted run alone and says so.
+
+Entropy is in nats (natural log), as in ``predictions.csv`` and the run's summary. The charts have
+axis titles and "nice" ticks (1, 2 or 5 times a power of ten; whole numbers for counts).
 
 The charts are drawn with Pillow (a core dependency): each is written as a PNG and the same bytes
 are embedded in the page, so the report needs no plotting library and no network to view.
@@ -21,6 +26,7 @@ import csv
 import html
 import io
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +42,14 @@ MAX_HISTOGRAM_CLASSES = 30
 THUMBNAIL_PX = 96
 COLLAPSE_SHARE = 0.8
 """A window whose most frequent predicted class has at least this share is marked."""
+
+VERDICTS = {
+    "ok": "predictions changed, with no sign of collapse",
+    "no-change": "almost no prediction changed",
+    "suspect": "adaptation may have hurt, see the verdict's reasons",
+    "collapsed": "predictions collapsed onto few classes",
+}
+"""What each label-free verdict (``tta_cli.monitor.health_verdict``) means, for the summary and the page."""
 
 ADAPTED, SOURCE, ACCENT, GRID, INK = "#1f77b4", "#ff7f0e", "#d62728", "#dddddd", "#222222"
 
@@ -158,12 +172,44 @@ def reset_positions(run: dict[str, Any]) -> list[int]:
     return [int(b) * int(batch) for b in run.get("resets_at_batch") or [] if isinstance(b, int)]
 
 
-def class_names(rows: list[dict[str, str]]) -> dict[str, str]:
-    names = {r["pred"]: r.get("pred_name") or r["pred"] for r in rows}
+def class_names(rows: list[dict[str, str]], run: dict[str, Any] | None = None,
+                run_dir: Path | None = None) -> dict[str, str]:
+    """Class index (as text) -> readable name: from the model's config where the run's folder or
+    its model folder has one (every class, the labels' too), else from the predicted names."""
+    names = _model_class_names(run or {}, run_dir)
+    for r in rows:
+        names.setdefault(r["pred"], r.get("pred_name") or r["pred"])
     if rows and "source_pred_name" in rows[0]:
         for r in rows:
             names.setdefault(r["source_pred"], r.get("source_pred_name") or r["source_pred"])
     return names
+
+
+def _model_class_names(run: dict[str, Any], run_dir: Path | None) -> dict[str, str]:
+    """The class names in a timm ``config.json``: the exported ``model/`` of the run, else the
+    ``local-dir:`` folder it ran."""
+    spec = str((run.get("model") or {}).get("spec") or (run.get("config") or {}).get("model") or "")
+    folders = [run_dir / "model"] if run_dir is not None else []
+    if spec.startswith("local-dir:"):
+        folders.append(Path(spec.removeprefix("local-dir:")))
+    for folder in folders:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        labels = config.get("label_descriptions") or config.get("label_names") if isinstance(config, dict) else None
+        if isinstance(labels, list) and labels:
+            return {str(i): str(name) for i, name in enumerate(labels)}
+        if isinstance(labels, dict) and labels:  # timm also writes {name: description}
+            return {str(i): str(name) for i, name in enumerate(labels.values())}
+    return {}
+
+
+def short_name(name: str, limit: int = 22) -> str:
+    """A class name for a chart axis: the first of its synonyms (ImageNet's "tench, Tinca tinca"),
+    at most ``limit`` characters."""
+    name = name.split(",")[0].strip() or name
+    return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 def changed_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -175,6 +221,41 @@ def changed_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 # --- charts ------------------------------------------------------------------------------------
 
 
+def nice_ticks(lo: float, hi: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About ``count`` evenly spaced ticks from ``lo`` (rounded down) past ``hi``, the step 1, 2,
+    2.5 or 5 times a power of ten (a whole number of at least 1 with ``whole``)."""
+    span = max(hi - lo, 1e-12)
+    raw = span / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw - 1e-12)
+    if whole:
+        step = max(1, math.ceil(step))
+    start = math.floor(lo / step + 1e-9) * step
+    ticks = [start]
+    while ticks[-1] < hi - 1e-9:
+        ticks.append(start + step * len(ticks))
+    return ticks
+
+
+def _tick_text(value: float, step: float, percent: bool, whole: bool) -> str:
+    if percent:
+        return f"{100 * value:.0f}%"
+    if whole or step >= 1:
+        return f"{value:.0f}"
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{value:.{decimals + (1 if round(step / 10 ** -decimals, 6) % 1 else 0)}f}"
+
+
+def _y_title(image: Image.Image, title: str, top: int, bottom: int, font: Any) -> None:
+    """An axis title rotated along the left edge, centred on the plot's height."""
+    probe = ImageDraw.Draw(image)
+    width = int(probe.textlength(title, font=font)) + 4
+    label = Image.new("RGB", (width, 16), "white")
+    ImageDraw.Draw(label).text((width // 2, 8), title, fill=INK, font=font, anchor="mm")
+    rotated = label.rotate(90, expand=True)
+    image.paste(rotated, (4, int((top + image.height - bottom) / 2 - rotated.height / 2)))
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -184,10 +265,11 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def line_chart(title: str, series: Sequence[Series], y_range: tuple[float, float] | None = None,
                events: Sequence[int] = (), event_label: str = "reset", percent: bool = False,
-               size: tuple[int, int] = (960, 300), threshold: float | None = None) -> Image.Image:
-    """Lines over the stream position, a vertical mark at each event, a legend, axis labels."""
+               size: tuple[int, int] = (960, 300), threshold: float | None = None,
+               y_title: str = "", x_title: str = "images in stream order") -> Image.Image:
+    """Lines over the stream position, a vertical mark at each event, a legend, axis titles."""
     width, height = size
-    left, right, top, bottom = 70, 20, 36, 40
+    left, right, top, bottom = 84, 20, 36, 44
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font, small = _font(16), _font(12)
@@ -195,24 +277,30 @@ def line_chart(title: str, series: Sequence[Series], y_range: tuple[float, float
     xs = [x for s in series for x in s.xs] + list(events)
     ys = [y for s in series for y in s.ys]
     x_max = max(xs, default=1) or 1
-    lo, hi = y_range if y_range is not None else (min(ys, default=0.0), max(ys, default=1.0))
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
+    if y_range is not None:
+        lo, hi = y_range
+        ticks = nice_ticks(lo, hi)
+    else:
+        ticks = nice_ticks(min(0.0, min(ys, default=0.0)), max(ys, default=1.0) or 1.0)
+        lo, hi = ticks[0], ticks[-1]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
 
     def point(x: float, y: float) -> tuple[float, float]:
         return (left + (width - left - right) * x / x_max,
                 height - bottom - (height - top - bottom) * (y - lo) / (hi - lo))
 
-    for k in range(5):
-        value = lo + (hi - lo) * k / 4
+    for value in ticks:
         _, y = point(0, value)
         draw.line([(left, y), (width - right, y)], fill=GRID)
-        label = f"{100 * value:.0f}%" if percent else f"{value:.2f}"
-        draw.text((left - 8, y), label, fill=INK, font=small, anchor="rm")
-    for k in range(5):
-        x, _ = point(x_max * k / 4, lo)
-        draw.text((x, height - bottom + 6), f"{round(x_max * k / 4)}", fill=INK, font=small, anchor="mt")
-    draw.text((width - right, height - 6), "images in stream order", fill=INK, font=small, anchor="rd")
+        draw.text((left - 8, y), _tick_text(value, step, percent, False), fill=INK, font=small, anchor="rm")
+    for x_value in nice_ticks(0, x_max, whole=True):
+        if x_value > x_max:
+            break
+        x, _ = point(x_value, lo)
+        draw.text((x, height - bottom + 6), f"{x_value:.0f}", fill=INK, font=small, anchor="mt")
+    draw.text(((left + width - right) / 2, height - 4), x_title, fill=INK, font=small, anchor="md")
+    if y_title:
+        _y_title(image, y_title, top, bottom, small)
     if threshold is not None:
         _, y = point(0, threshold)
         draw.line([(left, y), (width - right, y)], fill=ACCENT, width=1)
@@ -236,20 +324,24 @@ def line_chart(title: str, series: Sequence[Series], y_range: tuple[float, float
 
 
 def bar_chart(title: str, labels: list[str], groups: Sequence[tuple[str, list[int], str]],
-              size: tuple[int, int] = (960, 360)) -> Image.Image:
-    """Grouped vertical bars, one group per label, with rotated-free short labels underneath."""
+              size: tuple[int, int] = (960, 380), y_title: str = "images",
+              x_title: str = "predicted class") -> Image.Image:
+    """Grouped vertical bars, one group per label, the labels written upwards underneath (the
+    bottom margin fits the longest), whole-number ticks."""
     width, height = size
-    left, right, top, bottom = 60, 20, 36, 110
+    font, small = _font(16), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    longest = max((probe.textlength(label, font=small) for label in labels), default=0)
+    left, right, top, bottom = 70, 20, 36, int(longest) + 34
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(11)
     draw.text((left, 8), title, fill=INK, font=font)
-    peak = max((v for _, values, _ in groups for v in values), default=1) or 1
+    ticks = nice_ticks(0, max((v for _, values, _ in groups for v in values), default=1) or 1, whole=True)
+    peak = ticks[-1]
     slot = (width - left - right) / max(1, len(labels))
     bar = slot * 0.8 / max(1, len(groups))
-    for k in range(5):
-        value = peak * k / 4
-        y = height - bottom - (height - top - bottom) * k / 4
+    for value in ticks:
+        y = height - bottom - (height - top - bottom) * value / peak
         draw.line([(left, y), (width - right, y)], fill=GRID)
         draw.text((left - 8, y), f"{value:.0f}", fill=INK, font=small, anchor="rm")
     for i, label in enumerate(labels):
@@ -258,6 +350,8 @@ def bar_chart(title: str, labels: list[str], groups: Sequence[tuple[str, list[in
             h = (height - top - bottom) * values[i] / peak
             draw.rectangle([x0 + bar * g, height - bottom - h, x0 + bar * (g + 1) - 1, height - bottom], fill=color)
         _vertical_label(image, label, (left + slot * i + slot / 2, height - bottom + 4), small)
+    draw.text(((left + width - right) / 2, height - 4), x_title, fill=INK, font=small, anchor="md")
+    _y_title(image, y_title, top, bottom, small)
     x = width - right
     for name, _, color in reversed(groups):
         x -= draw.textlength(name, font=small) + 24
@@ -267,7 +361,7 @@ def bar_chart(title: str, labels: list[str], groups: Sequence[tuple[str, list[in
 
 
 def _vertical_label(image: Image.Image, text: str, anchor: tuple[float, float], font: Any) -> None:
-    text = text if len(text) <= 18 else text[:17] + "…"
+    """``text`` written upwards, its end at ``anchor`` (under the bar), whole."""
     probe = ImageDraw.Draw(image)
     w = int(probe.textlength(text, font=font)) + 4
     label = Image.new("RGB", (w, 16), "white")
@@ -287,7 +381,7 @@ def histogram_chart(rows: list[dict[str, str]], names: dict[str, str]) -> tuple[
     if has_source:
         groups.append(("source model", [source[c] for c in shown], SOURCE))
     title = "predicted classes" + note
-    return bar_chart(title, [names.get(c, c) for c in shown], groups), note
+    return bar_chart(title, [short_name(names.get(c, c)) for c in shown], groups), note
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -342,7 +436,7 @@ img.chart{max-width:100%} .note{color:#666}
 .grid{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;width:130px;font-size:12px}
 figure img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#f4f4f4}
 .old{color:#ff7f0e} .new{color:#1f77b4} .truth{color:#555}
-pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px}
+pre{background:#f6f6f6;padding:10px;overflow:auto;font-size:12px} .verdict{font-size:1.15em}
 """
 
 
@@ -353,19 +447,50 @@ def _table(pairs: list[tuple[str, str]]) -> str:
 
 def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str, str]]:
     model, method = run.get("model") or {}, run.get("method") or {}
-    correct = [v for v in (_int(r.get("correct")) for r in rows) if v is not None]
     pairs = [("model", str(model.get("spec", "?"))), ("method", str(method.get("method", "?"))),
              ("status", str(run.get("status", "?"))), ("images", str(len(rows)))]
-    if correct:
-        pairs.append(("accuracy (adapted)", f"{100 * sum(correct) / len(correct):.2f}% of {len(correct)} labelled"))
-    if rows and "source_pred" in rows[0] and rows[0].get("label", "") != "":
-        labelled = [r for r in rows if r.get("label", "") != ""]
-        hits = sum(r["source_pred"] == r["label"] for r in labelled)
-        pairs.append(("accuracy (source model)", f"{100 * hits / len(labelled):.2f}%"))
+    before, after = accuracies(rows)
+    if after is not None:
+        pairs.append(("accuracy", f"{100 * before:.1f}% -> {100 * after:.1f}% ({100 * (after - before):+.1f}): "
+                                  "the model as it was -> adapted" if before is not None
+                      else f"{100 * after:.1f}%"))
     if rows and "source_pred" in rows[0]:
-        pairs.append(("predictions changed by adaptation", str(len(changed_rows(rows)))))
+        pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {len(rows)}"))
     pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
     return pairs
+
+
+def accuracies(rows: list[dict[str, str]]) -> tuple[float | None, float | None]:
+    """(the source model's, the run's) accuracy over the labelled rows; None where unknown."""
+    labelled = [r for r in rows if r.get("label", "") != ""]
+    correct = [v for v in (_int(r.get("correct")) for r in labelled) if v is not None]
+    after = sum(correct) / len(correct) if correct else None
+    if not labelled or "source_pred" not in rows[0]:
+        return None, after
+    return sum(r["source_pred"] == r["label"] for r in labelled) / len(labelled), after
+
+
+def _verdict(run: dict[str, Any]) -> str:
+    """The label-free verdict, its reasons and any estimate the run recorded, as the page's head."""
+    health = run.get("health") or {}
+    if (run.get("config") or {}).get("predict_only"):
+        return "<p class='verdict'>Predictions of the model as it is, without adapting.</p>"
+    if not health:
+        return "<p class='note'>This run recorded no verdict.</p>"
+    reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in health.get("reasons") or [])
+    estimates = "".join(f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(_plain_value(v))}</li>"
+                        for k, v in health.items() if k.startswith("estimate"))
+    verdict = str(health.get("verdict", "?"))
+    return (f"<p class='verdict'>Verdict: <b>{html.escape(verdict)}</b>, {html.escape(VERDICTS.get(verdict, ''))} "
+            f"<span class='note'>(no labels needed)</span></p><ul>{reasons}{estimates}</ul>")
+
+
+def _plain_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain_value(v)}" for k, v in value.items())
+    return str(value)
 
 
 def _figure(row: dict[str, str], run: dict[str, Any], run_dir: Path, names: dict[str, str]) -> str:
@@ -373,7 +498,7 @@ def _figure(row: dict[str, str], run: dict[str, Any], run_dir: Path, names: dict
     uri = None if "#frame=" in key else thumbnail_data_uri(image_path(key, run, run_dir))
     picture = f'<img src="{uri}" alt="">' if uri else '<div class="note">(image not found)</div>'
     old = html.escape(names.get(row["source_pred"], row["source_pred"]))
-    new = html.escape(row.get("pred_name") or row["pred"])
+    new = html.escape(names.get(row["pred"]) or row.get("pred_name") or row["pred"])
     truth = ""
     if row.get("label", "") != "":
         truth = f'<br><span class="truth">label: {html.escape(names.get(row["label"], row["label"]))}</span>'
@@ -386,23 +511,23 @@ def render(rows: list[dict[str, str]], run: dict[str, Any], run_dir: Path, out: 
     size = window_size(rows, run)
     series = stream_series(rows, size)
     resets = reset_positions(run)
-    names = class_names(rows)
+    names = class_names(rows, run, run_dir)
     charts: list[tuple[str, Image.Image, str]] = [
         ("entropy", line_chart(f"mean prediction entropy (windows of {size} images)", [series["entropy"]],
-                               events=resets), ""),
+                               events=resets, y_title="entropy (nats)"), ""),
         ("used", line_chart("share of images used for updates", [series["used"]], (0.0, 1.0), resets,
-                            percent=True), ""),
+                            percent=True, y_title="used"), ""),
         ("top_class", line_chart(f"share of the most frequent predicted class per window (marked line: "
                                  f"{COLLAPSE_SHARE:.0%}, a possible collapse)", [series["top_class"]], (0.0, 1.0),
-                                 resets, percent=True, threshold=COLLAPSE_SHARE), ""),
+                                 resets, percent=True, threshold=COLLAPSE_SHARE, y_title="top class"), ""),
     ]
     if series["accuracy"].xs:
         lines = [Series("adapted", series["accuracy"].xs, series["accuracy"].ys, ADAPTED)]
         source = source_series(rows, size)
         if source is not None:
-            lines.append(source)
-        charts.insert(0, ("accuracy", line_chart("accuracy along the stream", lines, (0.0, 1.0), resets,
-                                                 percent=True), ""))
+            lines.append(Series("source model", source.xs, source.ys, SOURCE))
+        charts.insert(0, ("accuracy", line_chart(f"accuracy (windows of {size} images)", lines, (0.0, 1.0),
+                                                 resets, percent=True, y_title="accuracy"), ""))
     histogram, _ = histogram_chart(rows, names)
     charts.append(("classes", histogram, ""))
     pngs = []
@@ -422,7 +547,7 @@ def _page(rows: list[dict[str, str]], run: dict[str, Any], run_dir: Path, names:
     collapsed = sum(y >= COLLAPSE_SHARE for y in stream_series(rows, size)["top_class"].ys)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tta report: {html.escape(run_dir.name)}"
              f"</title><style>{CSS}</style></head><body>",
-             f"<h1>tta report: {html.escape(str(run_dir))}</h1>", _table(_summary(rows, run)),
+             f"<h1>tta report: {html.escape(str(run_dir))}</h1>", _verdict(run), _table(_summary(rows, run)),
              "<h2>Along the stream</h2>"]
     if resets:
         parts.append(f"<p>Red vertical lines: the method's {len(resets)} resets (after a collapse was detected).</p>")
