@@ -86,3 +86,25 @@ def test_auto_exports_the_stream_statistics_it_predicted_with() -> None:
     running_mean.step(random_inputs(1)[0])
     running_mean._choice_weights_sum, running_mean._choice_batches = torch.tensor([0.4, 0.6, 0.0]), 1
     assert exported_state(running_mean, "stream")[1] == "source"  # its stream statistics predicted little
+
+
+def test_a_stream_shorter_than_the_window_exports_its_plain_mean_not_an_ema_from_the_source() -> None:
+    """96 images at B = 32 (momentum 32/256): the exported statistics are the three batches'
+    mean, as the run used them, not an EMA that still holds two thirds of the source's."""
+    model = tiny_timm("test_resnet")
+    source_mean = model.bn1.running_mean.clone()
+    method = create_method("norm", model, batch_size=32)
+    assert track_stream_statistics(method, 32)
+    means: list[torch.Tensor] = []
+    hook = method.model.bn1.register_forward_pre_hook(lambda _, args: means.append(args[0].mean((0, 2, 3))))
+    for k, x in enumerate(random_inputs(n_batches=3, batch=32)):
+        method.step(x + k)
+    hook.remove()
+    state, which = exported_state(method, "stream")
+    method.close()
+    assert which == "stream"
+    torch.testing.assert_close(state["bn1.running_mean"], torch.stack(means).mean(0), rtol=1e-5, atol=1e-5)
+    ema = source_mean.clone()
+    for mean in means:
+        ema.lerp_(mean, stream_momentum(32))
+    assert not torch.allclose(state["bn1.running_mean"], ema, atol=1e-3)
