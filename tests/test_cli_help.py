@@ -3,6 +3,8 @@ options grouped in panels, examples at the end, no markup shown as text."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -70,7 +72,7 @@ def test_adapt_panels_come_in_order() -> None:
 
 def test_usage_lines_name_arguments_as_click_does() -> None:
     assert "predict [OPTIONS] INPUTS..." in render("predict")
-    assert "adapt [OPTIONS] [INPUTS]..." in render("adapt")
+    assert re.search(r"adapt \[OPTIONS\] \[INPUTS(\]\.\.\.|\.\.\.\])", render("adapt"))  # typer 0.29 / 0.24
     assert "corrupt [OPTIONS] SRC DST" in render("corrupt")
 
 

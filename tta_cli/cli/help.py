@@ -53,11 +53,24 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
 
 
 def examples(command: str) -> str | None:
-    """The ``--help`` epilog: an Examples block (one paragraph per example keeps its line breaks)."""
+    """The ``--help`` epilog: an Examples block, one paragraph per example where typer keeps the
+    line breaks inside a paragraph, else one paragraph per line (see :func:`_keeps_line_breaks`)."""
     pairs = EXAMPLES.get(command)
     if not pairs:
         return None
-    return "\n\n".join(["[bold]Examples[/bold]", *(f"  {what}:\n    $ {line}" for what, line in pairs)])
+    blocks = [f"  {what}:\n    $ {line}" for what, line in pairs]
+    if not _keeps_line_breaks():
+        blocks = [line for block in blocks for line in block.splitlines()]
+    return "\n\n".join(["[bold]Examples[/bold]", *blocks])
+
+
+def _keeps_line_breaks() -> bool:
+    """typer >= 0.26 prints an epilog's paragraphs apart and keeps the line breaks inside each;
+    older typers join each paragraph's lines with spaces and the paragraphs with line breaks."""
+    from typer import rich_utils
+
+    fix = getattr(rich_utils, "_fix_linebreaks", None)
+    return fix is not None and "\n" in fix(["a\nb"], "rich")
 
 
 class Command(TyperCommand):
@@ -70,7 +83,10 @@ class Command(TyperCommand):
             if _plain(param):
                 param.display_type_rich = _no_type  # type: ignore[attr-defined]
             if isinstance(param, TyperArgument):
-                param._usage_display_name = _usage_name(param)  # type: ignore[method-assign]
+                if hasattr(param, "_usage_display_name"):
+                    param._usage_display_name = _usage_name(param)  # type: ignore[method-assign]
+                elif param.metavar is not None and param.nargs != 1:
+                    param.metavar += "..."  # older typers: click's usage line, without the dots
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
