@@ -32,7 +32,7 @@ from tta_cli.methods import get_method_class, list_methods
 from tta_cli.models import LoadedModel
 from tta_cli.outputs import BatchOutputs, Sink
 from tta_cli.runtime import (
-    Fishers,
+    Prepared,
     RunSetup,
     SpeedOptions,
     check_precision,
@@ -40,6 +40,7 @@ from tta_cli.runtime import (
     prepare_out_dir,
     seed_everything,
     start_run,
+    uses_clean_data,
     versions,
 )
 from tta_cli.sources.folder import folder_items
@@ -64,8 +65,7 @@ class MethodSpec:
 
 def all_methods() -> list[str]:
     """Every registered method, ``source`` first (the others' speed is measured against it)."""
-    names = list_methods()
-    return [n for n in names if n == "source"] + [n for n in names if n != "source"]
+    return sorted(list_methods(), key=lambda name: not is_source(name))
 
 
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
@@ -362,31 +362,39 @@ def image_bytes(loaded: LoadedModel) -> int:
 # --- one run ---------------------------------------------------------------------------------------
 
 
-class FisherCache:
-    """EATA's Fisher information per batch size and hyperparameters: it depends only on those,
-    the source model and the clean images, so it is computed once and shared by every such run."""
+def is_source(name: str) -> bool:
+    """The method is the source model itself (``TTAMethod.changes_predictions``): the runs every
+    other method's speed is compared with."""
+    return name in list_methods() and not get_method_class(name).changes_predictions
+
+
+class CleanDataCache:
+    """What the methods learn from the clean images (``TTAMethod.prepare``; EATA's Fisher
+    information) per method, batch size and hyperparameters: it depends only on those, the source
+    model and the clean images, so it is computed once and shared by every such run."""
 
     def __init__(self, setup: RunSetup, clean: list[StreamItem]) -> None:
         self.setup = setup
         self.clean = clean
-        self._fishers: dict[tuple[int, str], Fishers] = {}
+        self._prepared: dict[tuple[str, int, str], Prepared] = {}
 
-    def get(self, batch_size: int, hyperparameters: dict[str, str]) -> Fishers:
-        key = (batch_size, json.dumps(hyperparameters, sort_keys=True))
-        if key not in self._fishers:
-            self._fishers[key], _ = self.setup.fisher_information(self.clean, batch_size, hyperparameters)
-        return self._fishers[key]
+    def get(self, name: str, batch_size: int, hyperparameters: dict[str, str]) -> Prepared:
+        key = (name, batch_size, json.dumps(hyperparameters, sort_keys=True))
+        if key not in self._prepared:
+            self._prepared[key], _ = self.setup.prepare(name, self.clean, batch_size, hyperparameters)
+        return self._prepared[key]
 
 
 def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Iterable[Batch],
-            fisher: FisherCache | None, progress: BenchProgress, seed: int,
+            clean: CleanDataCache | None, progress: BenchProgress, seed: int,
             sinks: Sequence[Sink] = (), adapt_every: int = 1) -> tuple[RunResult, list[dict[str, float]]]:
     """One method on one stream, from a pristine copy of the source model; ``sinks`` see the
     per-sample outputs too (with ``adapt_every`` k > 1: the online view, adapting on every k-th
     batch only)."""
     seed_everything(seed)
-    fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
-    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
+    prepared = clean.get(spec.name, stream.batch_size, spec.hyperparameters) \
+        if clean and uses_clean_data(spec.name) else None
+    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, prepared, fresh_copy=True)
     method.reseed(seed)  # as tta adapt: the method's own generator, seeded just before the first batch
     recorder = CurveRecorder()
     online = f" online k={adapt_every}" if adapt_every > 1 else ""
@@ -550,9 +558,9 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> list[R
     streams = seeded_streams(config, loaded, data)
     methods = _resolve_methods(config, console)
     clean = _clean_items(config, loaded)
-    fisher = FisherCache(setup, clean) if clean else None
     write_record(config, loaded, data, streams, device, started)
-    results = _run_all(config, setup, streams, methods, fisher, done, console)
+    results = _run_all(config, setup, streams, methods, CleanDataCache(setup, clean) if clean else None, done,
+                       console)
     write_record(config, loaded, data, streams, device, started)
     write_report(config.out, loaded.num_classes, plots=config.plots, console=console)
     return results
@@ -576,23 +584,23 @@ def source_speeds(out: Path) -> dict[tuple[str, str, str, int], float]:
     path = out / RESULTS
     rows = read_results(path) if path.is_file() else []
     return {(r["model"], r["setting"], r["corruption"], r.get("seed") or 0): r["images_per_second"]
-            for r in rows if r["method"] == "source" and r.get("images_per_second")}
+            for r in rows if is_source(r["method"]) and r.get("images_per_second")}
 
 
 def run_cell_method(config: BenchConfig, stream: BenchStream, spec: MethodSpec, setup: RunSetup,
-                    batches: Callable[[], Iterable[Batch]], fisher: FisherCache | None,
+                    batches: Callable[[], Iterable[Batch]], clean: CleanDataCache | None,
                     progress: BenchProgress, source_speed: float | None) -> tuple[RunResult, list[dict[str, float]]]:
     """One method on one stream, then (when slower than source) again in the online view."""
     seed = int(stream.params.get("seed", config.seed))
-    result, windows = run_one(stream, spec, setup, batches(), fisher, progress, seed)
-    if spec.name == "source" or source_speed is None:
-        result.online_k = 1 if spec.name == "source" else None
-        result.online_accuracy = result.accuracy if spec.name == "source" else None
+    result, windows = run_one(stream, spec, setup, batches(), clean, progress, seed)
+    if is_source(spec.name) or source_speed is None:
+        result.online_k = 1 if is_source(spec.name) else None
+        result.online_accuracy = result.accuracy if is_source(spec.name) else None
         return result, windows
     result.online_k = online_k(source_speed, result.images_per_second)
     result.online_accuracy = result.accuracy
     if result.online_k > 1 and config.online:
-        online, _ = run_one(stream, spec, setup, batches(), fisher, progress, seed,
+        online, _ = run_one(stream, spec, setup, batches(), clean, progress, seed,
                             adapt_every=result.online_k)
         result.online_accuracy = online.accuracy
     elif result.online_k > 1:
@@ -601,13 +609,13 @@ def run_cell_method(config: BenchConfig, stream: BenchStream, spec: MethodSpec, 
 
 
 def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], methods: list[MethodSpec],
-             fisher: FisherCache | None, done: set[tuple[str, str, str, str, int]],
+             clean: CleanDataCache | None, done: set[tuple[str, str, str, str, int]],
              console: Console) -> list[RunResult]:
     loaded = setup.loaded
     results: list[RunResult] = []
     speeds = source_speeds(config.out)
     # source first: every other method's online view needs its speed on the same stream.
-    methods = sorted(methods, key=lambda m: m.name != "source")
+    methods = sorted(methods, key=lambda m: not is_source(m.name))
     with BenchProgress(console, len(streams) * len(methods), config.quiet) as progress:
         for stream in streams:
             seed = int(stream.params.get("seed", config.seed))
@@ -617,9 +625,9 @@ def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], m
             batches = batch_source(stream, setup, config.workers, config.cache_mb << 20,
                                    image_bytes(loaded))
             for spec in todo:
-                result, windows = run_cell_method(config, stream, spec, setup, batches, fisher, progress,
+                result, windows = run_cell_method(config, stream, spec, setup, batches, clean, progress,
                                                   speeds.get(cell))
-                if spec.name == "source" and result.images_per_second:
+                if is_source(spec.name) and result.images_per_second:
                     speeds[cell] = result.images_per_second
                 save_run(config.out, result, windows)
                 progress.end_run(result)

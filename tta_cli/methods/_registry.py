@@ -30,6 +30,10 @@ def register_method(cls: M) -> M:
     """Class decorator: make a method available by its ``name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    known = _REGISTRY.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+                         f"{known.__module__}.{known.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 

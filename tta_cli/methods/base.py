@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tta_cli import distributed
 from tta_cli.methods import precision as _precision
+from tta_cli.methods.collectives import world
 from tta_cli.methods.fastpaths import (
     NO_GRAD_FIRST_BELOW,
     PENDING_LIMIT,
@@ -117,6 +118,17 @@ class TTAMethod(nn.Module):
     predicts_first_forward: ClassVar[bool] = True
     """The predictions are the model's first forward of the batch (False: a teacher's, an
     augmentation average or adjusted outputs; the method's docstring says which)."""
+    changes_predictions: ClassVar[bool] = True
+    """False for the source model itself: its predictions are the source's by definition (the
+    run then needs no frozen source copy to compare with)."""
+    data_parallel: ClassVar[bool] = False
+    """Every quantity over the batch goes through ``collectives``, so the method runs data-parallel
+    under torchrun with one process's results; the others refuse more than one process."""
+    clean_data: ClassVar[str] = ""
+    """What ``prepare`` learns from clean source-domain images before the stream (EATA: "the
+    Fisher regulariser"); empty for methods that take none."""
+    without_clean_data: ClassVar[str] = ""
+    """The method that runs instead when a method with ``clean_data`` is given no clean images."""
 
     def __init__(self, model: nn.Module, config: MethodConfig | None = None, batch_size: int = 64) -> None:
         super().__init__()
@@ -169,6 +181,20 @@ class TTAMethod(nn.Module):
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         raise NotImplementedError
 
+    # --- before the stream: clean source-domain data (``clean_data``) -----------------------------
+
+    def prepare(self, clean_batches: Iterable[torch.Tensor]) -> int:
+        """Learn what the method needs from clean source-domain batches (on a copy of the source
+        model: the model that adapts never sees them); returns the number of images used."""
+        return 0
+
+    def preparation(self) -> dict[str, Any]:
+        """What ``prepare`` learnt, to hand to other runs on the same source model."""
+        return {}
+
+    def use_preparation(self, prepared: dict[str, Any]) -> None:
+        """Take what ``prepare`` learnt on another instance (the tensors are copied)."""
+
     # --- how it runs (precision.py) ---------------------------------------------------------------
 
     def configure_performance(self, precision: str = "fp32", channels_last: bool = False,
@@ -204,7 +230,7 @@ class TTAMethod(nn.Module):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the loss; data-parallel, the gradients are then summed over the ranks."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        distributed.all_reduce_grads(self.params)
+        world().sum_grads(self.params)
 
     def optimizer_step(self) -> None:
         if self.scaler is None or not _precision.has_scaled(self.scaler):
