@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tta_cli.methods import precision as _precision
+from tta_cli.methods import resume as _resume
 from tta_cli.methods.collectives import world
 from tta_cli.methods.fastpaths import (
     NO_GRAD_FIRST_BELOW,
@@ -316,48 +317,20 @@ class TTAMethod(nn.Module):
         self._reset_flags.settle()
         self._non_finite.settle()
 
-    # --- resume (tta_cli.checkpoint) --------------------------------------------------------------
+    # --- resume (tta_cli.checkpoint; the format in ``resume``) ----------------------------------
 
     resume_attributes: ClassVar[tuple[str, ...]] = ()
     """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
 
     def state_for_resume(self) -> dict[str, Any]:
-        """Everything the next batch depends on: the modules' tensors (model, and a teacher
-        method's student or anchor), the optimiser and loss scaler, the method's generator, the
-        batch count, the reset and non-finite logs and the declared ``resume_attributes``."""
+        """Everything the next batch depends on (``resume.method_state``)."""
         self.settle()
-        return {
-            "modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "generator": self.generator.get_state(),
-            "batches_seen": self.batches_seen,
-            "resets": [[k, bool(v)] for k, v in self._reset_flags.entries()],
-            "non_finite": [[k, bool(v)] for k, v in self._non_finite.entries()],
-            "attributes": {name: _plain(getattr(self, name)) for name in self.resume_attributes},
-            "bn_stream": self._bn_hooks.stream_state() if self._bn_hooks is not None else {},
-        }
+        return _resume.method_state(self)
 
-    @torch.no_grad()
     def load_resume_state(self, state: dict[str, Any]) -> None:
         """The inverse of ``state_for_resume``, on a freshly built method of the same run."""
-        for name, tensor in self.state_dict().items():
-            tensor.copy_(state["modules"][name])
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        self.batches_seen = int(state["batches_seen"])
-        for key, hit in state["resets"]:
-            self._reset_flags.add(int(key), bool(hit))
-        for key, hit in state["non_finite"]:
-            self._non_finite.add(int(key), bool(hit))
-        for name, value in state["attributes"].items():
-            setattr(self, name, _restored(getattr(self, name, None), value, self.device))
-        if self._bn_hooks is not None:
-            self._bn_hooks.load_stream_state(state.get("bn_stream", {}), self.device)
+        _resume.load_method_state(self, state)
 
     # --- export and records -----------------------------------------------------------------------
 
@@ -416,65 +389,6 @@ class TTAMethod(nn.Module):
     def _written_buffers(self) -> dict[str, torch.Tensor]:
         """The BN buffers adapting writes (only the ``ema`` statistics), so the ones reset restores."""
         return bn_buffers(self.model) if self.bn_mode == "ema" else {}
-
-    # names kept for code written before the snapshot/fastpaths split
-    @property
-    def _source_params(self) -> list[torch.Tensor]:
-        return self.source.params
-
-    @property
-    def _source_buffers(self) -> dict[str, torch.Tensor]:
-        return self.source.buffers
-
-    def _momentum_buffers(self) -> list[torch.Tensor]:
-        return self.momentum_buffers()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
-    reads back); a dataclass or plain object becomes the dict of its attributes."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if hasattr(value, "__dict__"):
-        kind = f"{type(value).__module__}:{type(value).__qualname__}"
-        return {"__object__": kind, **{k: _plain(v) for k, v in vars(value).items()}}
-    raise TypeError(f"cannot save {type(value).__name__} for --resume")
-
-
-def _restored(current: Any, value: Any, device: torch.device) -> Any:
-    """A saved ``_plain`` value back on ``device``, into ``current``'s object where it was one."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict) and "__object__" in value:
-        if current is None or not hasattr(current, "__dict__"):
-            current = _new_object(value["__object__"])
-        for key, item in value.items():
-            if key != "__object__":
-                setattr(current, key, _restored(getattr(current, key, None), item, device))
-        return current
-    if isinstance(value, dict):
-        return {k: _restored(None, v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restored(None, v, device) for v in value]
-    return value
-
-
-def _new_object(kind: str) -> Any:
-    """An empty instance of a method's own class (e.g. a memory bank), to be filled by ``_restored``;
-    only classes of ``tta_cli.methods`` are made, never any other (a checkpoint is data, not code)."""
-    import importlib
-
-    module, _, qualname = kind.partition(":")
-    if not module.startswith("tta_cli.methods."):
-        raise TypeError(f"cannot restore a {kind} for --resume")
-    cls = getattr(importlib.import_module(module), qualname)
-    return object.__new__(cls)
 
 
 def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:

@@ -135,7 +135,7 @@ class CoTTA(TTAMethod):
         (one ``rand(shape)`` per tensor, in module order, drawn on the CPU generator)."""
         if self.config.restore_prob <= 0:
             return
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             mask = (torch.rand(param.shape, generator=self.generator) < self.config.restore_prob).float()
             mask = mask.to(param.device)
             param.copy_(source * mask + param * (1.0 - mask))
@@ -150,7 +150,7 @@ class CoTTA(TTAMethod):
     def reset(self) -> None:
         """Teacher, student and optimiser to the source (the anchor never changes)."""
         super().reset()
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             param.copy_(source)
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -236,11 +236,11 @@ class RoTTA(TTAMethod):
     def reset(self) -> None:
         """Teacher, student (parameters and robust-BN statistics), optimiser and memory to the start."""
         super().reset()
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             param.copy_(source)
         for name, buffer in self.student.named_buffers():
-            if name in self._source_buffers:
-                buffer.copy_(self._source_buffers[name])
+            if name in self.source.buffers:
+                buffer.copy_(self.source.buffers[name])
         self.memory = None
         self.samples_seen = 0
 
