@@ -18,12 +18,17 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import MethodConfig, TTAMethod
 from tta_cli.methods.hyperparameters import parse_overrides
+from tta_cli.methods.wrapper import WrappingMethod
 
-_REGISTRY: dict[str, type[TTAMethod]] = {}
+Method = TTAMethod | WrappingMethod
+"""A registered method: a ``TTAMethod``, or a policy around one (``WrappingMethod``, e.g. auto)."""
+MethodClass = type[TTAMethod] | type[WrappingMethod]
+
+_REGISTRY: dict[str, MethodClass] = {}
 ALIASES: dict[str, str] = {"bn": "norm", "none": "source"}
 """Other names a user may type for a method."""
 
-M = TypeVar("M", bound=type[TTAMethod])
+M = TypeVar("M", type[TTAMethod], type[WrappingMethod])
 
 
 def register_method(cls: M) -> M:
@@ -42,7 +47,7 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method_class(name: str) -> type[TTAMethod]:
+def get_method_class(name: str) -> MethodClass:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list_methods(), n=3)
@@ -66,7 +71,7 @@ def create_method(
     config: MethodConfig | None = None,
     batch_size: int = 64,
     **overrides: Any,
-) -> TTAMethod:
+) -> Method:
     """Wrap ``model`` in the named method, e.g. ``create_method("sar", model, lr=1e-3)``.
 
     ``batch_size`` is what the paper's learning-rate rule and the BatchNorm choice at batch size 1
@@ -82,6 +87,8 @@ def create_method(
 
 __all__ = [
     "ALIASES",
+    "Method",
+    "MethodClass",
     "create_method",
     "get_method_class",
     "list_methods",

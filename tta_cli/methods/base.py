@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -216,6 +216,19 @@ class TTAMethod(nn.Module):
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return _precision.prepare_input(x, self.performance.channels_last)
+
+    @contextlib.contextmanager
+    def source_statistics(self) -> Iterator[None]:
+        """Meanwhile every BatchNorm normalises with the source statistics and nothing is tracked: a
+        forward of the source model without a copy of it."""
+        hooks = self._bn_hooks
+        if hooks is not None:
+            hooks.paused = True
+        try:
+            yield
+        finally:
+            if hooks is not None:
+                hooks.paused = False
 
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits in fp32, under the run's precision and memory format."""
