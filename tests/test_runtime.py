@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 
 from tests.helpers import csv_rows, invoke, make_class_folders
-from tta_cli.bench.runner import BenchProgress, CleanDataCache, parse_methods, run_one
+from tta_cli.bench.progress import BenchProgress
+from tta_cli.bench.runner import CleanDataCache, parse_methods, run_one
 from tta_cli.bench.settings import BenchStream
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs

@@ -42,7 +42,7 @@ def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
 def adaptation_collapses(rows: list[dict[str, str]]) -> set[tuple[str, str, str, str]]:
     """(model, setting, corruption, method) of the runs that collapsed because of the adaptation.
 
-    ``collapsed`` in results.csv is the raw test (see ``runner.is_collapsed``). On a label-shift
+    ``collapsed`` in results.csv is the raw test (see ``results.is_collapsed``). On a label-shift
     stream the last tenth is one or two classes, which the source model itself may get all wrong;
     such a stream says nothing about the adaptation, so a run only counts when the source model's
     run on the same stream (if any) did not fail the test too.
