@@ -2,7 +2,7 @@
 
 For each model and method (``source``, ``tent``, ``eta``, ``sar``) the same stream goes through
 ``tta`` (``create_method`` + ``run_stream``, the library path of ``tta adapt``) and through a plain
-reference loop written here step by step from the spec (../shared/spec/methods.md), with none of
+reference loop written here step by step from the papers (docs/METHODS.md), with none of
 tta's optimisations: boolean indexing, full-batch passes, a deep copy of the whole model for SAR's
 recovery, Python-float bookkeeping. Runs alternate (plain, tta, tta, plain, ...) in one process
 and the report gives medians, ratios, the share of identical predictions and peak memory.
@@ -111,7 +111,7 @@ def margin_factor(name: str, model: nn.Module, first: torch.Tensor) -> float:
     return float(entropy(logits).median()) / math.log(logits.shape[1]) + 1e-6
 
 
-# --- the plain reference loops (spec section 2, step by step, no optimisation) --------------------
+# --- the plain reference loops (docs/METHODS.md, step by step, no optimisation) -------------------
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from tta_cli.bench.corrupt import KNOWN
+from tta_cli.bench.results import is_source
 from tta_cli.bench.settings import SETTINGS
 
 SHORT = {
@@ -48,7 +49,7 @@ def adaptation_collapses(rows: list[dict[str, str]]) -> set[tuple[str, str, str,
     run on the same stream (if any) did not fail the test too.
     """
     source_failed = {(r["model"], r["setting"], r["corruption"], _seed(r)) for r in rows
-                     if r["method"] == "source" and r["collapsed"] == "True"}
+                     if is_source(r["method"]) and r["collapsed"] == "True"}
     return {(r["model"], r["setting"], r["corruption"], r["method"]) for r in rows
             if r["collapsed"] == "True" and (r["model"], r["setting"], r["corruption"], _seed(r)) not in source_failed}
 

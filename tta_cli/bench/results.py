@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from tta_cli.methods import get_method_class, list_methods
 from tta_cli.outputs import BatchOutputs
 
 WINDOW = 64
@@ -163,3 +164,9 @@ def save_run(out: Path, result: RunResult, windows: list[dict[str, float]]) -> N
     curve = [head | {"window": i} | {k: w[k] for k in ("images", "n", "correct", "entropy_sum", "resets")}
              for i, w in enumerate(windows)]
     append_rows(out / CURVES, CURVE_FIELDS, curve)
+
+
+def is_source(name: str) -> bool:
+    """The method (a results row's ``method``) is the source model itself
+    (``TTAMethod.changes_predictions``): the runs every other method is compared with."""
+    return name in list_methods() and not get_method_class(name).changes_predictions

@@ -30,6 +30,7 @@ from tta_cli.bench.results import (
     CurveRecorder,
     RunResult,
     is_collapsed,
+    is_source,
     read_results,
     save_run,
 )
@@ -206,12 +207,6 @@ def image_bytes(loaded: LoadedModel) -> int:
 
 
 # --- one run ---------------------------------------------------------------------------------------
-
-
-def is_source(name: str) -> bool:
-    """The method is the source model itself (``TTAMethod.changes_predictions``): the runs every
-    other method's speed is compared with."""
-    return name in list_methods() and not get_method_class(name).changes_predictions
 
 
 class CleanDataCache:

@@ -96,7 +96,7 @@ def is_vit_like(model: nn.Module) -> bool:
 
 
 def default_lr(model: nn.Module, batch_size: int, double_at_bs1: bool = False) -> float:
-    """The SAR paper's learning-rate rule (spec section 0), for SGD with momentum 0.9."""
+    """The SAR paper's learning-rate rule (docs/METHODS.md, "Shared behaviour"), for SGD with momentum 0.9."""
     if is_vit_like(model):
         lr = 0.001 / 64 * batch_size
     else:
@@ -162,7 +162,8 @@ class TTAMethod(nn.Module):
     # --- hooks for subclasses ---------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Eval mode (no dropout / drop-path, trap 4) with BatchNorm on the chosen statistics."""
+        """Eval mode (no dropout or drop-path: docs/METHODS.md, "Shared behaviour") with BatchNorm
+        on the chosen statistics."""
         self.model.eval()
         self._bn_hooks = BatchNormStats(self.model, self.bn_mode) if self.bn_mode else None
         if self._bn_hooks is not None:
@@ -348,8 +349,8 @@ class TTAMethod(nn.Module):
     # --- export and records -----------------------------------------------------------------------
 
     def reseed(self, seed: int) -> None:
-        """Start the method's own random draws from ``seed`` (spec section 4: one dedicated CPU
-        generator, nothing else draws from it); the run calls it just before the first batch."""
+        """Start the method's own random draws from ``seed`` (one dedicated CPU generator, nothing
+        else draws from it: docs/METHODS.md, "Randomness"); the run calls it just before the first batch."""
         self.generator = torch.Generator().manual_seed(seed)
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:

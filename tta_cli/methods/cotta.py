@@ -2,7 +2,7 @@
 
 Wang, Fink, Van Gool, Dai. "Continual Test-Time Domain Adaptation", CVPR 2022.
 https://arxiv.org/abs/2203.13591 (code: qinenergy/cotta; this follows its port in
-mariodoebler/test-time-adaptation, spec section 4).
+mariodoebler/test-time-adaptation; docs/METHODS.md, "cotta").
 
 A student learns every parameter from a mean teacher's predictions; the teacher averages the
 student (EMA), an anchor (the frozen source model) decides whether the teacher's prediction is

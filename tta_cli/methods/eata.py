@@ -3,7 +3,7 @@
 Niu, Wu, Zhang, Chen, Zheng, Zhao, Tan. "Efficient Test-Time Model Adaptation without
 Forgetting", ICML 2022. https://arxiv.org/abs/2204.02610
 
-Per batch (spec section 2): keep the reliable samples (entropy below E0 = 0.4 ln C), drop those
+Per batch (docs/METHODS.md, "eta / eata"): keep the reliable samples (entropy below E0 = 0.4 ln C), drop those
 whose prediction is redundant with the running mean prediction (|cos| >= 0.05), weight the rest by
 exp(E0 - E) and minimise their entropy; EATA adds a Fisher-weighted L2 pull towards the source
 weights (beta = 2000), the Fisher taken on a small clean set (``compute_fisher``). ETA is EATA
@@ -13,7 +13,7 @@ Speed paths, each exact and tested on its own (``fastpaths``, docs/PERFORMANCE.m
 are masks and the update decision stays on the device, so a step never waits for it; on a
 batch-independent model where few samples are kept, the predictions come from a no-grad forward
 and only the kept rows are forwarded again with autograd (``reliable_rows="auto"``,
-``fastpaths.ReliableRows``).
+``fastpaths.gradient_rows``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.collectives import world
-from tta_cli.methods.fastpaths import ReliableRows, masked_mean, mean_of_kept_rows, update_if_any
+from tta_cli.methods.fastpaths import gradient_rows, masked_mean, mean_of_kept_rows, update_if_any
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import is_batch_independent
 
@@ -62,7 +62,7 @@ class ETA(TTAMethod):
         super().__init__(model, config, batch_size)
         rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
         # no second forward to shrink: cutting rows pays only after a no-grad first forward
-        self.rows = ReliableRows(enabled=rows_only, after_grad_forward=False)
+        self.rows = gradient_rows(rows_only, after_grad_forward=False)
         self.model_probs: torch.Tensor | None = None
         """EMA of the mean kept probability vector, m; meaningful where ``_has_probs``."""
         self._has_probs: torch.Tensor | None = None  # on the device, so no step reads it back

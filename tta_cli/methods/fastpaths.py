@@ -248,14 +248,39 @@ class GradientRows:
         return full.index_put_((self.index,), mask)
 
 
-class ReliableRows:
+class FullBatch:
+    """The authors' gradient passes: on the whole batch, always. ``ReliableRows`` is the speed path
+    with the same interface; a method chooses one of them once (``gradient_rows``)."""
+
+    enabled = False
+    """The passes may run on the selected rows only."""
+
+    def __init__(self) -> None:
+        self.plans = dict.fromkeys(ROW_PLANS, 0)
+
+    def first_forward(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)``: the predictions, with autograd."""
+        return forward(x)
+
+    def rows(self, x: torch.Tensor, selected: torch.Tensor, host: bool) -> GradientRows:
+        """The rows the gradient passes of this batch use (call after ``first_forward``): all of them.
+
+        ``host``: reading the selected count is free (``TTAMethod.reads_are_free``)."""
+        count = world().sum_int(int(selected.sum())) if host else None
+        return GradientRows(x, selected, None, count, False, "full", x.shape[0])
+
+    def count(self, plan: str) -> None:
+        self.plans[plan] += 1
+
+
+class ReliableRows(FullBatch):
     """Runs the gradient passes on the selected rows only, where that is exact.
 
     Exact on a batch-independent model (no BatchNorm on batch statistics: ``selection.
-    is_batch_independent``): there a row's output does not depend on the others, and a row outside
-    the selection gets no gradient, so leaving it out changes no gradient and no selected value
-    (up to float summation order within a row's ops, which the tests bound at 1e-6). On other
-    models it always gives the full batch.
+    is_batch_independent``), the only models it is chosen for: there a row's output does not depend
+    on the others, and a row outside the selection gets no gradient, so leaving it out changes no
+    gradient and no selected value (up to float summation order within a row's ops, which the tests
+    bound at 1e-6).
 
     When the expected selected share is below ``NO_GRAD_FIRST_BELOW``, the first forward (the
     predictions) runs without autograd and the selected rows are forwarded again with it.
@@ -263,26 +288,24 @@ class ReliableRows:
     autograd anyway (SAR: yes, its second forward gets smaller; ETA: no, it has none).
     """
 
-    def __init__(self, enabled: bool, after_grad_forward: bool = True) -> None:
-        self.enabled = enabled
+    enabled = True
+
+    def __init__(self, after_grad_forward: bool = True) -> None:
+        super().__init__()
         self.after_grad_forward = after_grad_forward
         self.share: float | None = None
         """Running (EMA) share of selected rows; chooses the plan of the next batch."""
-        self.plans = dict.fromkeys(ROW_PLANS, 0)
         self._no_grad_first = False
 
     def first_forward(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` for the predictions, with autograd unless the plan is "no-grad first"."""
-        self._no_grad_first = self.enabled and self.share is not None and self.share < NO_GRAD_FIRST_BELOW
+        self._no_grad_first = self.share is not None and self.share < NO_GRAD_FIRST_BELOW
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._no_grad_first):
             return forward(x)
 
     def rows(self, x: torch.Tensor, selected: torch.Tensor, host: bool) -> GradientRows:
-        """The rows the gradient passes of this batch use (call after ``first_forward``).
-
-        ``host``: reading the selected count is free (``TTAMethod.reads_are_free``)."""
         batch = x.shape[0]
-        if self.enabled and (self._no_grad_first or self.after_grad_forward):
+        if self._no_grad_first or self.after_grad_forward:
             index = selected.nonzero().squeeze(1)  # a host sync: the shape depends on the data
             k = index.numel()
             k_all = world().sum_int(k)  # data-parallel: plans and counts are the global batch's
@@ -293,17 +316,19 @@ class ReliableRows:
             return GradientRows(rows, keep_all, index, k_all, self._no_grad_first, plan, batch)
         # the running share needs the count on the host: a sync, but only on batch-independent
         # models, where the no-grad-first plan it chooses saves far more
-        count = world().sum_int(int(selected.sum())) if self.enabled or host else None
-        if self.enabled and count is not None:
-            self._track(count, world().sum_int(batch))
+        count = world().sum_int(int(selected.sum()))
+        self._track(count, world().sum_int(batch))
         return GradientRows(x, selected, None, count, False, "full", batch)
-
-    def count(self, plan: str) -> None:
-        self.plans[plan] += 1
 
     def _track(self, selected: int, batch: int) -> None:
         share = selected / batch
         self.share = share if self.share is None else 0.8 * self.share + 0.2 * share
+
+
+def gradient_rows(rows_only: bool, after_grad_forward: bool = True) -> FullBatch:
+    """The gradient passes a method runs: on the selected rows (``ReliableRows``, exact on
+    batch-independent models only) or the authors' full batch (``FullBatch``)."""
+    return ReliableRows(after_grad_forward) if rows_only else FullBatch()
 
 
 __all__ = [
@@ -311,10 +336,12 @@ __all__ = [
     "PENDING_LIMIT",
     "ROW_PLANS",
     "DeviceLog",
+    "FullBatch",
     "GradientRows",
     "ReliableRows",
     "backward_or_zero",
     "batch_mean",
+    "gradient_rows",
     "masked_mean",
     "mean_of_kept_rows",
     "nan_aware_ema",

@@ -2,7 +2,7 @@
 
 Yuan, Xie, Li. "Robust Test-Time Adaptation in Dynamic Scenarios", CVPR 2023.
 https://arxiv.org/abs/2303.13899 (code: BIT-DA/RoTTA; this follows its port in
-mariodoebler/test-time-adaptation, which predicts bit for bit the same, spec section 4).
+mariodoebler/test-time-adaptation, which predicts bit for bit the same; docs/METHODS.md, "rotta").
 
 Every BatchNorm becomes a robust BN (statistics blended into a running estimate, momentum alpha).
 A teacher (an EMA of the student) predicts; each test sample enters a class-balanced memory bank

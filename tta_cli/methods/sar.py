@@ -3,7 +3,7 @@
 Niu, Wu, Zhang, Wen, Chen, Zhao, Tan. "Towards Stable Test-Time Adaptation in Dynamic Wild
 World", ICLR 2023. https://arxiv.org/abs/2302.12400
 
-Per batch (spec section 2): a forward at theta gives the predictions; the reliable samples
+Per batch (docs/METHODS.md, "sar"): a forward at theta gives the predictions; the reliable samples
 (entropy below E0 = 0.4 ln C) give the first loss, whose gradient g moves the weights to
 theta + rho g / ||g|| (SAM); a second forward of the batch there, re-filtered, gives the loss
 whose gradient updates theta with SGD. An EMA of the second loss below 0.2 signals collapse and
@@ -17,7 +17,7 @@ Faithful to the authors' code by default, including two behaviours that matter f
 
 Speed paths, each exact and tested on its own (``fastpaths``, docs/PERFORMANCE.md): filters are
 masks and decisions stay on the device (no host sync); on a batch-independent model the gradient
-passes run on the reliable rows only (``reliable_rows="auto"``, ``fastpaths.ReliableRows``); a batch
+passes run on the reliable rows only (``reliable_rows="auto"``, ``fastpaths.gradient_rows``); a batch
 with nothing reliable, where that is known, runs only its zero-gradient SGD step.
 """
 
@@ -34,8 +34,8 @@ from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.fastpaths import (
     DeviceLog,
-    ReliableRows,
     backward_or_zero,
+    gradient_rows,
     masked_mean,
     nan_aware_ema,
     reported_mean,
@@ -78,7 +78,7 @@ class SAR(TTAMethod):
     def __init__(self, model: nn.Module, config: SARConfig | None = None, batch_size: int = 64) -> None:
         super().__init__(model, config, batch_size)
         rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
-        self.rows = ReliableRows(enabled=rows_only, after_grad_forward=True)
+        self.rows = gradient_rows(rows_only, after_grad_forward=True)
         self._ema: torch.Tensor | None = None  # on the device; NaN stands for "no EMA yet"
         self._ema_log = DeviceLog()
 

@@ -194,7 +194,7 @@ class BatchNormStats:
     """Makes every BatchNorm of a model normalise with the chosen statistics, via forward hooks.
 
     The source running statistics stay in the module buffers, untouched outside a forward, so the
-    model exports as it loaded (trap 3 of the spec) and ``reset`` never needs them.
+    model exports as it loaded (docs/METHODS.md, "Shared behaviour") and ``reset`` never needs them.
 
     * ``batch``: the current batch's mean and biased variance (the authors' "BN forced to batch
       stats", bit for bit: buffers are None during the forward). A batch with one value per
