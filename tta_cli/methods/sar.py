@@ -105,12 +105,13 @@ class SAR(TTAMethod):
             return self._step_with_nothing_reliable(logits, reliable)
         self.rows.count(rows.plan)
 
-        # eq. 2: the mean entropy over S1; eq. 5: its gradient g moves theta to theta + rho g / ||g||
+        # the reliable entropy loss: mean entropy over S1; its gradient g moves theta to the sharpest
+        # point of the neighbourhood, theta + eps with eps = rho g / ||g|| (SAM's first step)
         loss1, n_reliable = masked_mean(rows.with_grad(entropy, self._entropy), rows.selected)
         self.backward(loss1)
         theta = self.perturb()
 
-        # eq. 6: the entropy at theta + eps over S2 = S1 & {E' < E0}; its gradient updates theta
+        # the loss at theta + eps over S2 = S1 & {E' < E0}; its gradient updates theta (SAM's second step)
         entropy2 = self._entropy(rows.x)
         used = rows.selected & (entropy2 < margin)
         loss2, n_used = masked_mean(entropy2, used)
@@ -118,7 +119,7 @@ class SAR(TTAMethod):
         self.restore(theta)
         self._sgd_step(n_used)
 
-        # model recovery: an EMA of the second loss below e0 restores the source model
+        # model recovery: an EMA of the second loss below e0 (0.2) restores the source model
         collapsed = self._recover_if_collapsed(reported_mean(loss2, n_used))
         return StepResult(logits.detach(), rows.to_batch(used), (n_reliable, n_used), collapsed)
 
