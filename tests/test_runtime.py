@@ -125,3 +125,11 @@ def test_unknown_precision_fails_before_loading() -> None:
 
     with pytest.raises(TTAError, match="unknown precision"):
         start_run("no-such-model", speed=SpeedOptions(precision="fp8"))
+
+
+def test_a_method_without_its_clean_images_says_what_runs_instead() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    assert method_name("eata", has_clean=False, console=console) == "eta"
+    assert "eata without --clean: no Fisher regulariser, running eta" in console.export_text()

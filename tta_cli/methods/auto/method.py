@@ -1,4 +1,8 @@
-"""The ``auto`` method: the policy's choice (``policy``) run as a wrapper around a faithful method."""
+"""auto: chooses a method and its settings from what it can see without labels, and guards it.
+
+The registered ``auto``: what ``policy`` chooses for the model, run as a ``WrappingMethod`` around
+one of the project's faithful methods (``bn_choice`` on BatchNorm models, ``guard`` on the others).
+"""
 
 from __future__ import annotations
 
