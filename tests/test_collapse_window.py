@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tta_cli import monitor
@@ -24,13 +25,16 @@ def test_effective_classes_of_one_class_uniform_and_none() -> None:
 
 
 def test_signals_are_the_monitors() -> None:
-    """The same numbers as ``tta_cli.monitor`` computes (it keeps its own copy until it uses this one)."""
+    """The same numbers as the monitor's own copy of the signals, while it keeps one."""
+    theirs = getattr(monitor, "window_signals", None)
+    if theirs is None or theirs is window_signals:
+        pytest.skip("the monitor computes its signals with this module")
     generator = torch.Generator().manual_seed(0)
     pred, source_pred = (torch.randint(0, 10, (64,), generator=generator) for _ in range(2))
     entropy, source_entropy = (torch.rand(64, generator=generator) for _ in range(2))
     ours = window_signals(pred, entropy, source_pred, source_entropy, 10)
-    assert ours == monitor.window_signals(pred, entropy, source_pred, source_entropy, 10)
-    assert window_signals(pred, entropy, None, None, 10) == monitor.window_signals(pred, entropy, None, None, 10)
+    assert ours == theirs(pred, entropy, source_pred, source_entropy, 10)
+    assert window_signals(pred, entropy, None, None, 10) == theirs(pred, entropy, None, None, 10)
 
 
 def test_window_keeps_the_latest_batches_that_hold_its_size() -> None:
