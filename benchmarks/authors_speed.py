@@ -48,7 +48,7 @@ from speed import Recorder
 from torch import nn
 
 from tta_cli.engine import run_stream
-from tta_cli.methods import create_method
+from tta_cli.runtime import RunSetup, SpeedOptions, start_run
 from tta_cli.sources.items import Batch, StreamItem
 
 GN, BN, LN = "cifar10-resnet18-gn", "cifar10-resnet18-bn", "cifar10-convnext-atto-ln"
@@ -92,8 +92,13 @@ def shared_dir() -> Path:
     return common_shared_dir(None, "fixtures/fidelity2/README.md")
 
 
+def set_up(name: str) -> RunSetup:
+    """The shared model through ``tta``'s own set-up call (fp32, no channels-last: the fixtures')."""
+    return start_run(f"local-dir:{shared_dir() / 'models' / name}", speed=SpeedOptions("fp32", "off"))
+
+
 def load_model(name: str) -> nn.Module:
-    return timm.create_model(f"local-dir:{shared_dir() / 'models' / name}", pretrained=True)
+    return set_up(name).loaded.model
 
 
 def load_stream(model: nn.Module) -> tuple[torch.Tensor, list[str]]:
@@ -119,9 +124,8 @@ def seed_globals(seed: int) -> None:
 # --- tta ------------------------------------------------------------------------------------------
 
 
-def run_tta(case: Case, model: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-    method = create_method(case.method, model, batch_size=case.batch_size, **case.tta_settings)
-    method.configure_performance("fp32", False, False)
+def run_tta(case: Case, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    method = set_up(case.model).build_method(case.method, case.tta_settings, case.batch_size)
     batches, first = [], 0
     for chunk in x.split(case.batch_size):
         items = [StreamItem(str(first + i), Path(str(first + i))) for i in range(chunk.shape[0])]
@@ -245,7 +249,7 @@ def compare(case: Case, build: Callable[[nn.Module], Step], repeats: int) -> dic
     x, _ = load_stream(source)
     reference = reference_predictions(case)
     fresh = {"authors": lambda: run_authors(build, case, load_model(case.model), x),
-             "tta": lambda: run_tta(case, load_model(case.model), x)}
+             "tta": lambda: run_tta(case, x)}
     seconds: dict[str, list[float]] = {"authors": [], "tta": []}
     preds: dict[str, torch.Tensor] = {}
     for rep in range(repeats):

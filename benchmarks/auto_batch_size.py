@@ -13,7 +13,6 @@ statistics. docs/BENCHMARKS.md ("auto at small batches") was made with::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import torch
 
 from tta_cli.bench.runner import parse_methods
-from tta_cli.methods import create_method
 from tta_cli.runtime import start_run
 from tta_cli.sources.folder import folder_items
 
@@ -50,8 +48,7 @@ def main() -> None:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         for order, index in orders.items():
             for spec in parse_methods(args.methods):
-                method = create_method(spec.name, copy.deepcopy(setup.loaded.model), batch_size=batch_size,
-                                       **spec.hyperparameters)
+                method = setup.build_method(spec.name, spec.hyperparameters, batch_size, fresh_copy=True)
                 predictions = torch.cat([method.step(x[i]).logits.argmax(1) for i in index.split(batch_size)])
                 row = {"batch_size": batch_size, "order": order, "method": spec.label,
                        "accuracy": round(100 * (predictions == y[index]).float().mean().item(), 1)}

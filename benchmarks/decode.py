@@ -94,19 +94,15 @@ def adapt_on(method: object, batches: Iterable[torch.Tensor]) -> int:
     return count
 
 
-def new_method(loaded: object, batch_size: int) -> object:
-    import copy
-
-    from tta_cli.methods import create_method, method_config
-
-    model = copy.deepcopy(loaded.model)  # type: ignore[attr-defined]
-    return create_method("sar", model, method_config("sar"), batch_size=batch_size)
+def new_method(setup: object, batch_size: int) -> object:
+    """SAR on a copy of the model, built as ``tta adapt`` builds it (``RunSetup.build_method``)."""
+    return setup.build_method("sar", {}, batch_size, fresh_copy=True)  # type: ignore[attr-defined]
 
 
-def end_to_end(loaded: object, items: list, transform: Callable, batch_size: int, workers: int) -> int:
+def end_to_end(setup: object, items: list, transform: Callable, batch_size: int, workers: int) -> int:
     from tta_cli.sources.loader import iter_batches
 
-    method = new_method(loaded, batch_size)
+    method = new_method(setup, batch_size)
     batches = iter_batches(items, transform, batch_size, workers)
     return adapt_on(method, (b.images for b in batches if b.items))
 
@@ -142,7 +138,7 @@ def main() -> None:
 
     import timm.data
 
-    from tta_cli.models import load_model
+    from tta_cli.runtime import start_run
     from tta_cli.sources import folder_items
     from tta_cli.sources.loader import iter_batches
 
@@ -152,7 +148,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads in the main process, load average {os.getloadavg()}",
           flush=True)
-    loaded = load_model(f"local-dir:{SAMPLE_MODEL}")
+    setup = start_run(f"local-dir:{SAMPLE_MODEL}", threads=args.threads)
+    loaded = setup.loaded
     transforms = {
         "model (32 px)": loaded.transform(),
         "224 px": timm.data.create_transform(input_size=224, crop_pct=0.875, interpolation="bilinear"),
@@ -175,12 +172,12 @@ def main() -> None:
     items = datasets[next(iter(datasets))]
     transform = transforms["model (32 px)"]
     batches = [b.images for b in iter_batches(items, transform, args.batch_size, 0)]
-    result = measure(lambda: adapt_on(new_method(loaded, args.batch_size), batches), args.repeats)
+    result = measure(lambda: adapt_on(new_method(setup, args.batch_size), batches), args.repeats)
     rows.append(("sample_data/stream", "model (32 px)", "adapt alone (SAR, convnext_atto)", result))
     show(rows[-1])
     for data, items in datasets.items():
         for workers in args.workers:
-            job = functools.partial(end_to_end, loaded, items, transform, args.batch_size, workers)
+            job = functools.partial(end_to_end, setup, items, transform, args.batch_size, workers)
             rows.append((data, "model (32 px)", f"decode + adapt, {workers} workers", measure(job, args.repeats)))
             show(rows[-1])
     report(rows)

@@ -16,7 +16,6 @@ and with ImageNet mean/std. Reuses the cache of ``benchmarks/imagenet_wild.py``:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 from pathlib import Path
@@ -26,8 +25,7 @@ import torch
 
 from tta_cli.bench.data import find_corrupted
 from tta_cli.bench.settings import build_streams
-from tta_cli.methods import create_method
-from tta_cli.models import load_model
+from tta_cli.runtime import start_run
 from tta_cli.sources.loader import iter_batches
 
 CACHE = Path(os.environ.get("TTA_BENCH_CACHE") or Path.home() / ".cache" / "tta-cli" / "bench")
@@ -56,7 +54,8 @@ def main() -> int:
         print(f"{args.corrupt_into}: {report.written} written, {report.existing} already there")
         args.data = args.corrupt_into
 
-    loaded = load_model(f"local-dir:{args.model}")
+    setup = start_run(f"local-dir:{args.model}", seed=args.seed)
+    loaded = setup.loaded
     found = find_corrupted(Path(args.data), loaded.class_names, 5, args.corruptions.split(","))
     assert found is not None, f"no corrupted images under {args.data}"
     streams = build_streams(found.by_corruption, ["mild"], args.batch_size, args.seed)
@@ -78,7 +77,7 @@ def main() -> int:
             for name in args.methods.split(","):
                 random.seed(args.seed)
                 torch.manual_seed(args.seed)
-                method = create_method(name, copy.deepcopy(loaded.model), batch_size=stream.batch_size)
+                method = setup.build_method(name, {}, stream.batch_size, fresh_copy=True)
                 correct = total = 0
                 for batch in batches:
                     logits = method.step(batch.images).logits

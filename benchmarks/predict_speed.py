@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from tta_cli.engine import run_stream
-from tta_cli.methods import create_method
 from tta_cli.runtime import start_run
 from tta_cli.sinks.predictions import PredictionsWriter
 from tta_cli.sources import collect_stream
@@ -57,7 +56,7 @@ def plain_loop(model: torch.nn.Module, batches: list[Batch], device: torch.devic
 
 def tta_loop(setup: object, batches: list[Batch], folder: Path) -> tuple[float, torch.Tensor]:
     loaded, device = setup.loaded, setup.device  # type: ignore[attr-defined]
-    method = create_method("source", loaded.model.to(device), batch_size=len(batches[0].items))
+    method = setup.build_method("source", {}, len(batches[0].items))  # type: ignore[attr-defined]
     writer = PredictionsWriter(folder / "predictions.csv", loaded.class_names)
     started = time.perf_counter()
     run_stream(method, batches, device, [writer])

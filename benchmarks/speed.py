@@ -2,7 +2,7 @@
 
 For each model and method (``source``, ``tent``, ``eta``, ``sar``) the same stream goes through
 ``tta`` (``create_method`` + ``run_stream``, the library path of ``tta adapt``) and through a plain
-reference loop written here step by step from the spec (../shared/spec/methods.md), with none of
+reference loop written here step by step from the papers (docs/METHODS.md), with none of
 tta's optimisations: boolean indexing, full-batch passes, a deep copy of the whole model for SAR's
 recovery, Python-float bookkeeping. Runs alternate (plain, tta, tta, plain, ...) in one process
 and the report gives medians, ratios, the share of identical predictions and peak memory.
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -54,10 +55,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tta_cli.device import resolve_channels_last
 from tta_cli.engine import run_stream
-from tta_cli.methods import create_method
-from tta_cli.methods.base import TTAMethod, default_lr
+from tta_cli.methods import Method, get_method_class
+from tta_cli.methods.base import default_lr
+from tta_cli.runtime import RunSetup, SpeedOptions, start_run
 from tta_cli.sources.items import Batch, StreamItem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,18 +79,22 @@ def shared_dir() -> Path:
 # --- models and data ------------------------------------------------------------------------------
 
 
-def load_model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    if name.startswith("cifar10-"):
-        return timm.create_model(f"local-dir:{shared_dir() / 'models' / name}", pretrained=True)
-    return timm.create_model(name, pretrained=False)
+def model_spec(name: str) -> str:
+    return f"local-dir:{shared_dir() / 'models' / name}" if name.startswith("cifar10-") else name
 
 
-def load_images(model: nn.Module, n: int) -> torch.Tensor:
+def set_up(name: str, device: str = "cpu", threads: int | None = None, precision: str = "fp32",
+           compile: bool = False) -> RunSetup:
+    """The model (shared trained weights, or a timm architecture with random weights from seed 0) and
+    the speed options through ``tta``'s own set-up call, as ``tta adapt`` and ``tta bench`` do."""
+    return start_run(model_spec(name), pretrained=name.startswith("cifar10-"), device=device, seed=0,
+                     threads=threads, speed=SpeedOptions(precision, "auto", compile))
+
+
+def load_images(runtime: RunSetup, n: int) -> torch.Tensor:
     """The first ``n`` images of the shared fidelity stream, in the model's preprocessing."""
-    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
     files = sorted((shared_dir() / "fixtures" / "fidelity" / "stream").glob("*.png"))[:n]
-    return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    return torch.stack([runtime.transform(Image.open(f).convert("RGB")) for f in files])
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -106,7 +111,7 @@ def margin_factor(name: str, model: nn.Module, first: torch.Tensor) -> float:
     return float(entropy(logits).median()) / math.log(logits.shape[1]) + 1e-6
 
 
-# --- the plain reference loops (spec section 2, step by step, no optimisation) --------------------
+# --- the plain reference loops (docs/METHODS.md, step by step, no optimisation) -------------------
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -260,6 +265,7 @@ PLAIN = {"source": PlainSource, "tent": PlainTent, "eta": PlainETA, "sar": Plain
 @dataclass
 class Setup:
     name: str
+    runtime: RunSetup
     model: nn.Module
     images: torch.Tensor
     batch_size: int
@@ -314,15 +320,17 @@ class Recorder:
         self.preds.append(out.pred)
 
 
-def build_tta(setup: Setup, method: str) -> TTAMethod:
-    model = setup.fresh_model()
-    hyperparameters: dict[str, Any] = {} if method == "source" else {"lr": setup.lr}
-    if method in ("eta", "sar"):
-        hyperparameters["margin_factor"] = setup.margin
-    tta = create_method(method, model, batch_size=setup.batch_size, **hyperparameters)
-    channels_last = resolve_channels_last("auto", model, setup.device)
-    tta.configure_performance(setup.precision, channels_last, setup.compile)
-    return tta
+def shared_hyperparameters(method: str, lr: float, margin: float) -> dict[str, Any]:
+    """The learning rate and the entropy margin of the comparison, for the methods that have them."""
+    fields = {f.name for f in dataclasses.fields(get_method_class(method).config_class)}
+    return {key: value for key, value in (("lr", lr), ("margin_factor", margin)) if key in fields}
+
+
+def build_tta(setup: Setup, method: str) -> Method:
+    """The method through ``RunSetup.build_method``: the model, precision and memory format as a
+    ``tta adapt`` run gets them."""
+    hyperparameters = shared_hyperparameters(method, setup.lr, setup.margin)
+    return setup.runtime.build_method(method, hyperparameters, setup.batch_size, fresh_copy=setup.copies)
 
 
 def tta_batches(setup: Setup, n_batches: int | None) -> list[Batch]:
@@ -440,19 +448,20 @@ def probe_in_subprocess(args: argparse.Namespace, model: str, impl: str, method:
 
 
 def make_setup(args: argparse.Namespace, name: str) -> Setup:
-    device = torch.device(args.device)
-    model = load_model(name)
-    images = load_images(model, args.images)
+    runtime = set_up(name, args.device, args.threads, args.precision, args.compile)
+    model = runtime.loaded.model
+    images = load_images(runtime, args.images)
     margin = margin_factor(name, model, images[: args.batch_size])
     lr = default_lr(model, args.batch_size)
-    return Setup(name, model, images, args.batch_size, device, args.precision, args.compile, margin, lr)
+    return Setup(name, runtime, model, images, args.batch_size, runtime.device, args.precision, args.compile,
+                 margin, lr)
 
 
 def check_same_parameters(setup: Setup, method: str) -> None:
     """Both loops must adapt the same tensors (the plain one by the authors' names)."""
-    if method == "source":
-        return
     tta = build_tta(setup, method)
+    if not tta.updates_parameters:
+        return
     plain = plain_param_names(copy.deepcopy(setup.model), method)
     if sorted(tta.param_names) != sorted(plain):
         raise SystemExit(f"{setup.name} {method}: tta adapts {len(tta.param_names)} tensors, "
@@ -514,12 +523,11 @@ def adapt_folder(args: argparse.Namespace) -> dict[str, Any]:
     from tta_cli.run import adapt
 
     model = args.models[0]
-    spec = f"local-dir:{shared_dir() / 'models' / model}" if model.startswith("cifar10-") else model
+    spec = model_spec(model)
     method = args.methods[0]
-    hyperparameters: dict[str, Any] = {}
-    if method in ("eta", "eata", "sar"):  # the same margin rule as the comparison
-        source = load_model(model)
-        hyperparameters["margin_factor"] = margin_factor(model, source, load_images(source, args.batch_size))
+    runtime = set_up(model)
+    margin = margin_factor(model, runtime.loaded.model, load_images(runtime, args.batch_size))
+    hyperparameters = {k: v for k, v in shared_hyperparameters(method, 0.0, margin).items() if k != "lr"}
     config = AdaptConfig(inputs=[Path(args.adapt_folder)], model=spec, method=method,
                          pretrained=model.startswith("cifar10-"), batch_size=args.batch_size,
                          device=args.device, out=Path(args.adapt_out), overwrite=True, quiet=True,
@@ -548,18 +556,14 @@ def make_jpegs(folder: Path, n: int, size: int = 256) -> None:
 # --- whole process against whole process: tta adapt, the authors' SAR, the plain loop --------------
 
 
-def model_spec(name: str) -> str:
-    return f"local-dir:{shared_dir() / 'models' / name}" if name.startswith("cifar10-") else name
-
-
 def process_run(impl: str, folder: Path, name: str, batch_size: int, lr: float, out: Path,
                 authors: Path | None) -> None:
     """One whole run as the authors' script does it: decode every image first, then adapt batch by
     batch; predictions to ``out`` (JSON). ``impl``: ``authors`` (their sar.py/sam.py) or ``plain``."""
-    model = load_model(name)
-    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+    runtime = set_up(name)
+    model = runtime.loaded.model
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    images = torch.stack([runtime.transform(Image.open(f).convert("RGB")) for f in files])
     if impl == "authors":
         step = authors_sar(model, lr, E0_FACTOR, authors)  # type: ignore[arg-type]
     else:
@@ -586,7 +590,7 @@ def whole_processes(args: argparse.Namespace) -> dict[str, Any]:
     """tta adapt, the authors' SAR and the plain loop, each a whole process, runs interleaved."""
     name, folder, work = args.models[0], Path(args.folder), Path(args.adapt_out)
     work.mkdir(parents=True, exist_ok=True)
-    lr = default_lr(load_model(name), args.batch_size)
+    lr = default_lr(set_up(name).loaded.model, args.batch_size)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.process_threads:
         env["OMP_NUM_THREADS"] = str(args.process_threads)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tta_cli.bench.report import adaptation_collapses, markdown, summarise, write_report
-from tta_cli.bench.runner import CURVE_FIELDS, RESULT_FIELDS, CurveRecorder, is_collapsed
+from tta_cli.bench.results import CURVE_FIELDS, RESULT_FIELDS, CurveRecorder, is_collapsed
 
 
 def _row(setting: str, corruption: str, method: str, acc: float, collapsed: bool = False,

@@ -1,4 +1,4 @@
-"""methods/auto.py: what auto chooses per normalisation type, its BatchNorm variety rule, its guard."""
+"""methods/auto: what auto chooses per normalisation type, its BatchNorm choice, its guard."""
 
 from __future__ import annotations
 
@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
+from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
-from tta_cli.methods.auto import (
-    DEFAULT_INNER,
-    STREAM_MOMENTUM_IMAGES,
-    BatchVariety,
-    EntropyWindow,
-    batch_alpha,
-    model_norm_kind,
-)
+from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
 from tta_cli.methods.base import softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
@@ -45,28 +39,6 @@ def test_choice_per_normalisation(arch: str, kind: str, inner: str) -> None:
 def test_inner_can_be_chosen() -> None:
     method = create_method("auto", tiny_timm("test_vit"), batch_size=8, inner="tent")
     assert method.describe()["inner"] == "tent"
-
-
-def test_variety_of_shuffled_and_single_class_batches() -> None:
-    g = torch.Generator().manual_seed(0)
-    shuffled = BatchVariety(10, prior=64)
-    ratios = [shuffled.ratio(torch.randint(0, 10, (64,), generator=g)) for _ in range(4)]
-    assert min(ratios) > 0.8
-    one_class = BatchVariety(10, prior=64)
-    assert all(one_class.ratio(torch.full((64,), c)) == 0.0 for c in range(4))
-    assert BatchVariety(10, prior=64).ratio(torch.tensor([3])) == 0.0  # batch size 1: source statistics
-    assert batch_alpha(1.0, 1.0, 0.5) == 1.0 and batch_alpha(0.4, 1.0, 0.5) == 0.0
-    assert batch_alpha(0.75, 1.0, 0.5) == pytest.approx(0.5)
-
-
-def test_batchnorm_single_class_batch_predicts_with_source_statistics() -> None:
-    model = tiny_timm("test_resnet")
-    x = random_inputs(1)[0][:1].repeat(8, 1, 1, 1)  # 8 copies of one image: one source class
-    with torch.no_grad():
-        expected = model.eval()(x)
-    method = create_method("auto", model, batch_size=8, bn_stats="ema")
-    assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
-    assert method.stats()["bn_alpha_mean"] == 0.0
 
 
 def _source_and_batch_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,40 +87,6 @@ def _first_bn_input_means(model: torch.nn.Module, x: torch.Tensor) -> torch.Tens
     return seen[0].mean(dim=(2, 3))
 
 
-def test_batchnorm_choose_stream_candidate_keeps_running_statistics_of_the_stream() -> None:
-    model = tiny_timm("test_resnet")
-    pristine = copy.deepcopy(model)
-    x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
-    method = create_method("auto", model, batch_size=8, bn_stream="running", bn_stream_momentum=0.5)
-    method.step(x1)
-    method.step(x2)
-    stream_model = method.stream_model
-    assert stream_model is not None
-    first = batchnorm_layers(stream_model)[0]
-    means = [_first_bn_input_means(pristine, x).mean(0) for x in (x1, x2)]
-    weight = 1 - 0.5 ** (8 / STREAM_MOMENTUM_IMAGES)  # momentum 0.5 per 64 images
-    assert torch.allclose(first.running_mean, torch.lerp(means[0], means[1], weight), atol=1e-5)
-    assert "stream_statistics_share" in method.stats()
-    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
-
-
-def test_batchnorm_choose_stream_candidate_with_momentum_one_is_the_batch_statistics() -> None:
-    model = tiny_timm("test_resnet")
-    x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
-    _, batch = _source_and_batch_logits(model, x2)
-    method = create_method("auto", model, batch_size=8, bn_stream="running", bn_stream_momentum=1.0)
-    method.step(x1)
-    assert torch.allclose(method._stream_step(x2, batch.argmax(1)).logits, batch, atol=1e-4)
-
-
-def test_batchnorm_choose_stream_candidate_starts_at_the_first_batch() -> None:
-    model = tiny_timm("test_resnet")
-    x = random_inputs(1)[0] * 2 + 3.0
-    _, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream="running")
-    assert torch.allclose(method._stream_step(x, batch.argmax(1)).logits, batch, atol=1e-4)
-
-
 def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None:
     model = tiny_timm("test_resnet", num_classes=4)
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
@@ -156,7 +94,7 @@ def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None
     x = random_inputs(1)[0] * 2 + 3.0
     means = _first_bn_input_means(model, x)
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
-    method._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
+    method.bn_choice._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
     first = batchnorm_layers(method.stream_model)[0]
     assert torch.allclose(first.running_mean, (means.mean(0) + 3 * source_mean) / 4, atol=1e-5)
     assert all(torch.equal(b, s) for b, s in zip(model.buffers(), pristine.buffers(), strict=True))
@@ -168,7 +106,7 @@ def test_balanced_stream_statistics_of_a_batch_of_every_class_are_the_batch_stat
     _, batch = _source_and_batch_logits(model, x)
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
     labels = torch.arange(8) % 4  # two images of each class: the class average is the batch's
-    assert torch.allclose(method._stream_step(x, labels).logits, batch, atol=1e-4)
+    assert torch.allclose(method.bn_choice._stream_step(x, labels).logits, batch, atol=1e-4)
 
 
 @pytest.mark.parametrize("labels", ["choice", "source"])
@@ -179,8 +117,8 @@ def test_balanced_stream_statistics_count_each_image_for_its_chosen_class(labels
     source, batch = _source_and_batch_logits(model, x)
     method = create_method("auto", model, batch_size=8, bn_choice_temperature=0.0, bn_stream_labels=labels)
     seen = []
-    original = method._stream_step
-    method._stream_step = lambda x_, labels_: seen.append(labels_) or original(x_, labels_)  # type: ignore[method-assign]
+    original = method.bn_choice._stream_step
+    method.bn_choice._stream_step = lambda x_, labels_: seen.append(labels_) or original(x_, labels_)  # type: ignore[method-assign]
     method.step(x)
     batch_wins = softmax_entropy(batch).mean() < softmax_entropy(source).mean()
     expected = batch if labels == "choice" and batch_wins else source
@@ -193,7 +131,7 @@ def test_balanced_stream_statistics_weigh_each_class_against_the_prior() -> None
     x = random_inputs(1)[0] * 2 + 3.0
     means = _first_bn_input_means(model, x)
     method = create_method("auto", model, batch_size=8, bn_stream_prior=24.0)
-    method._stream_step(x, torch.zeros(8, dtype=torch.long))  # 8 images of class 0: trust 8 / (8 + 24)
+    method.bn_choice._stream_step(x, torch.zeros(8, dtype=torch.long))  # 8 images of class 0: trust 8 / (8 + 24)
     trust = 8 / 32
     expected = (trust * means.mean(0) + (4 - trust) * source_mean) / 4
     assert torch.allclose(batchnorm_layers(method.stream_model)[0].running_mean, expected, atol=1e-5)
@@ -207,8 +145,8 @@ def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5,
                            bn_stream_prior=0.0)
     zeros = torch.zeros(8, dtype=torch.long)
-    method._stream_step(x1, zeros)
-    method._stream_step(x2, zeros)
+    method.bn_choice._stream_step(x1, zeros)
+    method.bn_choice._stream_step(x2, zeros)
     weight = 1 - 0.5 ** (8 * 4 / STREAM_MOMENTUM_IMAGES)  # 8 images of class 0, 4 classes
     class_mean = torch.lerp(means1.mean(0), means2.mean(0), weight)
     first = batchnorm_layers(method.stream_model)[0]
@@ -230,49 +168,13 @@ def test_batchnorm_choose_at_one_image_never_takes_its_own_statistics() -> None:
     assert shares["batch_statistics_share"] == 0.0 and 0.0 < shares["stream_statistics_share"] < 1.0
 
 
-class _AlwaysVaried:
-    def ratio(self, pred: torch.Tensor) -> float:
-        return 1.0
-
-
-def test_batchnorm_running_statistics_move_by_the_momentum_of_a_varied_batch() -> None:
-    model = tiny_timm("test_resnet")
-    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    source_mean = bn.running_mean.clone()
-    seen: list[torch.Tensor] = []
-    bn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    method = create_method("auto", model, batch_size=8, bn_stats="ema")
-    method._variety = _AlwaysVaried()  # type: ignore[assignment]
-    x = random_inputs(1)[0]
-    method.step(x)
-    batch_mean = seen[-1].mean(dim=(0, 2, 3))
-    assert torch.allclose(bn.running_mean, torch.lerp(source_mean, batch_mean, 0.25), atol=1e-5)
-    method.reset()
-    assert torch.equal(bn.running_mean, source_mean)
-
-
-def test_batchnorm_depth_moves_only_the_shallow_statistics() -> None:
-    model = tiny_timm("test_resnet")
-    layers = batchnorm_layers(model)
-    before = [bn.running_mean.clone() for bn in layers]
-    method = create_method("auto", model, batch_size=8, bn_stats="ema", bn_depth=0.25)
-    method._variety = _AlwaysVaried()  # type: ignore[assignment]
-    method.step(random_inputs(1)[0])
-    moved = [not torch.equal(bn.running_mean, b) for bn, b in zip(layers, before, strict=True)]
-    shallow = math.ceil(0.25 * len(layers))
-    assert all(moved[:shallow]) and not any(moved[shallow:])
-
-
 def test_guard_resets_then_falls_back_to_source() -> None:
     model = tiny_timm("test_vit")
     x = random_inputs(1)[0]
     with torch.no_grad():
         expected = model.eval()(x)
     method = create_method("auto", model, batch_size=8, inner="tent", window=8, max_collapses=2)
-    from tta_cli.methods import auto as auto_module
-
-    method._guard = auto_module._Guard(10, 8)
-    method._guard.thresholds = auto_module._Guard(10, 8).thresholds.__class__(diversity_ratio=1e9, max_agreement=1.0)
+    method.guard.thresholds = Thresholds(diversity_ratio=1e9, max_agreement=1.0)  # every full window collapses
     method.step(x)
     method.step(x)
     assert [e["action"] for e in method.collapse_events] == ["reset", "source"]

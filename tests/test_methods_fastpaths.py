@@ -19,8 +19,10 @@ from tta_cli.methods import create_method
 from tta_cli.methods.base import softmax_entropy
 from tta_cli.methods.fastpaths import (
     DeviceLog,
+    FullBatch,
     ReliableRows,
     backward_or_zero,
+    gradient_rows,
     masked_mean,
     nan_aware_ema,
     nan_if_empty,
@@ -160,7 +162,7 @@ def test_device_log_reads_in_batch_order_and_bounds_memory() -> None:
 # --- fewer rows -----------------------------------------------------------------------------------
 
 
-def _entropy_grads(model: torch.nn.Module, x: torch.Tensor, plan: ReliableRows,
+def _entropy_grads(model: torch.nn.Module, x: torch.Tensor, plan: FullBatch,
                    margin: float) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, bool]:
     """Gradients of the mean entropy over the reliable rows, the predictions, the used mask and
     whether the first forward had autograd."""
@@ -182,9 +184,9 @@ def test_reliable_rows_give_the_full_batch_gradients(arch: str, no_grad_first: b
     x = random_inputs(1)[0]
     margin = half_reliable_margin(arch, [x]) * math.log(10)
     model = tiny_timm(arch).eval()
-    plain_grads, plain_logits, plain_used, plain_autograd = _entropy_grads(model, x, ReliableRows(enabled=False),
+    plain_grads, plain_logits, plain_used, plain_autograd = _entropy_grads(model, x, FullBatch(),
                                                                            margin)
-    fast = ReliableRows(enabled=True)
+    fast = ReliableRows()
     fast.share = 0.0 if no_grad_first else 1.0
     fast_grads, fast_logits, fast_used, fast_autograd = _entropy_grads(model, x, fast, margin)
     assert plain_autograd and fast_autograd != no_grad_first
@@ -197,19 +199,21 @@ def test_reliable_rows_give_the_full_batch_gradients(arch: str, no_grad_first: b
     assert fast.rows(x, plain_used, host=True).plan == expected_plan
 
 
-def test_reliable_rows_keep_the_full_batch_where_not_enabled() -> None:
+def test_the_full_batch_plan_keeps_every_row() -> None:
     x = random_inputs(1)[0]
     selected = torch.arange(8) < 3
-    plan = ReliableRows(enabled=False)
+    plan = FullBatch()
     plan.first_forward(lambda t: t, x)
     on_device = plan.rows(x, selected, host=False)
     assert on_device.x is x and on_device.count is None and on_device.plan == "full"
     assert plan.rows(x, selected, host=True).count == 3
-    assert plan.share is None  # never tracked, never read
+    assert not hasattr(plan, "share")  # no running share: nothing is ever read to choose a plan
+    assert isinstance(gradient_rows(False), FullBatch) and not gradient_rows(False).enabled
+    assert isinstance(gradient_rows(True), ReliableRows) and gradient_rows(True, after_grad_forward=False).enabled
 
 
 def test_no_grad_first_is_chosen_below_the_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    plan = ReliableRows(enabled=True, after_grad_forward=False)
+    plan = ReliableRows(after_grad_forward=False)
     x = torch.randn(8, 3, requires_grad=True)
     with torch.enable_grad():
         assert plan.first_forward(lambda t: t * 2, x).requires_grad  # no share yet

@@ -117,3 +117,25 @@ def test_cli_set_with_an_invalid_value_exits_2_with_one_line(tiny_model_dir: Pat
     assert len(lines) == 1, lines
     assert lines[0].startswith("tta: error: invalid value 'maybe' for reliable_rows") and "auto, off" in lines[0]
     assert "unexpected" not in lines[0] and "Traceback" not in lines[0]
+
+
+def test_a_second_method_with_a_taken_name_is_refused() -> None:
+    from tta_cli.methods import TTAMethod, register_method
+
+    class Impostor(TTAMethod):
+        name = "sar"
+
+    with pytest.raises(ValueError, match=r"'sar'.*taken by tta_cli\.methods\.sar\.SAR"):
+        register_method(Impostor)
+    assert get_method_class("sar").__module__ == "tta_cli.methods.sar"
+    register_method(get_method_class("sar"))  # the same class again (a reload) is no conflict
+
+
+def test_methods_declare_what_the_set_up_layer_needs() -> None:
+    """Clean data, data-parallel support and being the source model are declared on the method, so
+    that no code outside ``tta_cli.methods`` tests a method's name."""
+    with_clean = [n for n in list_methods() if get_method_class(n).clean_data]
+    assert with_clean == ["eata"] and get_method_class("eata").without_clean_data == "eta"
+    parallel = {n for n in list_methods() if get_method_class(n).data_parallel}
+    assert parallel == {"source", "norm", "tent", "sar", "eta", "eata"}
+    assert [n for n in list_methods() if not get_method_class(n).changes_predictions] == ["source"]

@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 
 from tests.helpers import csv_rows, invoke, make_class_folders
-from tta_cli.bench.runner import BenchProgress, FisherCache, parse_methods, run_one
+from tta_cli.bench.progress import BenchProgress
+from tta_cli.bench.runner import CleanDataCache, parse_methods, run_one
 from tta_cli.bench.settings import BenchStream
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs
@@ -58,10 +59,10 @@ def test_adapt_and_bench_give_the_same_predictions(method: str, labelled_set: Pa
     items = folder_items(labelled_set, setup.loaded.class_names)
     stream = BenchStream("mild", "none", items, batch_size=4)
     spec = parse_methods(f"{method}:lr=0.05:margin_factor=1.0")[0]
-    fisher = FisherCache(setup, items)
+    clean = CleanDataCache(setup, items)
     sink = Predictions()
     with BenchProgress(Console(quiet=True), 1, quiet=True) as progress:
-        run, _ = run_one(stream, spec, setup, setup.batches(items, 4), fisher, progress, seed=0, sinks=[sink])
+        run, _ = run_one(stream, spec, setup, setup.batches(items, 4), clean, progress, seed=0, sinks=[sink])
 
     assert sink.keys == [r["path"] for r in adapted]
     assert sink.preds == [int(r["pred"]) for r in adapted]
@@ -72,10 +73,10 @@ def test_adapt_and_bench_give_the_same_predictions(method: str, labelled_set: Pa
 def test_fisher_is_computed_once_per_batch_size(labelled_set: Path, tiny_model_dir: Path) -> None:
     setup = start_run(f"local-dir:{tiny_model_dir}")
     items = folder_items(labelled_set, setup.loaded.class_names)[:8]
-    cache = FisherCache(setup, items)
-    first = cache.get(4, {})
-    assert first and cache.get(4, {}) is first
-    assert cache.get(2, {}) is not first
+    cache = CleanDataCache(setup, items)
+    first = cache.get("eata", 4, {})
+    assert first and cache.get("eata", 4, {}) is first
+    assert cache.get("eata", 2, {}) is not first
     source = dict(setup.loaded.model.named_parameters())
     for name, (fisher, anchor) in first.items():
         assert (fisher >= 0).all() and torch.equal(anchor, source[name].detach())  # the source model is untouched
@@ -124,3 +125,11 @@ def test_unknown_precision_fails_before_loading() -> None:
 
     with pytest.raises(TTAError, match="unknown precision"):
         start_run("no-such-model", speed=SpeedOptions(precision="fp8"))
+
+
+def test_a_method_without_its_clean_images_says_what_runs_instead() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    assert method_name("eata", has_clean=False, console=console) == "eta"
+    assert "eata without --clean: no Fisher regulariser, running eta" in console.export_text()

@@ -7,7 +7,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
+MAX_IMAGE_PIXELS = 89_478_485
+"""PIL's default decompression-bomb limit; PIL itself only warns up to twice this, the loader skips
+every image above it (``--max-pixels``)."""
 
 
 def default_workers() -> int:

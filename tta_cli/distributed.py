@@ -30,13 +30,12 @@ import torch
 import torch.distributed as dist
 
 from tta_cli.errors import TTAError
+from tta_cli.methods import collectives, get_method_class, list_methods
 from tta_cli.outputs import BatchOutputs, Sink, Totals
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.loader import MAX_IMAGE_PIXELS, Transform, decoded_stream
 from tta_cli.sources.stream import ImagePart, Stream
 
-DATA_PARALLEL_METHODS = ("source", "norm", "tent", "sar", "eta", "eata")
-"""Methods whose every whole-batch quantity is made global; the others refuse world size > 1."""
 TIMEOUT_ENV = "TTA_DIST_TIMEOUT"
 """Seconds a collective waits for the other ranks before the run stops (default 300)."""
 FAULT_ENV = "TTA_FAULT_EXIT_AFTER"
@@ -100,6 +99,8 @@ def start(requested_device: str, world: World | None = None) -> str:
     return the device this rank runs on. In one process nothing happens."""
     world = world or launched()
     device = rank_device(requested_device, world)
+    if active():
+        collectives.use(ProcessGroup())
     if world.world_size <= 1 or active():
         return device
     cuda = device.startswith("cuda")
@@ -109,11 +110,13 @@ def start(requested_device: str, world: World | None = None) -> str:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
     _state["owned"] = True
     _state["device"] = torch.device(device) if cuda else torch.device("cpu")
+    collectives.use(ProcessGroup())
     return device
 
 
 def stop() -> None:
     """Leave the process group this module started (one a library user started is theirs)."""
+    collectives.use(None)
     if _state.pop("owned", False) and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -196,6 +199,32 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return mean, var, count
 
 
+class ProcessGroup(collectives.OneProcess):
+    """The methods' collectives (``tta_cli.methods.collectives``) over this process group."""
+
+    @property  # type: ignore[override]
+    def active(self) -> bool:
+        return active()
+
+    def is_main(self) -> bool:
+        return is_main()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_sum(tensor)
+
+    def sum_int(self, value: int) -> int:
+        return all_sum_int(value)
+
+    def sum_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_sum_with_grad(tensor)
+
+    def sum_grads(self, params: Sequence[torch.Tensor]) -> None:
+        all_reduce_grads(params)
+
+    def channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return channel_stats(x) if active() else super().channel_stats(x)
+
+
 # --- the stream: each rank's rows -----------------------------------------------------------------
 
 
@@ -207,12 +236,18 @@ def check_world(batch_size: int, method: str, has_video: bool) -> None:
     if batch_size < n:
         raise TTAError(f"--batch-size {batch_size} is below the world size {n}",
                        "each rank takes at least one row of every batch: use --batch-size >= the number of ranks")
-    if method not in DATA_PARALLEL_METHODS:
+    if not get_method_class(method).data_parallel:
         raise TTAError(f"{method} cannot run data-parallel yet (world size {n})",
-                       f"run it in one process, or use --per-input; data-parallel: {', '.join(DATA_PARALLEL_METHODS)}")
+                       "run it in one process, or use --per-input; data-parallel: "
+                       f"{', '.join(data_parallel_methods())}")
     if has_video:
         raise TTAError("videos cannot be split over ranks (their frames are known only once decoded)",
                        "use --per-input to give each rank whole videos, or run in one process")
+
+
+def data_parallel_methods() -> list[str]:
+    """The methods whose every whole-batch quantity is global (``TTAMethod.data_parallel``)."""
+    return [name for name in list_methods() if get_method_class(name).data_parallel]
 
 
 def rank_rows(n_rows: int, ranks: int, this_rank: int) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """How a run is set up, the same for ``tta adapt`` and for every run of ``tta bench``.
 
-Seeds, device and backends, CPU threads, the model, the method with its speed options and EATA's
-Fisher information, the versions record and the output folder: one implementation, so that the
-same model, stream and method give the same predictions through either command.
+Seeds, device and backends, CPU threads, the model, the method with its speed options and what it
+learns from clean images before the stream (EATA's Fisher information), the versions record and the
+output folder: one implementation, so that the same model, stream and method give the same
+predictions through either command.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tta_cli import __version__
 from tta_cli.atomic import remove_path
 from tta_cli.device import configure_backends, resolve_channels_last, resolve_device
 from tta_cli.errors import TTAError
-from tta_cli.methods import create_method, method_config
+from tta_cli.methods import create_method, get_method_class, method_config
 from tta_cli.methods.base import PRECISIONS, TTAMethod
 from tta_cli.methods.precision import AUTO, resolve_precision
 from tta_cli.methods.selection import norm_family
@@ -31,8 +32,10 @@ from tta_cli.models import LoadedModel, load_model
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.loader import iter_batches
 
-Fishers = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""EATA's Fisher information: parameter name -> (diagonal Fisher, source value)."""
+Prepared = dict[str, Any]
+"""What a method learnt from clean images before the stream (``TTAMethod.preparation``; EATA: its
+Fisher information, parameter name -> (diagonal Fisher, source value))."""
+Fishers = Prepared
 
 
 def seed_everything(seed: int) -> None:
@@ -116,18 +119,22 @@ def prepare_out_dir(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint
 
 # --- the model and the method ----------------------------------------------------------------------
 
-EATA_WITHOUT_CLEAN = "eata without --clean: no Fisher regulariser, running eta"
-
-
 def method_name(name: str, has_clean: bool, console: Console | None = None) -> str:
-    """The method that runs: EATA without clean images has no Fisher term, so it runs (and is
-    reported) as ETA."""
+    """The method that runs: one that learns from clean images (``TTAMethod.clean_data``) runs, and
+    is reported, as its ``without_clean_data`` method when given none (EATA: ETA)."""
     name = name.strip().lower()
-    if name == "eata" and not has_clean:
+    cls = get_method_class(name)
+    if cls.clean_data and cls.without_clean_data and not has_clean:
         if console is not None:
-            console.print(f"[yellow]{EATA_WITHOUT_CLEAN}[/yellow]")
-        return "eta"
+            console.print(f"[yellow]{name} without --clean: no {cls.clean_data.removeprefix('the ')}, "
+                          f"running {cls.without_clean_data}[/yellow]")
+        return cls.without_clean_data
     return name
+
+
+def uses_clean_data(name: str) -> bool:
+    """The method learns from clean images before the stream (``RunSetup.prepare``)."""
+    return bool(get_method_class(name).clean_data)
 
 
 @dataclass(frozen=True)
@@ -161,23 +168,28 @@ class RunSetup:
         return iter_batches(items, self.transform, batch_size, workers,
                             pin_memory=self.device.type == "cuda", **options)
 
-    def fisher_information(self, clean: Sequence[StreamItem], batch_size: int,
-                           hyperparameters: Mapping[str, Any] | None = None) -> tuple[Fishers, int]:
-        """EATA's Fisher information on ``clean`` and the number of images used, from a copy of the
-        source model: the model that adapts never sees the clean images."""
+    def prepare(self, name: str, clean: Sequence[StreamItem], batch_size: int,
+                hyperparameters: Mapping[str, Any] | None = None) -> tuple[Prepared, int]:
+        """What the method learns from the ``clean`` images (``TTAMethod.prepare``) and the number of
+        images used, on a copy of the source model: the model that adapts never sees them."""
         model = copy.deepcopy(self.loaded.model).to(self.device)
-        probe = create_method("eata", model, method_config("eata", **(hyperparameters or {})),
-                              batch_size=batch_size)
+        probe = create_method(name, model, method_config(name, **(hyperparameters or {})), batch_size=batch_size)
         batches = iter_batches(list(clean), self.transform, batch_size, workers=0)
-        n = probe.compute_fisher(b.images.to(self.device) for b in batches if b.items)  # type: ignore[attr-defined]
-        fishers: Fishers = getattr(probe, "fishers", None) or {}
+        n = probe.prepare(b.images.to(self.device) for b in batches if b.items)
+        prepared = probe.preparation()
         probe.close()
-        return fishers, n
+        return prepared, n
+
+    def fisher_information(self, clean: Sequence[StreamItem], batch_size: int,
+                           hyperparameters: Mapping[str, Any] | None = None) -> tuple[Prepared, int]:
+        """EATA's ``prepare``: its Fisher information."""
+        return self.prepare("eata", clean, batch_size, hyperparameters)
 
     def build_method(self, name: str, hyperparameters: Mapping[str, Any] | None = None, batch_size: int = 64,
-                     fishers: Fishers | None = None, fresh_copy: bool = False) -> TTAMethod:
-        """The method on the device with the speed options; ``fresh_copy`` wraps a copy of the
-        source model (one run of many), else the loaded model itself (one run)."""
+                     prepared: Prepared | None = None, fresh_copy: bool = False) -> TTAMethod:
+        """The method on the device with the speed options and what ``prepare`` learnt (copied);
+        ``fresh_copy`` wraps a copy of the source model (one run of many), else the loaded model
+        itself (one run)."""
         model = copy.deepcopy(self.loaded.model) if fresh_copy else self.loaded.model
         model.to(self.device)
         method = create_method(name, model, method_config(name, **(hyperparameters or {})), batch_size=batch_size)
@@ -187,8 +199,8 @@ class RunSetup:
         precision, reason = resolve_precision(self.speed.precision, self.device, norm_family(model), name, pixels)
         method.configure_performance(precision, channels_last, self.speed.compile)
         method.performance.requested, method.performance.reason = self.speed.precision, reason
-        if fishers:
-            method.fishers = {k: (f.clone(), a.clone()) for k, (f, a) in fishers.items()}  # type: ignore[assignment]
+        if prepared:
+            method.use_preparation(prepared)
         return method
 
 

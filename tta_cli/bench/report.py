@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from tta_cli.bench.corrupt import KNOWN
+from tta_cli.bench.results import is_source
 from tta_cli.bench.settings import SETTINGS
 
 SHORT = {
@@ -42,13 +43,13 @@ def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
 def adaptation_collapses(rows: list[dict[str, str]]) -> set[tuple[str, str, str, str]]:
     """(model, setting, corruption, method) of the runs that collapsed because of the adaptation.
 
-    ``collapsed`` in results.csv is the raw test (see ``runner.is_collapsed``). On a label-shift
+    ``collapsed`` in results.csv is the raw test (see ``results.is_collapsed``). On a label-shift
     stream the last tenth is one or two classes, which the source model itself may get all wrong;
     such a stream says nothing about the adaptation, so a run only counts when the source model's
     run on the same stream (if any) did not fail the test too.
     """
     source_failed = {(r["model"], r["setting"], r["corruption"], _seed(r)) for r in rows
-                     if r["method"] == "source" and r["collapsed"] == "True"}
+                     if is_source(r["method"]) and r["collapsed"] == "True"}
     return {(r["model"], r["setting"], r["corruption"], r["method"]) for r in rows
             if r["collapsed"] == "True" and (r["model"], r["setting"], r["corruption"], _seed(r)) not in source_failed}
 

@@ -7,32 +7,41 @@ results and per-window curves, and shows progress across runs.
 
 from __future__ import annotations
 
-import csv
 import json
 import platform
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tta_cli.bench.corrupt import CorruptPlan, corrupt_folder, list_class_images
 from tta_cli.bench.data import CorruptedSet, find_corrupted, find_levels, limit_items
 from tta_cli.bench.online import EveryKth, online_k
+from tta_cli.bench.progress import BenchProgress
+from tta_cli.bench.results import (
+    CURVES,
+    RESULTS,
+    CurveRecorder,
+    RunResult,
+    is_collapsed,
+    is_source,
+    read_results,
+    save_run,
+)
 from tta_cli.bench.settings import DIRICHLET_CONCENTRATION, BenchStream, build_streams
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods import get_method_class, list_methods
 from tta_cli.models import LoadedModel
-from tta_cli.outputs import BatchOutputs, Sink
+from tta_cli.outputs import Sink
 from tta_cli.runtime import (
-    Fishers,
+    Prepared,
     RunSetup,
     SpeedOptions,
     check_precision,
@@ -40,17 +49,11 @@ from tta_cli.runtime import (
     prepare_out_dir,
     seed_everything,
     start_run,
+    uses_clean_data,
     versions,
 )
 from tta_cli.sources.folder import folder_items
 from tta_cli.sources.items import Batch, StreamItem
-
-WINDOW = 64
-"""Images per point of the stream curves (one batch at B = 64; 64 batches at B = 1)."""
-ONE_CLASS_SHARE = 0.9
-"""A model that gives one class to this share of the last tenth, mostly wrongly, has collapsed."""
-RESULTS = "results.csv"
-CURVES = "curves.csv"
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,7 @@ class MethodSpec:
 
 def all_methods() -> list[str]:
     """Every registered method, ``source`` first (the others' speed is measured against it)."""
-    names = list_methods()
-    return [n for n in names if n == "source"] + [n for n in names if n != "source"]
+    return sorted(list_methods(), key=lambda name: not is_source(name))
 
 
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
@@ -153,161 +155,6 @@ class BenchConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
 
 
-@dataclass
-class RunResult:
-    """One method on one stream."""
-
-    model: str
-    setting: str
-    corruption: str
-    method: str
-    batch_size: int
-    images: int
-    correct: int
-    accuracy: float
-    last_tenth_accuracy: float
-    collapsed: bool
-    resets: int
-    used_share: float
-    mean_entropy: float
-    adapt_seconds: float
-    wall_seconds: float
-    lr: float | None
-    last_tenth_top_share: float | None = None
-    """Share of the last tenth's predictions that go to its most predicted class."""
-    seed: int = 0
-    """The stream seed (its order); the corrupted images are the same for every seed."""
-    images_per_second: float | None = None
-    """Images over adaptation seconds (forward, backward, update; decoding excluded)."""
-    online_k: int | None = None
-    """ceil(source's images/s / this method's) on the same stream; None without a source run."""
-    online_accuracy: float | None = None
-    """Accuracy when adapting on every online_k-th batch only (equal to accuracy when k = 1)."""
-
-    @property
-    def key(self) -> tuple[str, str, str, str, int]:
-        return (self.model, self.setting, self.corruption, self.method, self.seed)
-
-
-RESULT_FIELDS = [f.name for f in fields(RunResult)]
-CURVE_FIELDS = ["model", "setting", "corruption", "method", "seed", "window", "images", "n", "correct",
-                "entropy_sum", "resets"]
-
-
-class CurveRecorder:
-    """A sink: per-batch correct counts (for the last-tenth collapse test) and windowed curves."""
-
-    def __init__(self) -> None:
-        self.per_batch: list[tuple[int, int, torch.Tensor]] = []
-        self.windows: list[dict[str, float]] = []
-        self._open: dict[str, float] = {}
-        self.images = 0
-
-    def on_batch(self, out: BatchOutputs) -> None:
-        n = len(out.batch.items)
-        if not n:
-            return
-        correct = out.correct
-        hits = int(correct.sum()) if correct is not None else 0
-        self.per_batch.append((n, hits, out.pred))
-        self.images += n
-        w = self._open or {"n": 0, "correct": 0, "entropy_sum": 0.0, "resets": 0}
-        w["n"] += n
-        w["correct"] += hits
-        w["entropy_sum"] += float(out.entropy.sum())
-        w["resets"] += int(out.reset)
-        self._open = w
-        if w["n"] >= WINDOW:
-            self._close()
-
-    def _close(self) -> None:
-        if self._open:
-            self.windows.append(self._open | {"images": self.images})
-            self._open = {}
-
-    def finish(self) -> list[dict[str, float]]:
-        self._close()
-        return self.windows
-
-    def last_tenth(self) -> tuple[float, float]:
-        """(accuracy, share of the most predicted class) over the last tenth of the stream, in
-        whole batches and at least one window (a tenth of a short stream is too noisy)."""
-        need = max(min(WINDOW, self.images), self.images // 10)
-        n = hits = 0
-        preds: list[torch.Tensor] = []
-        for size, correct, pred in reversed(self.per_batch):
-            n += size
-            hits += correct
-            preds.append(pred)
-            if n >= need:
-                break
-        if not n:
-            return 0.0, 0.0
-        top = int(torch.cat(preds).bincount().max())
-        return hits / n, top / n
-
-    def last_tenth_accuracy(self) -> float:
-        return self.last_tenth()[0]
-
-
-def is_collapsed(accuracy: float, top_share: float, num_classes: int) -> bool:
-    """At or below chance (the spec's test), or one class for nearly everything and mostly wrong:
-    a model collapsed onto one class scores that class's share of the stream, which on a shuffled
-    stream is a little above chance as often as below it."""
-    return accuracy <= 1.0 / num_classes or (top_share >= ONE_CLASS_SHARE and accuracy < 0.5)
-
-
-class BenchProgress:
-    """Rich progress across runs: one bar for the runs, one for the images of the current run."""
-
-    def __init__(self, console: Console, total_runs: int, quiet: bool) -> None:
-        self.console = console
-        self.quiet = quiet
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[stats]}"),
-            console=console, disable=quiet, transient=False,
-        )
-        self._runs = self._progress.add_task("runs", total=total_runs, stats="")
-        self._run: Any = None
-        self._images = self._correct = 0
-        self._started = time.perf_counter()
-
-    def __enter__(self) -> BenchProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def start_run(self, description: str, total: int) -> None:
-        self._images = self._correct = 0
-        self._started = time.perf_counter()
-        if self._run is not None:
-            self._progress.remove_task(self._run)
-        self._run = self._progress.add_task(description, total=total, stats="")
-
-    def on_batch(self, out: BatchOutputs) -> None:
-        correct = out.correct
-        self._images += len(out.batch.items)
-        self._correct += int(correct.sum()) if correct is not None else 0
-        rate = self._images / max(time.perf_counter() - self._started, 1e-9)
-        stats = f"acc {100 * self._correct / max(self._images, 1):.1f}%  {rate:.1f} img/s"
-        self._progress.update(self._run, advance=len(out.batch.items) + len(out.batch.skipped), stats=stats)
-
-    def end_run(self, result: RunResult) -> None:
-        self._progress.advance(self._runs)
-        if not self.quiet:
-            flag = "  [red]collapsed[/red]" if result.collapsed else ""
-            self._progress.console.print(
-                f"{result.setting:>15s} {result.corruption:<17s} {result.method:<12s} "
-                f"acc {100 * result.accuracy:5.1f}%  resets {result.resets:3d}  "
-                f"{1000 * result.adapt_seconds / max(result.images, 1):6.1f} ms/img{flag}")
-
-    def skip(self, n: int = 1) -> None:
-        self._progress.advance(self._runs, n)
-
-
 # --- data ------------------------------------------------------------------------------------------
 
 
@@ -362,31 +209,33 @@ def image_bytes(loaded: LoadedModel) -> int:
 # --- one run ---------------------------------------------------------------------------------------
 
 
-class FisherCache:
-    """EATA's Fisher information per batch size and hyperparameters: it depends only on those,
-    the source model and the clean images, so it is computed once and shared by every such run."""
+class CleanDataCache:
+    """What the methods learn from the clean images (``TTAMethod.prepare``; EATA's Fisher
+    information) per method, batch size and hyperparameters: it depends only on those, the source
+    model and the clean images, so it is computed once and shared by every such run."""
 
     def __init__(self, setup: RunSetup, clean: list[StreamItem]) -> None:
         self.setup = setup
         self.clean = clean
-        self._fishers: dict[tuple[int, str], Fishers] = {}
+        self._prepared: dict[tuple[str, int, str], Prepared] = {}
 
-    def get(self, batch_size: int, hyperparameters: dict[str, str]) -> Fishers:
-        key = (batch_size, json.dumps(hyperparameters, sort_keys=True))
-        if key not in self._fishers:
-            self._fishers[key], _ = self.setup.fisher_information(self.clean, batch_size, hyperparameters)
-        return self._fishers[key]
+    def get(self, name: str, batch_size: int, hyperparameters: dict[str, str]) -> Prepared:
+        key = (name, batch_size, json.dumps(hyperparameters, sort_keys=True))
+        if key not in self._prepared:
+            self._prepared[key], _ = self.setup.prepare(name, self.clean, batch_size, hyperparameters)
+        return self._prepared[key]
 
 
 def run_one(stream: BenchStream, spec: MethodSpec, setup: RunSetup, batches: Iterable[Batch],
-            fisher: FisherCache | None, progress: BenchProgress, seed: int,
+            clean: CleanDataCache | None, progress: BenchProgress, seed: int,
             sinks: Sequence[Sink] = (), adapt_every: int = 1) -> tuple[RunResult, list[dict[str, float]]]:
     """One method on one stream, from a pristine copy of the source model; ``sinks`` see the
     per-sample outputs too (with ``adapt_every`` k > 1: the online view, adapting on every k-th
     batch only)."""
     seed_everything(seed)
-    fishers = fisher.get(stream.batch_size, spec.hyperparameters) if spec.name == "eata" and fisher else None
-    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, fishers, fresh_copy=True)
+    prepared = clean.get(spec.name, stream.batch_size, spec.hyperparameters) \
+        if clean and uses_clean_data(spec.name) else None
+    method = setup.build_method(spec.name, spec.hyperparameters, stream.batch_size, prepared, fresh_copy=True)
     method.reseed(seed)  # as tta adapt: the method's own generator, seeded just before the first batch
     recorder = CurveRecorder()
     online = f" online k={adapt_every}" if adapt_every > 1 else ""
@@ -446,47 +295,6 @@ def _check_resumable(config: BenchConfig) -> None:
     if changed:
         raise TTAError(f"cannot resume {config.out}: {', '.join(changed)} changed since its runs",
                        "use the same options, or another --out")
-
-
-def _coerce(name: str, value: str) -> Any:
-    kind = {f.name: f.type for f in fields(RunResult)}[name]
-    if value == "":
-        return None
-    if kind in ("int", "int | None"):
-        return int(value)
-    if kind in ("float", "float | None"):
-        return float(value)
-    if kind == "bool":
-        return value == "True"
-    return value
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as f:
-        return [{k: _coerce(k, v) for k, v in row.items() if k in RESULT_FIELDS} for row in csv.DictReader(f)]
-
-
-def append_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-def save_run(out: Path, result: RunResult, windows: list[dict[str, float]]) -> None:
-    """Append one run to results.csv and curves.csv as soon as it ends (a long benchmark resumes)."""
-    row = asdict(result)
-    for key in ("accuracy", "last_tenth_accuracy", "used_share", "mean_entropy", "last_tenth_top_share",
-                "images_per_second", "online_accuracy"):
-        row[key] = "" if row[key] is None else f"{row[key]:.6f}"
-    append_rows(out / RESULTS, RESULT_FIELDS, [row])
-    head = {"model": result.model, "setting": result.setting, "corruption": result.corruption,
-            "method": result.method, "seed": result.seed}
-    curve = [head | {"window": i} | {k: w[k] for k in ("images", "n", "correct", "entropy_sum", "resets")}
-             for i, w in enumerate(windows)]
-    append_rows(out / CURVES, CURVE_FIELDS, curve)
 
 
 def write_record(config: BenchConfig, loaded: LoadedModel, data: CorruptedSet, streams: list[BenchStream],
@@ -550,9 +358,9 @@ def run_benchmark(config: BenchConfig, console: Console | None = None) -> list[R
     streams = seeded_streams(config, loaded, data)
     methods = _resolve_methods(config, console)
     clean = _clean_items(config, loaded)
-    fisher = FisherCache(setup, clean) if clean else None
     write_record(config, loaded, data, streams, device, started)
-    results = _run_all(config, setup, streams, methods, fisher, done, console)
+    results = _run_all(config, setup, streams, methods, CleanDataCache(setup, clean) if clean else None, done,
+                       console)
     write_record(config, loaded, data, streams, device, started)
     write_report(config.out, loaded.num_classes, plots=config.plots, console=console)
     return results
@@ -576,23 +384,23 @@ def source_speeds(out: Path) -> dict[tuple[str, str, str, int], float]:
     path = out / RESULTS
     rows = read_results(path) if path.is_file() else []
     return {(r["model"], r["setting"], r["corruption"], r.get("seed") or 0): r["images_per_second"]
-            for r in rows if r["method"] == "source" and r.get("images_per_second")}
+            for r in rows if is_source(r["method"]) and r.get("images_per_second")}
 
 
 def run_cell_method(config: BenchConfig, stream: BenchStream, spec: MethodSpec, setup: RunSetup,
-                    batches: Callable[[], Iterable[Batch]], fisher: FisherCache | None,
+                    batches: Callable[[], Iterable[Batch]], clean: CleanDataCache | None,
                     progress: BenchProgress, source_speed: float | None) -> tuple[RunResult, list[dict[str, float]]]:
     """One method on one stream, then (when slower than source) again in the online view."""
     seed = int(stream.params.get("seed", config.seed))
-    result, windows = run_one(stream, spec, setup, batches(), fisher, progress, seed)
-    if spec.name == "source" or source_speed is None:
-        result.online_k = 1 if spec.name == "source" else None
-        result.online_accuracy = result.accuracy if spec.name == "source" else None
+    result, windows = run_one(stream, spec, setup, batches(), clean, progress, seed)
+    if is_source(spec.name) or source_speed is None:
+        result.online_k = 1 if is_source(spec.name) else None
+        result.online_accuracy = result.accuracy if is_source(spec.name) else None
         return result, windows
     result.online_k = online_k(source_speed, result.images_per_second)
     result.online_accuracy = result.accuracy
     if result.online_k > 1 and config.online:
-        online, _ = run_one(stream, spec, setup, batches(), fisher, progress, seed,
+        online, _ = run_one(stream, spec, setup, batches(), clean, progress, seed,
                             adapt_every=result.online_k)
         result.online_accuracy = online.accuracy
     elif result.online_k > 1:
@@ -601,13 +409,13 @@ def run_cell_method(config: BenchConfig, stream: BenchStream, spec: MethodSpec, 
 
 
 def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], methods: list[MethodSpec],
-             fisher: FisherCache | None, done: set[tuple[str, str, str, str, int]],
+             clean: CleanDataCache | None, done: set[tuple[str, str, str, str, int]],
              console: Console) -> list[RunResult]:
     loaded = setup.loaded
     results: list[RunResult] = []
     speeds = source_speeds(config.out)
     # source first: every other method's online view needs its speed on the same stream.
-    methods = sorted(methods, key=lambda m: m.name != "source")
+    methods = sorted(methods, key=lambda m: not is_source(m.name))
     with BenchProgress(console, len(streams) * len(methods), config.quiet) as progress:
         for stream in streams:
             seed = int(stream.params.get("seed", config.seed))
@@ -617,9 +425,9 @@ def _run_all(config: BenchConfig, setup: RunSetup, streams: list[BenchStream], m
             batches = batch_source(stream, setup, config.workers, config.cache_mb << 20,
                                    image_bytes(loaded))
             for spec in todo:
-                result, windows = run_cell_method(config, stream, spec, setup, batches, fisher, progress,
+                result, windows = run_cell_method(config, stream, spec, setup, batches, clean, progress,
                                                   speeds.get(cell))
-                if spec.name == "source" and result.images_per_second:
+                if is_source(spec.name) and result.images_per_second:
                     speeds[cell] = result.images_per_second
                 save_run(config.out, result, windows)
                 progress.end_run(result)

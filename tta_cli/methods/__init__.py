@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from tta_cli.methods._registry import (
     ALIASES,
+    Method,
+    MethodClass,
     create_method,
     get_method_class,
     list_methods,
@@ -38,6 +40,8 @@ from tta_cli.methods import auto
 __all__ = [
     "ALIASES",
     "EntropyConfig",
+    "Method",
+    "MethodClass",
     "MethodConfig",
     "StepResult",
     "TTAMethod",

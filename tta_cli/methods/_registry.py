@@ -18,18 +18,27 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import MethodConfig, TTAMethod
 from tta_cli.methods.hyperparameters import parse_overrides
+from tta_cli.methods.wrapper import WrappingMethod
 
-_REGISTRY: dict[str, type[TTAMethod]] = {}
+Method = TTAMethod | WrappingMethod
+"""A registered method: a ``TTAMethod``, or a policy around one (``WrappingMethod``, e.g. auto)."""
+MethodClass = type[TTAMethod] | type[WrappingMethod]
+
+_REGISTRY: dict[str, MethodClass] = {}
 ALIASES: dict[str, str] = {"bn": "norm", "none": "source"}
 """Other names a user may type for a method."""
 
-M = TypeVar("M", bound=type[TTAMethod])
+M = TypeVar("M", type[TTAMethod], type[WrappingMethod])
 
 
 def register_method(cls: M) -> M:
     """Class decorator: make a method available by its ``name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    known = _REGISTRY.get(cls.name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+                         f"{known.__module__}.{known.__qualname__}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -42,7 +51,7 @@ DEFAULT_METHOD = "auto"
 """What ``tta adapt`` runs without ``--method``."""
 
 
-def method_summary(cls: type[TTAMethod]) -> str:
+def method_summary(cls: MethodClass) -> str:
     """What the method does, in one sentence: its module docstring's first paragraph, without the
     leading ``name:`` (or ``eta / eata:``) that repeats the name beside it in a listing."""
     import sys
@@ -55,7 +64,7 @@ def method_summary(cls: type[TTAMethod]) -> str:
     return text[:1].upper() + text[1:]
 
 
-def get_method_class(name: str) -> type[TTAMethod]:
+def get_method_class(name: str) -> MethodClass:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list_methods(), n=3)
@@ -79,7 +88,7 @@ def create_method(
     config: MethodConfig | None = None,
     batch_size: int = 64,
     **overrides: Any,
-) -> TTAMethod:
+) -> Method:
     """Wrap ``model`` in the named method, e.g. ``create_method("sar", model, lr=1e-3)``.
 
     ``batch_size`` is what the paper's learning-rate rule and the BatchNorm choice at batch size 1
@@ -95,6 +104,8 @@ def create_method(
 
 __all__ = [
     "ALIASES",
+    "Method",
+    "MethodClass",
     "create_method",
     "get_method_class",
     "list_methods",

@@ -8,7 +8,7 @@ clip; colour jitter (brightness, contrast, saturation, hue, gamma in a random or
 image size (``edge``, A-: ``reflect``); random affine (rotation, translation by up to 1/16 of the
 padded size, scale; bilinear, fill 0); (A only) Gaussian blur; centre crop back; random horizontal
 flip; (A only) Gaussian noise of std 0.005; clip. Every random number is drawn from the given
-``torch.Generator``, in the order and with the shapes of the spec's randomness contract (section 4,
+``torch.Generator``, in the order and with the shapes of docs/METHODS.md ("Randomness",
 = torchvision 0.29's ``RandomAffine`` / ``GaussianBlur`` / ``RandomHorizontalFlip`` draws), and the
 image operations are torchvision's functional ops, so a generator seeded s reproduces the authors'
 code run after ``torch.manual_seed(s)``.

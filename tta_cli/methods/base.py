@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from tta_cli import distributed
 from tta_cli.methods import precision as _precision
+from tta_cli.methods import resume as _resume
+from tta_cli.methods.collectives import world
 from tta_cli.methods.fastpaths import (
     NO_GRAD_FIRST_BELOW,
     PENDING_LIMIT,
@@ -94,7 +96,7 @@ def is_vit_like(model: nn.Module) -> bool:
 
 
 def default_lr(model: nn.Module, batch_size: int, double_at_bs1: bool = False) -> float:
-    """The SAR paper's learning-rate rule (spec section 0), for SGD with momentum 0.9."""
+    """The SAR paper's learning-rate rule (docs/METHODS.md, "Shared behaviour"), for SGD with momentum 0.9."""
     if is_vit_like(model):
         lr = 0.001 / 64 * batch_size
     else:
@@ -117,6 +119,17 @@ class TTAMethod(nn.Module):
     predicts_first_forward: ClassVar[bool] = True
     """The predictions are the model's first forward of the batch (False: a teacher's, an
     augmentation average or adjusted outputs; the method's docstring says which)."""
+    changes_predictions: ClassVar[bool] = True
+    """False for the source model itself: its predictions are the source's by definition (the
+    run then needs no frozen source copy to compare with)."""
+    data_parallel: ClassVar[bool] = False
+    """Every quantity over the batch goes through ``collectives``, so the method runs data-parallel
+    under torchrun with one process's results; the others refuse more than one process."""
+    clean_data: ClassVar[str] = ""
+    """What ``prepare`` learns from clean source-domain images before the stream (EATA: "the
+    Fisher regulariser"); empty for methods that take none."""
+    without_clean_data: ClassVar[str] = ""
+    """The method that runs instead when a method with ``clean_data`` is given no clean images."""
 
     def __init__(self, model: nn.Module, config: MethodConfig | None = None, batch_size: int = 64) -> None:
         super().__init__()
@@ -149,7 +162,8 @@ class TTAMethod(nn.Module):
     # --- hooks for subclasses ---------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Eval mode (no dropout / drop-path, trap 4) with BatchNorm on the chosen statistics."""
+        """Eval mode (no dropout or drop-path: docs/METHODS.md, "Shared behaviour") with BatchNorm
+        on the chosen statistics."""
         self.model.eval()
         self._bn_hooks = BatchNormStats(self.model, self.bn_mode) if self.bn_mode else None
         if self._bn_hooks is not None:
@@ -168,6 +182,20 @@ class TTAMethod(nn.Module):
 
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         raise NotImplementedError
+
+    # --- before the stream: clean source-domain data (``clean_data``) -----------------------------
+
+    def prepare(self, clean_batches: Iterable[torch.Tensor]) -> int:
+        """Learn what the method needs from clean source-domain batches (on a copy of the source
+        model: the model that adapts never sees them); returns the number of images used."""
+        return 0
+
+    def preparation(self) -> dict[str, Any]:
+        """What ``prepare`` learnt, to hand to other runs on the same source model."""
+        return {}
+
+    def use_preparation(self, prepared: dict[str, Any]) -> None:
+        """Take what ``prepare`` learnt on another instance (the tensors are copied)."""
 
     # --- how it runs (precision.py) ---------------------------------------------------------------
 
@@ -190,6 +218,19 @@ class TTAMethod(nn.Module):
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return _precision.prepare_input(x, self.performance.channels_last)
 
+    @contextlib.contextmanager
+    def source_statistics(self) -> Iterator[None]:
+        """Meanwhile every BatchNorm normalises with the source statistics and nothing is tracked: a
+        forward of the source model without a copy of it."""
+        hooks = self._bn_hooks
+        if hooks is not None:
+            hooks.paused = True
+        try:
+            yield
+        finally:
+            if hooks is not None:
+                hooks.paused = False
+
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits in fp32, under the run's precision and memory format."""
         with self.autocast():
@@ -204,7 +245,7 @@ class TTAMethod(nn.Module):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the loss; data-parallel, the gradients are then summed over the ranks."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        distributed.all_reduce_grads(self.params)
+        world().sum_grads(self.params)
 
     def optimizer_step(self) -> None:
         if self.scaler is None or not _precision.has_scaled(self.scaler):
@@ -290,54 +331,26 @@ class TTAMethod(nn.Module):
         self._reset_flags.settle()
         self._non_finite.settle()
 
-    # --- resume (tta_cli.checkpoint) --------------------------------------------------------------
+    # --- resume (tta_cli.checkpoint; the format in ``resume``) ----------------------------------
 
     resume_attributes: ClassVar[tuple[str, ...]] = ()
     """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
 
     def state_for_resume(self) -> dict[str, Any]:
-        """Everything the next batch depends on: the modules' tensors (model, and a teacher
-        method's student or anchor), the optimiser and loss scaler, the method's generator, the
-        batch count, the reset and non-finite logs and the declared ``resume_attributes``."""
+        """Everything the next batch depends on (``resume.method_state``)."""
         self.settle()
-        return {
-            "modules": {k: v.detach().clone() for k, v in self.state_dict().items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "generator": self.generator.get_state(),
-            "batches_seen": self.batches_seen,
-            "resets": [[k, bool(v)] for k, v in self._reset_flags.entries()],
-            "non_finite": [[k, bool(v)] for k, v in self._non_finite.entries()],
-            "attributes": {name: _plain(getattr(self, name)) for name in self.resume_attributes},
-            "bn_stream": self._bn_hooks.stream_state() if self._bn_hooks is not None else {},
-        }
+        return _resume.method_state(self)
 
-    @torch.no_grad()
     def load_resume_state(self, state: dict[str, Any]) -> None:
         """The inverse of ``state_for_resume``, on a freshly built method of the same run."""
-        for name, tensor in self.state_dict().items():
-            tensor.copy_(state["modules"][name])
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        self.batches_seen = int(state["batches_seen"])
-        for key, hit in state["resets"]:
-            self._reset_flags.add(int(key), bool(hit))
-        for key, hit in state["non_finite"]:
-            self._non_finite.add(int(key), bool(hit))
-        for name, value in state["attributes"].items():
-            setattr(self, name, _restored(getattr(self, name, None), value, self.device))
-        if self._bn_hooks is not None:
-            self._bn_hooks.load_stream_state(state.get("bn_stream", {}), self.device)
+        _resume.load_method_state(self, state)
 
     # --- export and records -----------------------------------------------------------------------
 
     def reseed(self, seed: int) -> None:
-        """Start the method's own random draws from ``seed`` (spec section 4: one dedicated CPU
-        generator, nothing else draws from it); the run calls it just before the first batch."""
+        """Start the method's own random draws from ``seed`` (one dedicated CPU generator, nothing
+        else draws from it: docs/METHODS.md, "Randomness"); the run calls it just before the first batch."""
         self.generator = torch.Generator().manual_seed(seed)
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -390,65 +403,6 @@ class TTAMethod(nn.Module):
     def _written_buffers(self) -> dict[str, torch.Tensor]:
         """The BN buffers adapting writes (only the ``ema`` statistics), so the ones reset restores."""
         return bn_buffers(self.model) if self.bn_mode == "ema" else {}
-
-    # names kept for code written before the snapshot/fastpaths split
-    @property
-    def _source_params(self) -> list[torch.Tensor]:
-        return self.source.params
-
-    @property
-    def _source_buffers(self) -> dict[str, torch.Tensor]:
-        return self.source.buffers
-
-    def _momentum_buffers(self) -> list[torch.Tensor]:
-        return self.momentum_buffers()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as tensors, numbers, strings, lists and dicts (what ``torch.load(weights_only=True)``
-    reads back); a dataclass or plain object becomes the dict of its attributes."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if hasattr(value, "__dict__"):
-        kind = f"{type(value).__module__}:{type(value).__qualname__}"
-        return {"__object__": kind, **{k: _plain(v) for k, v in vars(value).items()}}
-    raise TypeError(f"cannot save {type(value).__name__} for --resume")
-
-
-def _restored(current: Any, value: Any, device: torch.device) -> Any:
-    """A saved ``_plain`` value back on ``device``, into ``current``'s object where it was one."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict) and "__object__" in value:
-        if current is None or not hasattr(current, "__dict__"):
-            current = _new_object(value["__object__"])
-        for key, item in value.items():
-            if key != "__object__":
-                setattr(current, key, _restored(getattr(current, key, None), item, device))
-        return current
-    if isinstance(value, dict):
-        return {k: _restored(None, v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restored(None, v, device) for v in value]
-    return value
-
-
-def _new_object(kind: str) -> Any:
-    """An empty instance of a method's own class (e.g. a memory bank), to be filled by ``_restored``;
-    only classes of ``tta_cli.methods`` are made, never any other (a checkpoint is data, not code)."""
-    import importlib
-
-    module, _, qualname = kind.partition(":")
-    if not module.startswith("tta_cli.methods."):
-        raise TypeError(f"cannot restore a {kind} for --resume")
-    cls = getattr(importlib.import_module(module), qualname)
-    return object.__new__(cls)
 
 
 def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tensor:

@@ -2,7 +2,7 @@
 
 Wang, Fink, Van Gool, Dai. "Continual Test-Time Domain Adaptation", CVPR 2022.
 https://arxiv.org/abs/2203.13591 (code: qinenergy/cotta; this follows its port in
-mariodoebler/test-time-adaptation, spec section 4).
+mariodoebler/test-time-adaptation; docs/METHODS.md, "cotta").
 
 A student learns every parameter from a mean teacher's predictions; the teacher averages the
 student (EMA), an anchor (the frozen source model) decides whether the teacher's prediction is
@@ -135,7 +135,7 @@ class CoTTA(TTAMethod):
         (one ``rand(shape)`` per tensor, in module order, drawn on the CPU generator)."""
         if self.config.restore_prob <= 0:
             return
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             mask = (torch.rand(param.shape, generator=self.generator) < self.config.restore_prob).float()
             mask = mask.to(param.device)
             param.copy_(source * mask + param * (1.0 - mask))
@@ -150,7 +150,7 @@ class CoTTA(TTAMethod):
     def reset(self) -> None:
         """Teacher, student and optimiser to the source (the anchor never changes)."""
         super().reset()
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             param.copy_(source)
 
     def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]:

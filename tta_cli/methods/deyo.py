@@ -4,7 +4,7 @@ Lee, Jung, Kim, Lee, Kim, Yoon. "Entropy is not Enough for Test-Time Adaptation:
 Perspective of Disentangled Factors", ICLR 2024. https://arxiv.org/abs/2403.07366
 Authors' code: github.com/Jhyun17/DeYO (``methods/deyo.py``, settings of ``main.py``).
 
-Per batch (spec section 4): the first forward gives the predictions; samples with entropy below
+Per batch (docs/METHODS.md, "deyo"): the first forward gives the predictions; samples with entropy below
 0.5 ln C are kept; each kept image is destroyed (its 4x4 grid of patches shuffled) and forwarded
 again without gradient; the pseudo-label probability difference (PLPD) is how much the predicted
 class's probability drops; samples with PLPD above 0.2 enter an entropy loss weighted by

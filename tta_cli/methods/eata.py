@@ -3,7 +3,7 @@
 Niu, Wu, Zhang, Chen, Zheng, Zhao, Tan. "Efficient Test-Time Model Adaptation without
 Forgetting", ICML 2022. https://arxiv.org/abs/2204.02610
 
-Per batch (spec section 2): keep the reliable samples (entropy below E0 = 0.4 ln C), drop those
+Per batch (docs/METHODS.md, "eta / eata"): keep the reliable samples (entropy below E0 = 0.4 ln C), drop those
 whose prediction is redundant with the running mean prediction (|cos| >= 0.05), weight the rest by
 exp(E0 - E) and minimise their entropy; EATA adds a Fisher-weighted L2 pull towards the source
 weights (beta = 2000), the Fisher taken on a small clean set (``compute_fisher``). ETA is EATA
@@ -13,7 +13,7 @@ Speed paths, each exact and tested on its own (``fastpaths``, docs/PERFORMANCE.m
 are masks and the update decision stays on the device, so a step never waits for it; on a
 batch-independent model where few samples are kept, the predictions come from a no-grad forward
 and only the kept rows are forwarded again with autograd (``reliable_rows="auto"``,
-``fastpaths.ReliableRows``).
+``fastpaths.gradient_rows``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_cli import distributed
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
-from tta_cli.methods.fastpaths import ReliableRows, masked_mean, update_if_any
+from tta_cli.methods.collectives import world
+from tta_cli.methods.fastpaths import gradient_rows, masked_mean, mean_of_kept_rows, update_if_any
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import is_batch_independent
 
@@ -52,6 +52,7 @@ class EATAConfig(EntropyConfig):
 @register_method
 class ETA(TTAMethod):
     name = "eta"
+    data_parallel = True
     resume_attributes = ("model_probs", "_has_probs")
     config_class = EATAConfig
     amp_aware = True
@@ -61,7 +62,7 @@ class ETA(TTAMethod):
         super().__init__(model, config, batch_size)
         rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
         # no second forward to shrink: cutting rows pays only after a no-grad first forward
-        self.rows = ReliableRows(enabled=rows_only, after_grad_forward=False)
+        self.rows = gradient_rows(rows_only, after_grad_forward=False)
         self.model_probs: torch.Tensor | None = None
         """EMA of the mean kept probability vector, m; meaningful where ``_has_probs``."""
         self._has_probs: torch.Tensor | None = None  # on the device, so no step reads it back
@@ -107,9 +108,7 @@ class ETA(TTAMethod):
     @torch.no_grad()
     def _update_model_probs(self, probs: torch.Tensor, keep: torch.Tensor) -> None:
         """m <- 0.9 m + 0.1 mean of the kept p (the mean itself the first time; unchanged if none)."""
-        count = distributed.all_sum(keep.sum())  # data-parallel: the global batch's mean
-        zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
-        mean = distributed.all_sum(torch.where(keep.unsqueeze(1), probs, zero).sum(0)) / count.clamp(min=1)
+        mean, count = mean_of_kept_rows(probs, keep)
         m = self.config.probs_momentum
         updated = torch.where(self._has_probs, m * self.model_probs + (1 - m) * mean, mean)
         self.model_probs = torch.where(count > 0, updated, self.model_probs)
@@ -146,6 +145,18 @@ class EATA(ETA):
     """ETA plus the Fisher regulariser; without ``compute_fisher`` it behaves as ETA."""
 
     name = "eata"
+    clean_data = "the Fisher regulariser"
+    without_clean_data = "eta"
+
+    def prepare(self, clean_batches: Iterable[torch.Tensor]) -> int:
+        return self.compute_fisher(clean_batches)
+
+    def preparation(self) -> dict[str, Any]:
+        """The Fisher information: parameter name -> (diagonal Fisher, source value)."""
+        return dict(self.fishers or {})
+
+    def use_preparation(self, prepared: dict[str, Any]) -> None:
+        self.fishers = {k: (fisher.clone(), anchor.clone()) for k, (fisher, anchor) in prepared.items()}
 
     @torch.enable_grad()
     def compute_fisher(self, batches: Iterable[torch.Tensor]) -> int:
@@ -173,8 +184,8 @@ class EATA(ETA):
         return n_images
 
     def regulariser(self) -> torch.Tensor | float:
-        # data-parallel: added on one rank only, as the gradients are summed over the ranks
-        if not self.fishers or not distributed.is_main():
+        # data-parallel: added on one process only, as the gradients are summed over the processes
+        if not self.fishers or not world().is_main():
             return 0.0
         total: torch.Tensor | float = 0.0
         for name, param in zip(self.param_names, self.params, strict=False):

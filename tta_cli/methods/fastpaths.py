@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tta_cli import distributed
+from tta_cli.methods.collectives import world
 
 NO_GRAD_FIRST_BELOW = 0.5
 """Expected share of selected rows below which a batch-independent model predicts with a no-grad
@@ -55,25 +55,41 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     authors' mean over an empty selection gives (a plain 0/0 would give NaN gradients); use
     ``nan_if_empty`` for the value the authors' mean reports.
 
-    Data-parallel (``tta_cli.distributed``): the local sum over the global count, so that the
+    Data-parallel (``collectives``): the local sum over the global count, so that the
     gradients summed over the ranks are the global mean's; the count returned is this rank's.
     """
     count = mask.sum()
     total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
-    return total / distributed.all_sum(count).clamp(min=1), count
+    return total / world().sum(count).clamp(min=1), count
 
 
 def batch_mean(values: torch.Tensor) -> torch.Tensor:
     """The mean over the batch's rows; data-parallel, the local sum over the global row count
     (its gradients summed over the ranks are the global batch mean's)."""
-    if not distributed.active():
+    collectives = world()
+    if not collectives.active:
         return values.mean(0)
-    return values.sum(0) / distributed.all_sum_int(values.shape[0])
+    return values.sum(0) / collectives.sum_int(values.shape[0])
 
 
 def nan_if_empty(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The value the authors' mean reports: NaN for an empty selection."""
     return torch.where(count > 0, mean.detach(), torch.full_like(mean, math.nan))
+
+
+def reported_mean(mean: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The value of a ``masked_mean`` over ``count`` values as the authors' mean reports it (NaN
+    for an empty selection); data-parallel, the global batch's (the same on every process)."""
+    return nan_if_empty(world().sum(mean), world().sum(count))
+
+
+@torch.no_grad()
+def mean_of_kept_rows(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of the rows of ``values`` where ``keep`` holds, their count), without a host sync: a
+    zero mean when none is kept; data-parallel, over the global batch."""
+    count = world().sum(keep.sum())
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return world().sum(torch.where(keep.unsqueeze(1), values, zero).sum(0)) / count.clamp(min=1), count
 
 
 class Updatable(Protocol):
@@ -110,6 +126,11 @@ def step_if(method: Updatable, apply: torch.Tensor | bool) -> None:
         tensor.copy_(torch.where(apply, tensor, old))
 
 
+def step_if_any(method: Updatable, count: torch.Tensor) -> None:
+    """An optimiser step only if ``count`` > 0 (``step_if``); data-parallel, the global count."""
+    step_if(method, world().sum(count) > 0)
+
+
 def update_if_any(method: Updatable, loss: torch.Tensor, count: torch.Tensor) -> None:
     """Backward and optimiser step only if ``count`` > 0 (EATA's rule), without a sync on a GPU.
 
@@ -117,7 +138,7 @@ def update_if_any(method: Updatable, loss: torch.Tensor, count: torch.Tensor) ->
     runs (zero gradients, from ``masked_mean``) and the step is undone (``step_if``). Exact.
     Data-parallel, the decision is the global count's, so every rank takes it.
     """
-    count = distributed.all_sum(count)
+    count = world().sum(count)
     if method.reads_are_free(count):
         if int(count):
             method.backward(loss)
@@ -133,7 +154,7 @@ def backward_or_zero(method: Updatable, loss: torch.Tensor, count: torch.Tensor)
     Where the count is free to read and zero, the gradients are set to zero instead of running
     the backward, which is what that backward gives: exact. Data-parallel, on the global count.
     """
-    count = distributed.all_sum(count)
+    count = world().sum(count)
     if method.reads_are_free(count) and int(count) == 0:
         for param in method.params:
             param.grad = torch.zeros_like(param)
@@ -227,14 +248,39 @@ class GradientRows:
         return full.index_put_((self.index,), mask)
 
 
-class ReliableRows:
+class FullBatch:
+    """The authors' gradient passes: on the whole batch, always. ``ReliableRows`` is the speed path
+    with the same interface; a method chooses one of them once (``gradient_rows``)."""
+
+    enabled = False
+    """The passes may run on the selected rows only."""
+
+    def __init__(self) -> None:
+        self.plans = dict.fromkeys(ROW_PLANS, 0)
+
+    def first_forward(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)``: the predictions, with autograd."""
+        return forward(x)
+
+    def rows(self, x: torch.Tensor, selected: torch.Tensor, host: bool) -> GradientRows:
+        """The rows the gradient passes of this batch use (call after ``first_forward``): all of them.
+
+        ``host``: reading the selected count is free (``TTAMethod.reads_are_free``)."""
+        count = world().sum_int(int(selected.sum())) if host else None
+        return GradientRows(x, selected, None, count, False, "full", x.shape[0])
+
+    def count(self, plan: str) -> None:
+        self.plans[plan] += 1
+
+
+class ReliableRows(FullBatch):
     """Runs the gradient passes on the selected rows only, where that is exact.
 
     Exact on a batch-independent model (no BatchNorm on batch statistics: ``selection.
-    is_batch_independent``): there a row's output does not depend on the others, and a row outside
-    the selection gets no gradient, so leaving it out changes no gradient and no selected value
-    (up to float summation order within a row's ops, which the tests bound at 1e-6). On other
-    models it always gives the full batch.
+    is_batch_independent``), the only models it is chosen for: there a row's output does not depend
+    on the others, and a row outside the selection gets no gradient, so leaving it out changes no
+    gradient and no selected value (up to float summation order within a row's ops, which the tests
+    bound at 1e-6).
 
     When the expected selected share is below ``NO_GRAD_FIRST_BELOW``, the first forward (the
     predictions) runs without autograd and the selected rows are forwarded again with it.
@@ -242,47 +288,47 @@ class ReliableRows:
     autograd anyway (SAR: yes, its second forward gets smaller; ETA: no, it has none).
     """
 
-    def __init__(self, enabled: bool, after_grad_forward: bool = True) -> None:
-        self.enabled = enabled
+    enabled = True
+
+    def __init__(self, after_grad_forward: bool = True) -> None:
+        super().__init__()
         self.after_grad_forward = after_grad_forward
         self.share: float | None = None
         """Running (EMA) share of selected rows; chooses the plan of the next batch."""
-        self.plans = dict.fromkeys(ROW_PLANS, 0)
         self._no_grad_first = False
 
     def first_forward(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` for the predictions, with autograd unless the plan is "no-grad first"."""
-        self._no_grad_first = self.enabled and self.share is not None and self.share < NO_GRAD_FIRST_BELOW
+        self._no_grad_first = self.share is not None and self.share < NO_GRAD_FIRST_BELOW
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._no_grad_first):
             return forward(x)
 
     def rows(self, x: torch.Tensor, selected: torch.Tensor, host: bool) -> GradientRows:
-        """The rows the gradient passes of this batch use (call after ``first_forward``).
-
-        ``host``: reading the selected count is free (``TTAMethod.reads_are_free``)."""
         batch = x.shape[0]
-        if self.enabled and (self._no_grad_first or self.after_grad_forward):
+        if self._no_grad_first or self.after_grad_forward:
             index = selected.nonzero().squeeze(1)  # a host sync: the shape depends on the data
             k = index.numel()
-            k_all = distributed.all_sum_int(k)  # data-parallel: plans and counts are the global batch's
-            self._track(k_all, distributed.all_sum_int(batch))
+            k_all = world().sum_int(k)  # data-parallel: plans and counts are the global batch's
+            self._track(k_all, world().sum_int(batch))
             rows = x if k == batch else x.index_select(0, index)
             keep_all = torch.ones(k, dtype=torch.bool, device=selected.device)
             plan = "no-grad first" if self._no_grad_first else "reliable rows"
             return GradientRows(rows, keep_all, index, k_all, self._no_grad_first, plan, batch)
         # the running share needs the count on the host: a sync, but only on batch-independent
         # models, where the no-grad-first plan it chooses saves far more
-        count = distributed.all_sum_int(int(selected.sum())) if self.enabled or host else None
-        if self.enabled and count is not None:
-            self._track(count, distributed.all_sum_int(batch))
+        count = world().sum_int(int(selected.sum()))
+        self._track(count, world().sum_int(batch))
         return GradientRows(x, selected, None, count, False, "full", batch)
-
-    def count(self, plan: str) -> None:
-        self.plans[plan] += 1
 
     def _track(self, selected: int, batch: int) -> None:
         share = selected / batch
         self.share = share if self.share is None else 0.8 * self.share + 0.2 * share
+
+
+def gradient_rows(rows_only: bool, after_grad_forward: bool = True) -> FullBatch:
+    """The gradient passes a method runs: on the selected rows (``ReliableRows``, exact on
+    batch-independent models only) or the authors' full batch (``FullBatch``)."""
+    return ReliableRows(after_grad_forward) if rows_only else FullBatch()
 
 
 __all__ = [
@@ -290,15 +336,20 @@ __all__ = [
     "PENDING_LIMIT",
     "ROW_PLANS",
     "DeviceLog",
+    "FullBatch",
     "GradientRows",
     "ReliableRows",
     "backward_or_zero",
     "batch_mean",
+    "gradient_rows",
     "masked_mean",
+    "mean_of_kept_rows",
     "nan_aware_ema",
     "nan_if_empty",
     "reads_are_free",
+    "reported_mean",
     "step_if",
+    "step_if_any",
     "update_if_any",
 ]
 

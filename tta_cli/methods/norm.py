@@ -29,6 +29,7 @@ class Norm(TTAMethod):
     name = "norm"
     config_class = NormConfig
     updates_parameters = False
+    data_parallel = True
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:

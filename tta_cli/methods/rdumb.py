@@ -5,7 +5,7 @@ continual test-time adaptation", NeurIPS 2023. https://arxiv.org/abs/2306.05401
 As run by github.com/mariodoebler/test-time-adaptation (``cfgs/*/rdumb.yaml``): that repository's
 EATA class with the Fisher weight 0 (ETA) and ``RESET_AFTER_NUM_UPDATES``.
 
-Per batch (spec section 4): ETA (``eata.py``: reliable filter E < E0 = 0.4 ln C, redundancy filter
+Per batch (docs/METHODS.md, "rdumb"): ETA (``eata.py``: reliable filter E < E0 = 0.4 ln C, redundancy filter
 against the EMA of the kept probabilities, entropy weighted by 1/exp(E - E0), update only if a sample
 is left), with Adam (lr 1e-3); after every ``reset_every``-th batch, counted whether or not it
 updated, the model, the Adam state and the EMA go back to the source. The batch's predictions are
@@ -48,6 +48,7 @@ def redundancy_margin(num_classes: int) -> float:
 @register_method
 class RDumb(ETA):
     name = "rdumb"
+    data_parallel = False  # ETA is; rdumb was never checked against one process under torchrun
     resume_attributes = ("adaptation_steps",)
     config_class = RDumbConfig
     config: RDumbConfig

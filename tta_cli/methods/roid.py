@@ -105,7 +105,7 @@ class ROID(TTAMethod):
         self.backward(loss)
         self.optimizer_step()
         self.optimizer.zero_grad()
-        ema_update(self.params, self._source_params, self.config.source_momentum)
+        ema_update(self.params, self.source.params, self.config.source_momentum)
         with torch.no_grad():
             predictions = prior_correction(logits.detach()) if self.config.use_prior_correction else logits.detach()
         return StepResult(logits=predictions, used=keep)

@@ -2,7 +2,7 @@
 
 Yuan, Xie, Li. "Robust Test-Time Adaptation in Dynamic Scenarios", CVPR 2023.
 https://arxiv.org/abs/2303.13899 (code: BIT-DA/RoTTA; this follows its port in
-mariodoebler/test-time-adaptation, which predicts bit for bit the same, spec section 4).
+mariodoebler/test-time-adaptation, which predicts bit for bit the same; docs/METHODS.md, "rotta").
 
 Every BatchNorm becomes a robust BN (statistics blended into a running estimate, momentum alpha).
 A teacher (an EMA of the student) predicts; each test sample enters a class-balanced memory bank
@@ -236,11 +236,11 @@ class RoTTA(TTAMethod):
     def reset(self) -> None:
         """Teacher, student (parameters and robust-BN statistics), optimiser and memory to the start."""
         super().reset()
-        for param, source in zip(self.student_params, self._source_params, strict=True):
+        for param, source in zip(self.student_params, self.source.params, strict=True):
             param.copy_(source)
         for name, buffer in self.student.named_buffers():
-            if name in self._source_buffers:
-                buffer.copy_(self._source_buffers[name])
+            if name in self.source.buffers:
+                buffer.copy_(self.source.buffers[name])
         self.memory = None
         self.samples_seen = 0
 

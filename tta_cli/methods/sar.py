@@ -3,7 +3,7 @@
 Niu, Wu, Zhang, Wen, Chen, Zhao, Tan. "Towards Stable Test-Time Adaptation in Dynamic Wild
 World", ICLR 2023. https://arxiv.org/abs/2302.12400
 
-Per batch (spec section 2): a forward at theta gives the predictions; the reliable samples
+Per batch (docs/METHODS.md, "sar"): a forward at theta gives the predictions; the reliable samples
 (entropy below E0 = 0.4 ln C) give the first loss, whose gradient g moves the weights to
 theta + rho g / ||g|| (SAM); a second forward of the batch there, re-filtered, gives the loss
 whose gradient updates theta with SGD. An EMA of the second loss below 0.2 signals collapse and
@@ -17,7 +17,7 @@ Faithful to the authors' code by default, including two behaviours that matter f
 
 Speed paths, each exact and tested on its own (``fastpaths``, docs/PERFORMANCE.md): filters are
 masks and decisions stay on the device (no host sync); on a batch-independent model the gradient
-passes run on the reliable rows only (``reliable_rows="auto"``, ``fastpaths.ReliableRows``); a batch
+passes run on the reliable rows only (``reliable_rows="auto"``, ``fastpaths.gradient_rows``); a batch
 with nothing reliable, where that is known, runs only its zero-gradient SGD step.
 """
 
@@ -30,16 +30,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tta_cli import distributed
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.fastpaths import (
     DeviceLog,
-    ReliableRows,
     backward_or_zero,
+    gradient_rows,
     masked_mean,
     nan_aware_ema,
-    nan_if_empty,
+    reported_mean,
+    step_if_any,
 )
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import affine_parameters, is_batch_independent, sar_norm_modules
@@ -68,6 +68,7 @@ class SARConfig(EntropyConfig):
 @register_method
 class SAR(TTAMethod):
     name = "sar"
+    data_parallel = True
     resume_attributes = ("_ema",)
     config_class = SARConfig
     double_lr_at_bs1 = True
@@ -77,7 +78,7 @@ class SAR(TTAMethod):
     def __init__(self, model: nn.Module, config: SARConfig | None = None, batch_size: int = 64) -> None:
         super().__init__(model, config, batch_size)
         rows_only = self.config.reliable_rows == "auto" and is_batch_independent(model, self.bn_mode)
-        self.rows = ReliableRows(enabled=rows_only, after_grad_forward=True)
+        self.rows = gradient_rows(rows_only, after_grad_forward=True)
         self._ema: torch.Tensor | None = None  # on the device; NaN stands for "no EMA yet"
         self._ema_log = DeviceLog()
 
@@ -89,12 +90,12 @@ class SAR(TTAMethod):
     def margin(self, num_classes: int) -> float:
         return self.config.margin_factor * math.log(num_classes)
 
-    # --- one batch --------------------------------------------------------------------------------
+    # --- one batch: Algorithm 1 of the paper -------------------------------------------------------
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         self.optimizer.zero_grad()
-        # 1. filter: forward at theta (the predictions), reliable samples S1 = {E < E0}
+        # entropy at theta (the forward that gives the predictions); reliable samples S1 = {E < E0}
         logits = self.rows.first_forward(self.run_model, x)
         margin = self.margin(logits.shape[1])
         entropy = softmax_entropy(logits)
@@ -104,50 +105,56 @@ class SAR(TTAMethod):
             return self._step_with_nothing_reliable(logits, reliable)
         self.rows.count(rows.plan)
 
-        # 2. first loss: mean entropy over S1, backward
-        entropy_rows = rows.with_grad(entropy, lambda r: softmax_entropy(self.run_model(r)))
-        loss1, n_reliable = masked_mean(entropy_rows, rows.selected)
+        # the reliable entropy loss: mean entropy over S1; its gradient g moves theta to the sharpest
+        # point of the neighbourhood, theta + eps with eps = rho g / ||g|| (SAM's first step)
+        loss1, n_reliable = masked_mean(rows.with_grad(entropy, self._entropy), rows.selected)
         self.backward(loss1)
+        theta = self.perturb()
 
-        # 3. perturbation: theta -> theta + rho g / ||g||
-        theta = self._perturb()
-        self.optimizer.zero_grad()
-
-        # 4. second loss at theta + eps, on the same rows, re-filtered: S2 = S1 & {E' < E0}
-        entropy2 = softmax_entropy(self.run_model(rows.x))
+        # the loss at theta + eps over S2 = S1 & {E' < E0}; its gradient updates theta (SAM's second step)
+        entropy2 = self._entropy(rows.x)
         used = rows.selected & (entropy2 < margin)
         loss2, n_used = masked_mean(entropy2, used)
-
-        # 5. update: the gradient at theta + eps, applied at theta
         backward_or_zero(self, loss2, n_used)
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, theta)
+        self.restore(theta)
         self._sgd_step(n_used)
 
-        # 6. recovery: EMA of the second loss below the threshold restores the source model
-        # data-parallel: the EMA follows the global loss (the same on every rank)
-        collapsed = self._recover_if_collapsed(nan_if_empty(distributed.all_sum(loss2), distributed.all_sum(n_used)))
+        # model recovery: an EMA of the second loss below e0 (0.2) restores the source model
+        collapsed = self._recover_if_collapsed(reported_mean(loss2, n_used))
         return StepResult(logits.detach(), rows.to_batch(used), (n_reliable, n_used), collapsed)
+
+    def _entropy(self, x: torch.Tensor) -> torch.Tensor:
+        return softmax_entropy(self.run_model(x))
 
     def _sgd_step(self, n_used: torch.Tensor) -> None:
         if self.config.skip_empty:
-            self.optimizer_step_if(distributed.all_sum(n_used) > 0)
+            step_if_any(self, n_used)
         else:
             self.optimizer_step()
         self.optimizer.zero_grad()
 
+    # --- SAM's two steps --------------------------------------------------------------------------
+
     @torch.no_grad()
-    def _perturb(self) -> list[torch.Tensor]:
-        """Move to theta + rho g / (||g|| + 1e-12), ||g|| the global norm; return theta."""
+    def perturb(self) -> list[torch.Tensor]:
+        """Move to theta + rho g / (||g|| + 1e-12), ||g|| the global norm, and clear the gradients;
+        return theta."""
         saved = [p.detach().clone() for p in self.params]
         with_grad = [p for p in self.params if p.grad is not None]
-        if not with_grad:
-            return saved
-        grads = [p.grad for p in with_grad]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        scale = self.config.rho / (grad_norm + 1e-12)
-        torch._foreach_add_(with_grad, torch._foreach_mul(grads, scale))
+        if with_grad:
+            grads = [p.grad for p in with_grad]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            scale = self.config.rho / (grad_norm + 1e-12)
+            torch._foreach_add_(with_grad, torch._foreach_mul(grads, scale))
+        self.optimizer.zero_grad()
         return saved
+
+    @torch.no_grad()
+    def restore(self, theta: list[torch.Tensor]) -> None:
+        """Back to theta, keeping the gradient taken at theta + eps (SAM's second step)."""
+        torch._foreach_copy_(self.params, theta)
+
+    # --- the fast path where nothing is reliable --------------------------------------------------
 
     def _step_with_nothing_reliable(self, logits: torch.Tensor, reliable: torch.Tensor) -> StepResult:
         """Steps 2-6 when S1 is known to be empty: both losses are empty means, so their backwards

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tta_cli import distributed
+from tta_cli.methods.collectives import world
 
 BNStats = Literal["batch", "source", "mix", "ema"]
 BN_STATS_CHOICES: tuple[str, ...] = ("auto", "batch", "source", "mix", "ema")
@@ -171,23 +171,14 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_batchnorm(m) and m.running_mean is not None]
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = [d for d in range(x.ndim) if d != 1]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    return mean, var
-
-
 def _shape(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.view(1, -1, *([1] * (x.ndim - 2)))
 
 
 def _batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The batch's per-channel mean and biased variance, and the values per channel; data-parallel,
-    the global batch's (``distributed.channel_stats``)."""
-    if distributed.active():
-        return distributed.channel_stats(x)
-    mean, var = _channel_stats(x)
-    return mean, var, x.numel() // x.shape[1]
+    the global batch's (``collectives``)."""
+    return world().channel_stats(x)
 
 
 def _renormalised(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor]:
@@ -203,7 +194,7 @@ class BatchNormStats:
     """Makes every BatchNorm of a model normalise with the chosen statistics, via forward hooks.
 
     The source running statistics stay in the module buffers, untouched outside a forward, so the
-    model exports as it loaded (trap 3 of the spec) and ``reset`` never needs them.
+    model exports as it loaded (docs/METHODS.md, "Shared behaviour") and ``reset`` never needs them.
 
     * ``batch``: the current batch's mean and biased variance (the authors' "BN forced to batch
       stats", bit for bit: buffers are None during the forward). A batch with one value per
@@ -251,7 +242,7 @@ class BatchNormStats:
         if self.paused:
             return
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.ndim > 1 and x.shape[0] > 1 and not distributed.active():
+        if isinstance(x, torch.Tensor) and x.ndim > 1 and x.shape[0] > 1 and not world().active:
             for layer in self._layers:
                 # the buffer dict directly: Module.__setattr__ would re-register each buffer
                 buffers = layer._buffers
@@ -273,7 +264,7 @@ class BatchNormStats:
         if self.paused:
             return None
         x = args[0]
-        if self.mode == "batch" and not distributed.active():
+        if self.mode == "batch" and not world().active:
             if x.numel() // x.shape[1] > 1:
                 buffers = module._buffers
                 self._stash[id(module)] = (buffers["running_mean"], buffers["running_var"])

@@ -22,6 +22,8 @@ class Source(TTAMethod):
     name = "source"
     config_class = SourceConfig
     updates_parameters = False
+    changes_predictions = False
+    data_parallel = True
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:

@@ -26,6 +26,7 @@ class TentConfig(EntropyConfig):
 @register_method
 class Tent(TTAMethod):
     name = "tent"
+    data_parallel = True
     config_class = TentConfig
     amp_aware = True
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tta_cli.config import MAX_IMAGE_PIXELS
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.stream import ImagePart, Stream, VideoPart
 from tta_cli.sources.video import FrameCache, FrameError, iter_frames
@@ -30,8 +31,6 @@ Decoded = tuple[StreamItem, torch.Tensor | None, str | None]
 Packed = tuple[list[tuple[StreamItem, str | None]], torch.Tensor | list[torch.Tensor]]
 """A chunk as it crosses from a worker: (item, reason) pairs, and the images of the good ones."""
 
-MAX_IMAGE_PIXELS = 89_478_485
-"""PIL's default limit; PIL itself only warns up to twice this, we skip everything above it."""
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 

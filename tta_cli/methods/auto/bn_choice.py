@@ -1,0 +1,223 @@
+"""auto on BatchNorm models: per batch, the prediction with the best of several BatchNorm statistics.
+
+Nothing is learned. Each batch is predicted with the source statistics, the batch's own (``norm``)
+and, as a third candidate, the stream's so far balanced over the classes (``ClassBalancedStats``:
+running moments per predicted class, averaged over all the classes, the source's standing in for
+classes not seen yet). The prediction with the lowest mean entropy over the latest 64 or more images
+is kept; near ties, within about ``bn_choice_temperature`` ln C, mix the predictions' probabilities.
+
+Why these candidates (docs/BENCHMARKS.md, "auto v5" and the sections before it): no statistics are
+blended with the source's per layer and batch (that breaks EfficientNet-Lite0); the batch's own take
+a new corruption at once; the stream's keep what batches of few classes (label shift, correlated
+labels, small batches) lack, and being balanced over the classes they do not become the statistics
+of the classes seen last, as a plain running mean does. At batch size 1 the batch statistics are no
+candidate.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.selection import batchnorm_layers
+
+STREAM_MOMENTUM_IMAGES = 64
+"""``bn_stream_momentum`` is the weight of a batch of this many images (1 - (1 - m)^(B / 64) for B)."""
+
+
+class ClassBalancedStats:
+    """Class-balanced running BatchNorm statistics of a stream, on a model copy's buffers.
+
+    Each BatchNorm input's per-image channel moments (mean and mean square) are kept per class
+    (the class each image is predicted to be, ``labels``) as running means: a class with n images
+    in the batch moves with weight 1 - (1 - m)^(n C / 64), so a shuffled stream moves every class at
+    about ``momentum`` per 64 images; a class's first images set its moments. The statistics used
+    are the average over all C classes of each class's moments weighted n / (n + ``prior``) against
+    the source statistics (n: the class's images so far), so a class not seen yet counts with the
+    source statistics. A run of one class (a class-ordered stream) thus moves them by about 1 / C,
+    where a plain running mean would become that class's statistics; a shifted stream that shows
+    all its classes moves them all the way."""
+
+    def __init__(self, model: nn.Module, num_classes: int, momentum: float, prior: float = 0.0) -> None:
+        self.num_classes, self.momentum, self.prior = num_classes, momentum, prior
+        self.labels: torch.Tensor | None = None
+        layers = batchnorm_layers(model)
+        self._source = {id(layer): (layer.running_mean.clone(), layer.running_var.clone()) for layer in layers}
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._handles = [layer.register_forward_pre_hook(self._pre_hook) for layer in layers]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self.labels is None:
+            return
+        x = args[0].float()
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        # (B, channels); a sum and a norm are vectorised reductions, ten times faster than var_mean here
+        means = flat.mean(2)
+        squares = torch.linalg.vector_norm(flat, 2, dim=2) ** 2 / flat.shape[2]
+        onehot = torch.nn.functional.one_hot(self.labels, self.num_classes).to(x)  # (B, C)
+        counts = onehot.sum(0)
+        present = counts > 0
+        batch_means = (onehot.T @ means) / counts.clamp_min(1)[:, None]
+        batch_squares = (onehot.T @ squares) / counts.clamp_min(1)[:, None]
+        key = id(module)
+        if key not in self._moments:
+            self._moments[key] = (torch.zeros_like(batch_means), torch.zeros_like(batch_squares),
+                                  torch.zeros_like(counts))
+        class_means, class_squares, images = self._moments[key]
+        weight = 1.0 - (1.0 - self.momentum) ** (counts * self.num_classes / STREAM_MOMENTUM_IMAGES)
+        weight = torch.where(images > 0, weight, present.to(weight))[:, None]
+        class_means.lerp_(batch_means, weight)
+        class_squares.lerp_(batch_squares, weight)
+        images += counts
+        mean, var = self._balanced(key)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+
+    def _balanced(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class-balanced mean and variance of one layer: each class's moments count as its
+        images against ``prior`` images of the source statistics (a class not seen yet is the
+        source's)."""
+        class_means, class_squares, images = self._moments[key]
+        trust = (images / (images + self.prior).clamp_min(torch.finfo(images.dtype).tiny))[:, None]
+        source_mean, source_var = self._source[key]
+        source_share = self.num_classes - trust.sum()
+        mean = ((class_means * trust).sum(0) + source_share * source_mean) / self.num_classes
+        square = ((class_squares * trust).sum(0) + source_share * (source_var + source_mean**2)) / self.num_classes
+        return mean, (square - mean**2).clamp_min(0)
+
+
+class EntropyWindow:
+    """Mean entropy of each candidate prediction over the latest batches that together hold at
+    least ``images`` images."""
+
+    def __init__(self, images: int) -> None:
+        self.images = images
+        self.batches: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+        self.count = 0
+
+    def add(self, entropy_sums: torch.Tensor, count: int) -> torch.Tensor:
+        """``entropy_sums``: each candidate's entropy summed over this batch's ``count`` images."""
+        self.batches.append((count, entropy_sums))
+        self.count += count
+        while self.count - self.batches[0][0] >= self.images:
+            self.count -= self.batches.popleft()[0]
+        return sum(sums for _, sums in self.batches) / self.count  # type: ignore[return-value]
+
+
+class BatchNormChoice:
+    """The candidates' predictions of each batch and the choice among them.
+
+    ``inner`` is a ``norm`` method on batch statistics (its forwards with the source statistics are
+    the source candidate); ``stream_model``, a frozen copy of the source model, adds the
+    class-balanced stream candidate (``momentum`` per 64 images, ``prior`` images of the source
+    statistics per class); ``temperature`` and ``window`` (0: 64 images with a stream candidate,
+    else each batch alone) set how the mean entropies are compared; ``labels`` says which class each
+    image counts for in the stream statistics: ``choice`` (the source and batch predictions mixed as
+    they are chosen) or ``source``."""
+
+    def __init__(self, inner: TTAMethod, stream_model: nn.Module | None, num_classes: int, temperature: float,
+                 window: int, momentum: float, prior: float, labels: str) -> None:
+        self.inner = inner
+        self.temperature = temperature
+        self.labels = labels
+        self.stream_model = stream_model
+        self.stream_stats = ClassBalancedStats(stream_model, num_classes, momentum, prior) \
+            if stream_model is not None else None
+        self.window = window or (STREAM_MOMENTUM_IMAGES if stream_model is not None else 1)
+        self._entropies: EntropyWindow | None = None
+        self.weights_sum: torch.Tensor | None = None
+        """Each candidate's weight summed over the batches (source, batch, stream)."""
+        self.batches = 0
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor) -> StepResult:
+        with self.inner.source_statistics():
+            source = self.inner.step(x)
+        # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
+        # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
+        alone = x.shape[0] == 1
+        if alone and self.stream_model is None:
+            self.batches += 1  # all the weight on the source statistics
+            return source
+        candidates = [source, source if alone else self.inner.step(x)]
+        sums = [softmax_entropy(c.logits.float()).sum() for c in candidates]
+        if alone:
+            sums[1] = torch.full_like(sums[1], math.inf)  # weight 0 for the batch statistics
+        if self.stream_model is not None:
+            stream = self._stream_step(x, self._class_labels(candidates, torch.stack(sums) / x.shape[0], alone))
+            candidates.append(stream)
+            sums.append(softmax_entropy(stream.logits.float()).sum())
+        if self._entropies is None:
+            self._entropies = EntropyWindow(self.window)
+        weights = self._weights(self._entropies.add(torch.stack(sums), x.shape[0]), source.logits.shape[1])
+        self.weights_sum = weights if self.weights_sum is None else self.weights_sum + weights
+        self.batches += 1
+        if self.temperature == 0.0:
+            return candidates[int(weights.argmax())]
+        mixed: torch.Tensor = sum(w * c.logits.float().softmax(1)  # type: ignore[assignment]
+                                  for w, c in zip(weights, candidates, strict=True))
+        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=candidates[1].used)
+
+    def _weights(self, entropies: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """One-hot on the lowest entropy, or softmax(-H / (t ln C)) with t the temperature."""
+        if self.temperature == 0.0:
+            return torch.nn.functional.one_hot(entropies.argmin(), len(entropies)).float()
+        return torch.softmax(-entropies.float() / (self.temperature * math.log(max(num_classes, 2))), 0)
+
+    def _class_labels(self, candidates: list[StepResult], entropies: torch.Tensor, alone: bool) -> torch.Tensor:
+        """Each image's class for the class-balanced stream statistics; ``entropies``: the source
+        and batch predictions' mean entropies."""
+        source, batch = candidates
+        if self.labels == "source" or alone:
+            return source.logits.argmax(1)
+        weights = self._weights(entropies, source.logits.shape[1])
+        return (weights[0] * source.logits.float().softmax(1) + weights[1] * batch.logits.float().softmax(1)).argmax(1)
+
+    def _stream_step(self, x: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        assert self.stream_model is not None and self.stream_stats is not None
+        self.stream_stats.labels = labels
+        with self.inner.autocast():
+            logits = self.stream_model(self.inner.prepare_input(x)).float()
+        return StepResult(logits=logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+
+    def shares(self) -> dict[str, float]:
+        """The mean weight of the batch (and stream) statistics' predictions over the batches seen
+        (a batch of one image gives the batch statistics none of it)."""
+        if not self.batches:
+            return {}
+        names = ["batch_statistics_share"] + (["stream_statistics_share"] if self.stream_model is not None else [])
+        sums = self.weights_sum[1:].tolist() if self.weights_sum is not None else [0.0] * len(names)
+        return {name: value / self.batches for name, value in zip(names, sums, strict=True)}
+
+    def export_statistics(self) -> dict[str, torch.Tensor]:
+        """The stream candidate's statistics once the batch and stream statistics together carried
+        most of the weight (a batch's own statistics cannot be exported, the stream's stand for
+        them), so the exported model predicts closer to the run; else none (the source's)."""
+        shares = self.shares()
+        test_share = shares.get("stream_statistics_share", 0.0) + shares.get("batch_statistics_share", 0.0)
+        if self.stream_model is None or test_share < 0.5:
+            return {}
+        return {name: tensor.detach() for name, tensor in self.stream_model.state_dict().items()
+                if name.endswith(("running_mean", "running_var"))}
+
+    def channels_last(self) -> None:
+        if self.stream_model is not None:
+            self.stream_model.to(memory_format=torch.channels_last)
+
+    def close(self) -> None:
+        if self.stream_stats is not None:
+            self.stream_stats.remove()
+
+    def stats(self) -> dict[str, Any]:
+        return self.shares()

@@ -1,0 +1,150 @@
+"""auto: chooses a method and its settings from what it can see without labels, and guards it.
+
+The registered ``auto``: what ``policy`` chooses for the model, run as a ``WrappingMethod`` around
+one of the project's faithful methods (``bn_choice`` on BatchNorm models, ``guard`` on the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tta_cli.collapse_window import frozen_copy
+from tta_cli.methods._registry import create_method, register_method
+from tta_cli.methods.auto.bn_choice import BatchNormChoice
+from tta_cli.methods.auto.guard import Guard
+from tta_cli.methods.auto.policy import choose, model_norm_kind
+from tta_cli.methods.base import MethodConfig, StepResult
+from tta_cli.methods.hyperparameters import at_least, between
+from tta_cli.methods.wrapper import WrappingMethod
+
+InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "lame"]
+
+
+@dataclass
+class AutoConfig(MethodConfig):
+    inner: InnerChoice = "auto"
+    """The method for batch-independent (GroupNorm / LayerNorm / no-norm) models; auto: measured."""
+    bn_stats: Literal["choose"] = "choose"
+    """BatchNorm models: per batch, the source statistics, the batch's own or the stream's
+    (``bn_stream``), whichever predicts with the lowest mean entropy (other rules were measured and
+    dropped: docs/BENCHMARKS.md)."""
+    bn_choice_temperature: float = field(default=0.005, metadata=at_least(0.0))
+    """BatchNorm models: 0 keeps the lowest-entropy prediction; t > 0 mixes the candidates'
+    probabilities with weights softmax(-H / (t ln C)) (H: their mean entropies), so a near tie,
+    where the choice is a coin toss, takes them all."""
+    bn_stream: Literal["balanced", "off"] = "balanced"
+    """BatchNorm models: balanced adds a third candidate, the prediction with class-balanced running
+    statistics of the stream so far (``bn_choice.ClassBalancedStats``; the source's stand in for
+    classes not seen yet); off: only the source and the batch statistics."""
+    bn_stream_labels: Literal["choice", "source"] = "choice"
+    """``bn_stream=balanced``: the class each image counts for. choice: the argmax of the source and
+    batch statistics' predictions mixed as they are chosen (each batch alone; better labels on a
+    shifted stream, the source's on a batch of few classes); source: the source model's."""
+    bn_stream_prior: float = field(default=32.0, metadata=at_least(0.0))
+    """``bn_stream=balanced``: each class's moments count as its images so far against this many
+    images' worth of the source statistics, so classes seen on few images stay near the source's
+    (0: a class's first images count fully; measured in docs/BENCHMARKS.md, "auto v5")."""
+    bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0, low_inclusive=False))
+    """The stream statistics' momentum per 64 images (``bn_choice.STREAM_MOMENTUM_IMAGES``)."""
+    bn_choice_window: int = field(default=0, metadata=at_least(0))
+    """BatchNorm models: the mean entropies compared are over the last batches that hold at least
+    this many images, so that batches of a few images are not judged on their own few entropies;
+    0: 64 with a stream candidate, 1 (each batch alone) without."""
+    guard: bool = True
+    """Batch-independent models: watch for collapse against a frozen source copy (one extra no-grad
+    forward per batch)."""
+    max_collapses: int = field(default=2, metadata=at_least(1))
+    """After this many collapse events, stop adapting and predict with the source model."""
+    window: int = field(default=0, metadata=at_least(0))
+    """Images in the guard's window; 0: max(256, 2 B, 8 C)."""
+
+
+@register_method
+class Auto(WrappingMethod):
+    """Chooses a method and its settings from what it can see without labels, and guards it.
+
+    Not a paper's method: a policy over the project's faithful methods, chosen by measurement on the
+    wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``). BatchNorm models: a
+    ``norm`` method whose predictions are chosen per batch among BatchNorm statistics
+    (``bn_choice``); others: the inner method (``AutoConfig.inner``) under the ``guard``.
+    ``describe()["choice"]`` records what was chosen and why; ``tta adapt`` prints it."""
+
+    name = "auto"
+    config_class = AutoConfig
+    config: AutoConfig
+
+    def __init__(self, model: nn.Module, config: AutoConfig | None = None, batch_size: int = 64) -> None:
+        config = config if config is not None else AutoConfig()
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        kind = model_norm_kind(model)
+        choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream)
+        # the frozen copies are of the source model as it comes, before the inner method wraps it
+        batchnorm = kind == "batchnorm"
+        reference = frozen_copy(model) if config.guard and not batchnorm else None
+        stream_model = frozen_copy(model) if batchnorm and config.bn_stream != "off" else None
+        if batchnorm:
+            inner = create_method("norm", model, batch_size=batch_size, bn_stats="batch", bn_alpha=0.0)
+        else:
+            inner = create_method(choice["method"], model, batch_size=batch_size)
+        super().__init__(inner, config, batch_size)
+        self.num_classes, self.kind, self.choice = num_classes, kind, choice
+        self.bn_choice = BatchNormChoice(
+            inner, stream_model, max(num_classes, 2), config.bn_choice_temperature, config.bn_choice_window,
+            config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels) if batchnorm else None
+        self.guard = Guard(reference, config.max_collapses, config.window, batch_size) \
+            if reference is not None else None
+
+    def step(self, x: torch.Tensor) -> StepResult:
+        if self.bn_choice is not None:
+            result = self.bn_choice.step(x)
+        elif self.guard is not None:
+            result = self.guard.step(self.inner, x, self.batches_seen)
+        else:
+            result = self.inner.step(x)
+        self.batches_seen += 1
+        return result
+
+    @property
+    def stream_model(self) -> nn.Module | None:
+        """BatchNorm models: the frozen copy with the stream's statistics (None without)."""
+        return self.bn_choice.stream_model if self.bn_choice is not None else None
+
+    @property
+    def collapse_events(self) -> list[dict[str, Any]]:
+        return self.guard.events if self.guard is not None else []
+
+    @property
+    def frozen_at(self) -> int | None:
+        return self.guard.frozen_at if self.guard is not None else None
+
+    def configure_performance(self, precision: str = "fp32", channels_last: bool = False,
+                              compile: bool | str = False) -> None:
+        super().configure_performance(precision, channels_last, compile)
+        copies = [self.guard.reference if self.guard else None, self.stream_model]
+        for frozen in copies:
+            if frozen is not None and channels_last:
+                frozen.to(memory_format=torch.channels_last)
+
+    def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
+        """The stream candidate's statistics when the run predicted mostly with test statistics
+        (``BatchNormChoice.export_statistics``); else none (the source's)."""
+        return self.bn_choice.export_statistics() if self.bn_choice is not None else {}
+
+    def close(self) -> None:
+        super().close()
+        if self.bn_choice is not None:
+            self.bn_choice.close()
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
+                                 "source_from_batch": self.frozen_at}
+        if self.bn_choice is not None:
+            stats.update(self.bn_choice.shares())
+        return stats
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"choice": self.choice}
