@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tta_cli import signals
 from tta_cli.atomic import atomic_write
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
@@ -98,6 +99,23 @@ class ResumePoint:
     errors_bytes: int
 
 
+def resume_point(out: Path, csv_files: tuple[Path, ...]) -> ResumePoint | None:
+    """The checkpoint to resume from; None (start from the beginning) for a run stopped before it
+    wrote a checkpoint or any row."""
+    if not (out / CHECKPOINT).is_file() and not any(_has_rows(path) for path in csv_files):
+        return None
+    return load_checkpoint(out)
+
+
+def _has_rows(path: Path) -> bool:
+    """More than a header line (a JSONL file has none)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        lines = handle.read(1 << 16).count(b"\n")
+    return lines > (0 if path.suffix == ".jsonl" else 1)
+
+
 def load_checkpoint(out: Path) -> ResumePoint:
     path = out / CHECKPOINT
     if not path.is_file():
@@ -136,6 +154,7 @@ class Checkpointer:
         if due:
             self.save()
         self._test_hooks()
+        signals.check()  # an interrupt that something swallowed still stops the run here
 
     def save(self) -> None:
         state = {
@@ -146,7 +165,7 @@ class Checkpointer:
             "predictions_bytes": _size(self.csv_files[0]),
             "errors_bytes": _size(self.csv_files[1]),
         }
-        atomic_write(self.out / CHECKPOINT, lambda path: torch.save(state, path))
+        atomic_write(self.out / CHECKPOINT, lambda path: _save(state, path, self.out / CHECKPOINT))
         self.last_save = time.monotonic()
         self.written += 1
 
@@ -157,6 +176,21 @@ class Checkpointer:
             count, _, name = self._signal_after.partition(":")
             if self.position.batches == int(count):
                 os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+
+
+def _save(state: dict[str, Any], tmp: Path, final: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk is an ``OSError`` naming the
+    checkpoint (torch's own writer reports it as an unrelated RuntimeError)."""
+    try:
+        with tmp.open("wb") as handle:
+            torch.save(state, handle)
+    except (OSError, RuntimeError) as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, OSError):  # torch's writer fails again on exit
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(final)) from err
 
 
 def _size(path: Path) -> int:

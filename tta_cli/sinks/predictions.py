@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
+from tta_cli.ownership import record_path
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +90,7 @@ class PredictionsWriter:
         self.format = format
         self.source = source if source is not None and source.reference is not None else None
         self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
+        record_path(path)  # tta_cli.ownership: --overwrite may remove it later
         self._file: IO[str] = path.open("a" if append else "w", newline="", encoding="utf-8")
         if format == "csv" and not append:
             self._write_rows(_csv_text_of([self.columns]))
@@ -187,6 +189,7 @@ class ErrorsWriter:
     def add(self, key: str, reason: str) -> None:
         if self._file is None:
             resumed = self.append and self.path.exists()
+            record_path(self.path)
             self._file = self.path.open("a" if resumed else "w", newline="", encoding="utf-8")
             self._writer = csv.writer(self._file)
             if not resumed:
