@@ -16,6 +16,7 @@ from tta_cli import signals
 def main() -> None:
     signals.install()
     try:
+        signals.test_point("import")
         from tta_cli.cli import main as run_cli
     except KeyboardInterrupt:
         print("tta: error: interrupted", file=sys.stderr)

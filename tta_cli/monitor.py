@@ -152,17 +152,24 @@ class CollapseMonitor:
         self.whole = _StreamCounts(num_classes)
 
     def on_batch(self, out: BatchOutputs) -> None:
-        n = len(out.batch.items)
         self.last_source_pred = None
-        if not n:
+        if not len(out.batch.items):
             return
         parts: tuple[torch.Tensor, ...] = (out.pred, out.entropy)
         if self.reference is not None:
             logits = self.reference.logits(out.batch.images)
-            source_pred = logits.argmax(1).cpu()
+            source_pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu()
             source_entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).cpu()
             self.last_source_pred = source_pred
             parts = (*parts, source_pred, source_entropy)
+        finite = out.pred >= 0  # -1: a prediction from non-finite logits (no class, no entropy)
+        if len(parts) == 4:
+            finite &= parts[2] >= 0
+        self.whole.non_finite += int((~finite).sum())
+        parts = tuple(part[finite] for part in parts)
+        n = len(parts[0])
+        if not n:
+            return
         self.whole.add(*parts)
         self._recent.append(parts)
         self._recent_n += n
@@ -214,6 +221,8 @@ class _StreamCounts:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.images = 0
+        self.non_finite = 0
+        """Predictions from non-finite logits (of the method or the source): left out of the rest."""
         self.changed = 0
         self.hist = torch.zeros(num_classes, dtype=torch.long)
         self.source_hist = torch.zeros(num_classes, dtype=torch.long)
@@ -272,6 +281,10 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
                            f"source's {source_div:.2f}")
     else:
         reasons.append("no source reference: whether predictions changed is unknown")
+    if counts.non_finite:
+        health["non_finite_predictions"] = counts.non_finite
+        reasons.append(f"{counts.non_finite} predictions from non-finite logits (pred -1)")
+        verdict = "suspect" if verdict in ("ok", "no-change") else verdict
     if events:
         reasons.append(f"{len(events)} collapse events (first at batch {events[0].batch}, action {on_collapse})")
         verdict = "collapsed" if on_collapse != "reset" else ("suspect" if verdict != "collapsed" else verdict)

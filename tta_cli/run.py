@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tta_cli import distributed, signals
+from tta_cli import __version__, distributed, signals
 from tta_cli.atomic import atomic_write, atomic_write_text, refuse_symlink
 from tta_cli.checkpoint import (
     CHECKPOINT,
@@ -34,6 +34,7 @@ from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, export_model
 from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
+from tta_cli.ownership import start_manifest
 from tta_cli.run_folders import RunFolders
 from tta_cli.runtime import RunSetup, SpeedOptions, check_precision, method_name, start_run, versions
 from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
@@ -92,14 +93,38 @@ def adapt_local(config: AdaptConfig, console: Console | None = None, resume: boo
     speed = SpeedOptions(config.precision, config.channels_last, config.compile)
     with signals.policy(), RunFolders(out, config.export_folder, config.overwrite, resume,
                                       lock=distributed.is_main()) as folders:
-        setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                          num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
-        workers = default_workers() if config.workers is None else config.workers
-        stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
         try:
-            return _adapt_stream(config, setup, stream, workers, folders, console, resume)
-        finally:
-            stream.close()  # removes a shuffled stream's temporary frames on every exit path
+            signals.test_point("load")
+            setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                              num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
+        except KeyboardInterrupt:
+            _stopped_before_start(config, folders)
+            raise
+        try:
+            workers = default_workers() if config.workers is None else config.workers
+            stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
+            try:
+                return _adapt_stream(config, setup, stream, workers, folders, console, resume)
+            finally:
+                stream.close()  # removes a shuffled stream's temporary frames on every exit path
+        except KeyboardInterrupt:
+            _stopped_before_start(config, folders)
+            raise
+
+
+def _stopped_before_start(config: AdaptConfig, folders: RunFolders) -> None:
+    """Interrupted while loading, before the first output: in a folder that was empty, run.json
+    says so (interrupted, 0 images), and ``--resume`` starts the run from the beginning."""
+    if not folders.fresh or folders.prepared or not distributed.is_main():
+        return
+    with signals.deferred(), contextlib.suppress(OSError):
+        folders.out.mkdir(parents=True, exist_ok=True)
+        start_manifest(folders.out)
+        _write_record(folders.out, {"status": "interrupted", "reason": signals.signal_name(),
+                                    "config": config.to_record(), "counts": {"images": 0},
+                                    "versions": {"tta": __version__}, "out": str(folders.out)})
+    raise TTAError(f"interrupted ({signals.signal_name()}) before the first image; start it with: "
+                   f"tta adapt --resume {folders.out}", exit_code=signals.exit_code())
 
 
 def resume(out: Path, console: Console | None = None) -> dict[str, Any]:
@@ -165,24 +190,27 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
     csv_files = (out / f"predictions.{config.format}", out / "errors.csv")
     point = resume_point(out, csv_files) if resume else None
-    with signals.deferred(), _disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json, checkpoint
-        folders.prepare()
-        if not config.quiet:
-            _print_plan(console, loaded, method, stream.describe(), device)
-        if point is not None:
-            truncate_outputs(csv_files, point)
-            method.load_resume_state(point.method)
-            set_rng_states(point.rng)
-        else:
-            method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
-        started = time.perf_counter()
-        _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
-        checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point)
-        sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
-    outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
-                                          checkpointer, point, sinks)
-    totals = _with_timing(checkpointer.totals, engine_totals)
-    with signals.deferred():  # model/ and run.json are written whole, whatever comes meanwhile
+    # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
+    # _run_batches), and the start and the final writes finish whole before the run ends as interrupted.
+    with signals.deferred():
+        with _disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json
+            folders.prepare()
+            if not config.quiet:
+                _print_plan(console, loaded, method, stream.describe(), device)
+            if point is not None:
+                truncate_outputs(csv_files, point)
+                method.load_resume_state(point.method)
+                set_rng_states(point.rng)
+            else:
+                method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
+            started = time.perf_counter()
+            _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
+            checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point)
+            sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
+        outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
+                                              checkpointer, point, sinks)
+        totals = _with_timing(checkpointer.totals, engine_totals)
+        signals.test_point("export")
         record = _finish(config, loaded, method, totals, device, out, _after_signal(outcome),
                          time.perf_counter() - started, sinks)
         if _after_signal(outcome).status != record["status"]:  # a signal came during the final writes
@@ -250,8 +278,7 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
     try:
         if point is None and config.checkpoint_every:
             checkpointer.save()  # resumable from the first image on
-        signals.check()  # one that came while the run started
-        with progress, distributed.peer_failures():
+        with signals.allowed(), progress, distributed.peer_failures():
             extra = [*([sinks.export] if sinks.export else []),
                      *([] if config.predict_only or distributed.active() else [sinks.last])]
             outputs = [sinks.monitor, predictions, errors, *extra, progress, checkpointer]
@@ -343,6 +370,10 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
     record |= {"collapse_events": sinks.monitor.record(), "health": sinks.monitor.health()}
     if model_export is not None:
         record["model_export"] = model_export
+        if "non_finite" in model_export:
+            record["health"]["reasons"].append(model_export["non_finite"])
+            if record["health"]["verdict"] in ("ok", "no-change"):
+                record["health"]["verdict"] = "suspect"
     if sinks.export is not None:
         record["export_folder"] = _export_record(sinks.export)
     try:
@@ -402,9 +433,21 @@ def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: TTAMetho
                       last: LastInputs, device: torch.device) -> dict[str, Any]:
     """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
     state, bn_statistics = exported_state(method, config.export_bn)
+    problem = None
+    if not _all_finite(state):
+        problem = "the exported model holds non-finite values"
+        if bn_statistics == "stream":  # the stream's statistics took in non-finite activations
+            state, bn_statistics = exported_state(method, "source")
+            problem = ("the stream's BatchNorm statistics were not finite: the model keeps the source's"
+                       if _all_finite(state) else problem)
     export_model(loaded, state, out / "model")
     _write_extra_exports(method, out)
-    return {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
+    record = {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
+    return record | ({"non_finite": problem} if problem else {})
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def _write_extra_exports(method: TTAMethod, out: Path) -> None:

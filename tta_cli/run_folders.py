@@ -9,7 +9,7 @@ import contextlib
 from pathlib import Path
 
 from tta_cli.atomic import refuse_symlink
-from tta_cli.ownership import FolderLock, remove_path, stale_temporaries
+from tta_cli.ownership import FolderLock, content, remove_path, stale_temporaries
 from tta_cli.runtime import prepare_out_dir, refuse_non_empty
 from tta_cli.sinks.export_folder import plan_overwrite as plan_export
 
@@ -22,6 +22,9 @@ class RunFolders:
     def __init__(self, out: Path, export: Path | None, overwrite: bool, resume: bool, lock: bool = True) -> None:
         self.out, self.export, self.overwrite, self.resume, self.lock = out, export, overwrite, resume, lock
         self._locks = contextlib.ExitStack()
+        self.fresh = False
+        """``--out`` held nothing when checked (a run stopped before it started may record so there)."""
+        self.prepared = False
 
     def __enter__(self) -> RunFolders:
         try:
@@ -45,6 +48,7 @@ class RunFolders:
                 refuse_symlink(self.out / name)
         else:
             refuse_non_empty(self.out, self.overwrite)
+            self.fresh = not content(self.out)
         if self.export is not None:
             plan_export(self.export, self.overwrite)
 
@@ -56,6 +60,7 @@ class RunFolders:
                 remove_path(path)
         else:
             prepare_out_dir(self.out, self.overwrite)
+        self.prepared = True
 
 
 __all__ = ["RunFolders"]

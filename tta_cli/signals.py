@@ -9,8 +9,10 @@
   ``AttributeError``): there it is raised again as soon as the import has finished.
 * Inside :func:`deferred` (the run's final writes) it is only remembered; the caller looks at
   :func:`received`.
-* In a forked child (a DataLoader worker) it does nothing: the parent decides and stops its workers,
-  so a process-group signal prints no worker traceback.
+* In a forked child it does nothing: the parent decides and stops its workers. DataLoader workers
+  have torch's own SIGTERM handler and die of a process-group SIGTERM; what the parent then reports
+  from a finaliser ("Exception ignored ... DataLoader worker is killed") is the interrupt's fallout
+  and is not printed once a signal was received (:func:`_unraisable`).
 
 This module is torch-free and imports nothing of the package.
 """
@@ -21,13 +23,19 @@ import _thread
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+TEST_SIGNAL_ENV = "TTA_TEST_SIGNAL_AT"
+"""Test hook: ``PHASE:SIGNAME`` sends the signal to this process at that point of a run (``import``:
+before the command line is imported; ``load``: before the model loads; ``export``: before the
+final writes), see :func:`test_point`."""
 RETRY_SECONDS = 0.02
 """How often a signal that came during an import is raised again, until one is outside imports."""
 
@@ -50,8 +58,16 @@ def install() -> bool:
         return False
     for signum in HANDLED:
         signal.signal(signum, _handler)
+    sys.unraisablehook = _unraisable
     _state.pid, _state.installed = os.getpid(), True
     return True
+
+
+def _unraisable(args: Any) -> None:
+    """Errors in finalisers after a signal are its fallout (workers it ended): not printed."""
+    if _state.received is not None and os.getpid() == _state.pid:
+        return
+    sys.__unraisablehook__(args)
 
 
 def installed() -> bool:
@@ -95,6 +111,18 @@ def deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def allowed() -> Iterator[None]:
+    """Inside :func:`deferred`, a part that a signal stops at once (raising ``KeyboardInterrupt``,
+    also for one noted before it)."""
+    _state.defer -= 1
+    try:
+        check()
+        yield
+    finally:
+        _state.defer += 1
+
+
+@contextlib.contextmanager
 def policy() -> Iterator[None]:
     """This policy for a run called as a library (the command line installed it already): installed
     for the block, the previous handlers restored after; a signal that came before raises now."""
@@ -110,7 +138,15 @@ def policy() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = sys.__unraisablehook__
         _state.installed = False
+
+
+def test_point(phase: str) -> None:
+    """Fault injection for the tests: the signal ``TTA_TEST_SIGNAL_AT`` names for ``phase``."""
+    wanted, _, name = os.environ.get(TEST_SIGNAL_ENV, "").partition(":")
+    if wanted == phase:
+        os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -150,5 +186,5 @@ def _retry_later(signum: int) -> None:
     threading.Thread(target=again, name="tta-signal-retry", daemon=True).start()
 
 
-__all__ = ["EXIT_CODES", "check", "deferred", "exit_code", "install", "installed", "policy", "received", "reset",
-           "signal_name"]
+__all__ = ["EXIT_CODES", "allowed", "check", "deferred", "exit_code", "install", "installed", "policy", "received",
+           "reset", "signal_name", "test_point"]

@@ -93,8 +93,10 @@ def affinity_matrix(features: torch.Tensor, kind: str, knn: int) -> torch.Tensor
         kernel = torch.zeros(n, n, device=features.device)
         kernel.scatter_(dim=-1, index=neighbours, value=1.0)
         return kernel
+    if n < 2:  # one image has no neighbour: LAME predicts as the model (sigma would be 0 / 0)
+        return torch.zeros(n, n, device=features.device)
     kth_dist = dist.topk(k=min(knn, n), dim=-1, largest=False).values[:, -1]
-    sigma = kth_dist.mean()
+    sigma = kth_dist.mean().clamp_min(torch.finfo(dist.dtype).tiny)  # identical features: all neighbours
     return torch.exp(-dist ** 2 / (2 * sigma ** 2))
 
 
