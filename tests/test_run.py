@@ -311,3 +311,25 @@ def test_a_real_full_disk_fails_cleanly(model: Path, images: Path, small_disk: P
     assert not (out / "model").exists() and not list(out.glob("*.tmp-*"))
     assert _record(out)["status"] == "failed"
     assert (out / "predictions.csv").read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("extra", [("--method", "tent", "--lr", "1e30"), ("--method", "lame", "-b", "1")])
+def test_non_finite_logits_give_pred_minus_one_rows_and_a_finite_model(
+        model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]) -> None:
+    """Issue #24.10: exit 1 in the monitor's bincount; then NaN statistics exported while health said ok."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    monkeypatch.setattr("tta_cli.methods.lame.affinity_matrix",  # LAME's one-image case fixed: force NaN
+                        lambda features, kind, knn: torch.full((len(features),) * 2, float("nan")))
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out), *extra)
+    assert code == 0, err
+    record = _record(out)
+    rows = (out / "predictions.csv").read_text().splitlines()[1:]
+    non_finite = [row for row in rows if row.split(",")[4] == "-1"]
+    assert non_finite and all(row.split(",")[5] == "" for row in non_finite)
+    assert record["health"]["verdict"] != "ok"
+    assert record["health"]["non_finite_predictions"] == len(non_finite)
+    state = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -254,3 +254,19 @@ def test_plan_overwrite_checks_without_removing(tmp_path: Path) -> None:
     (tmp_path / "out" / "y" / "mine.txt").write_text("keep")
     with pytest.raises(TTAError, match=r"mine\.txt"):
         plan_overwrite(tmp_path / "out", overwrite=True)
+
+
+def test_a_name_that_is_not_utf8_is_exported_and_listed_in_utf8(tmp_path: Path) -> None:
+    """Issue #24.11: UnicodeEncodeError (exit 1) in the manifest."""
+    from tta_cli.sinks.predictions import original_bytes
+
+    source = tmp_path / os.fsdecode(b"src/caf\xe9.png")
+    make_images(source.parent, 1)
+    (source.parent / "img0.png").rename(source)
+    sink = ExportFolder(tmp_path / "out", ["x"])
+    sink.on_batch(outputs([StreamItem(source.name, source)], [0]))
+    sink.close()
+    assert [p.name for p in (tmp_path / "out" / "x").iterdir()] == ["caf_xe9.png"]
+    with (tmp_path / "out" / "manifest.csv").open(encoding="utf-8") as f:  # strict UTF-8
+        row = next(csv.DictReader(f))
+    assert row["file"] == "x/caf_xe9.png" and original_bytes(row["key"]) == b"caf\xe9.png"

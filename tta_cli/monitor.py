@@ -180,6 +180,23 @@ class CollapseMonitor:
         if self._recent_n >= self.window:
             self._check()
 
+    def state_for_resume(self) -> dict[str, Any]:
+        """The window, the whole-stream counts and the events, for ``--resume`` (tensors, numbers, lists):
+        the health of a resumed run covers the whole stream."""
+        whole = self.whole
+        return {"recent": [list(parts) for parts in self._recent], "recent_n": self._recent_n,
+                "batches": self._batches, "images": self._images, "events": [asdict(e) for e in self.events],
+                "whole": {"images": whole.images, "non_finite": whole.non_finite, "changed": whole.changed,
+                          "hist": whole.hist, "source_hist": whole.source_hist, "entropy_sum": whole.entropy_sum,
+                          "source_entropy_sum": whole.source_entropy_sum, "has_source": whole.has_source}}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self._recent = deque(tuple(parts) for parts in state["recent"])
+        self._recent_n, self._batches, self._images = state["recent_n"], state["batches"], state["images"]
+        self.events = [CollapseEvent(**event) for event in state["events"]]
+        for name, value in state["whole"].items():
+            setattr(self.whole, name, value)
+
     def signals(self) -> dict[str, float]:
         columns = [torch.cat(c) for c in zip(*self._recent, strict=True)]
         source = (columns[2], columns[3]) if len(columns) == 4 else (None, None)

@@ -205,8 +205,9 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
                 method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
             started = time.perf_counter()
             _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
-            checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point)
             sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
+            checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point,
+                                        sinks={"monitor": monitor})
         outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
                                               checkpointer, point, sinks)
         totals = _with_timing(checkpointer.totals, engine_totals)

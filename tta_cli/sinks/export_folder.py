@@ -4,7 +4,8 @@ Images are hard-linked (default; copied where a hard link is impossible, e.g. ac
 systems), symlinked or copied; video frames are written as PNG files. Predictions below
 ``--min-confidence`` go to ``DIR/_uncertain/``. ``DIR/manifest.csv`` maps every exported file to its
 source, predicted class and confidence, a row per file as soon as the file exists (an interrupted
-run leaves a manifest that matches the folder); ``DIR/classes.csv`` gives every class's folder.
+run leaves a manifest that matches the folder; names that are not UTF-8 are written as in
+``predictions.csv``, backslash x and two hex digits); ``DIR/classes.csv`` gives every class's folder.
 
 Class folders are named so that the export can be copied to any file system: no path separators,
 no control or Windows-forbidden characters, no reserved Windows names (CON, NUL, COM1, ...), no
@@ -31,6 +32,7 @@ from tta_cli.classes import class_ids_of
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs
 from tta_cli.ownership import content, owned, record, refuse_link, remove_path, start_manifest
+from tta_cli.sinks.predictions import csv_text, utf8_text
 from tta_cli.sources.items import StreamItem
 
 ExportMode = Literal["hardlink", "symlink", "copy"]
@@ -54,7 +56,9 @@ FrameReader = Callable[[Path, str], Iterator[tuple[int, Image.Image]]]
 
 def safe_name(name: str, fallback: str = "_") -> str:
     """``name`` as a file or folder name that every common file system accepts."""
-    text = " ".join(unicodedata.normalize("NFC", name).split())  # tabs, newlines, runs of spaces: one space
+    # bytes that are not UTF-8 as backslash escapes (the backslash becomes "_"); tabs, newlines,
+    # runs of spaces: one space
+    text = " ".join(unicodedata.normalize("NFC", utf8_text(name)).split())
     text = "".join("_" if ch in _FORBIDDEN or unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text)
     text = _cap_bytes(text, MAX_NAME_BYTES).rstrip(". ")
     if text.startswith("."):  # hidden folders, "." and ".."
@@ -173,7 +177,7 @@ class ExportFolder:
                 self.failed.append((item.key, f"{type(err).__name__}: {err.strerror or err}"))
                 continue
             name = self.class_names[pred] if pred < len(self.class_names) else str(pred)
-            self._manifest.writerow([relative, str(item.path.resolve()), item.key,
+            self._manifest.writerow([relative, csv_text(str(item.path.resolve())), csv_text(item.key),
                                      "" if item.frame is None else item.frame, pred, name,
                                      f"{confidence:.6f}", int(uncertain), how])
             self.stats.files += 1
