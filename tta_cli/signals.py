@@ -59,7 +59,8 @@ def install() -> bool:
     for signum in HANDLED:
         signal.signal(signum, _handler)
     sys.unraisablehook = _unraisable
-    _state.pid, _state.installed = os.getpid(), True
+    _state.pid, _state.installed, _state.defer = os.getpid(), True, 0
+    reset()
     return True
 
 
@@ -108,6 +109,21 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state.defer -= 1
+
+
+def ignore() -> None:
+    """SIGINT and SIGTERM ignored from now on: the process is ending with its exit code set, and
+    Python's shutdown would restore their default action (death by the signal, no exit code);
+    it keeps an ignored one ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN)
+        _state.installed = False
+
+
+def hold() -> None:
+    """From now on a signal is only noted (the command is ending: its exit code says it)."""
+    _state.defer += 1
 
 
 @contextlib.contextmanager
@@ -186,5 +202,5 @@ def _retry_later(signum: int) -> None:
     threading.Thread(target=again, name="tta-signal-retry", daemon=True).start()
 
 
-__all__ = ["EXIT_CODES", "allowed", "check", "deferred", "exit_code", "install", "installed", "policy", "received",
-           "reset", "signal_name", "test_point"]
+__all__ = ["EXIT_CODES", "allowed", "check", "deferred", "exit_code", "hold", "ignore", "install", "installed",
+           "policy", "received", "reset", "signal_name", "test_point"]
