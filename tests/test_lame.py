@@ -34,3 +34,17 @@ def test_rbf_kernel_pulls_a_batch_towards_agreement() -> None:
         source = model(x).softmax(1)
     out = create_method("lame", model, batch_size=16, bound_lambda=5.0)(x).softmax(1)
     assert out.argmax(1).unique().numel() <= source.argmax(1).unique().numel()
+
+
+def test_a_batch_of_one_image_is_predicted_as_the_model_predicts() -> None:
+    """Issue #24.10/15: at -b 1 the rbf bandwidth was 0 / 0 and every prediction non-finite."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    method = create_method("lame", model, batch_size=1)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).softmax(1)
+    probs = method(x).softmax(1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs, expected, atol=1e-6)
+    assert method.non_finite_updates == 0
+    assert torch.isfinite(affinity_matrix(torch.ones(3, 4), "rbf", 5)).all()  # identical features

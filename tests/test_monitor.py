@@ -190,3 +190,35 @@ def test_on_collapse_stop_exits_non_zero_with_status(tmp_path: Path, tiny_model_
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "collapsed"
     assert record["collapse_events"][0]["batch"] == 0 and record["health"]["verdict"] == "collapsed"
+
+
+def test_non_finite_predictions_are_counted_apart_and_make_the_run_suspect() -> None:
+    """Issue #24.10: a pred -1 (non-finite logits) crashed the monitor in bincount."""
+    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=16)
+    classes = torch.arange(C).repeat(2)
+    pred = classes.clone()
+    pred[:3] = -1
+    outputs = _outputs(classes, pred, 1.0, 0)
+    outputs.entropy[:3] = float("nan")
+    monitor.on_batch(outputs)
+    monitor.on_batch(_outputs(classes, torch.full_like(classes, -1), float("nan"), 20))  # none finite
+    health = monitor.health()
+    assert health["images"] == 17 and health["non_finite_predictions"] == 23
+    assert health["verdict"] == "suspect" and math.isfinite(health["mean_entropy"])
+    json.dumps(health, allow_nan=False)
+
+
+def test_the_monitor_state_survives_a_resume() -> None:
+    """Issue #24.14: after --resume the health covered only the images after it."""
+    whole = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    _feed(whole, collapsed=False, batches=6)
+    first = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    _feed(first, collapsed=False, batches=3)
+    resumed = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    resumed.load_resume_state(first.state_for_resume())
+    g = torch.Generator().manual_seed(0)
+    for b in range(6):  # the same batches as _feed, the last three of them
+        classes = torch.randint(0, C, (32,), generator=g)
+        if b >= 3:
+            resumed.on_batch(_outputs(classes, classes.clone(), 0.8 * math.log(C), b * 32))
+    assert resumed.health() == whole.health()

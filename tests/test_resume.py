@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tests.helpers import make_images, tiny_model_folder
 from tta_cli.checkpoint import CHECKPOINT, KILL_AFTER_ENV, STOP_AFTER_ENV, skip_consumed
 from tta_cli.cli import main
+from tta_cli.ownership import record as record_output
 from tta_cli.sources.items import StreamItem
 from tta_cli.sources.stream import ImagePart, Stream
 
@@ -85,6 +86,8 @@ def _assert_same_run(got: Path, want: Path) -> None:
     assert counts == expected_counts
     assert mean == pytest.approx(expected_mean, rel=1e-12)
     assert record["resets_at_batch"] == expected["resets_at_batch"]
+    assert record["health"] == expected["health"]  # over the whole stream, not the part after the resume
+    assert record["collapse_events"] == expected["collapse_events"]
     assert not (got / CHECKPOINT).exists()  # a completed run leaves no checkpoint
 
 
@@ -102,11 +105,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path
     assert killed.returncode == -9
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "running"  # never looks complete
-    if kill_after < 3:  # before the first checkpoint: nothing to resume, said in one line
-        assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 2
-        return
+    assert (out / CHECKPOINT).is_file()  # one from the start: resumable before the first --checkpoint-every
+    (out / ".checkpoint.pt.tmp-99999").write_bytes(b"half")  # as a kill during a write leaves them
+    record_output(out, "model")  # as a run killed while writing model/ listed it first
+    (out / "model.tmp-99999").mkdir()
     assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 0
     _assert_same_run(out, reference[method])
+    assert not list(out.glob("*.tmp-*"))  # a completed resume leaves no temporary file
 
 
 @pytest.mark.parametrize(("signal_name", "code"), [
@@ -149,3 +154,35 @@ def test_iter_batches_drops_skipped_items_after_decoding(tmp_path: Path) -> None
     items = [StreamItem(p.name, p) for p in paths]
     batches = list(iter_batches(items, lambda image: torch.zeros(3, 2, 2), 4, skip_decoded=3))
     assert [[i.key for i in b.items] for b in batches] == [[p.name for p in paths[3:7]]]
+
+
+class _Payload:
+    """A pickle that would create a file if it were ever unpickled with code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("content", ["random", "pickle"])
+def test_a_tampered_checkpoint_is_one_line_and_exit_2(reference: References, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str], content: str) -> None:
+    """Issue #24.13: torch's 7-line message advising weights_only=False, exit 1."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["tent"], out)
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(record | {"status": "interrupted"}))
+    marker = tmp_path / "ran"
+    if content == "random":
+        (out / CHECKPOINT).write_bytes(os.urandom(3000))
+    else:
+        torch.save({"method": _Payload(marker)}, out / CHECKPOINT)
+    assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot read the checkpoint" in err
+    assert "weights_only" not in err and not marker.exists()

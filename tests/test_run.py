@@ -90,7 +90,7 @@ def test_completed_run_is_recorded_so(model: Path, images: Path, tmp_path: Path,
     assert _run(monkeypatch, capsys, *_adapt(model, images, out))[0] == 0
     record = _record(out)
     assert record["status"] == "completed" and record["counts"]["non_finite_updates"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model", "predictions.csv", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".tta-outputs.json", "model", "predictions.csv", "run.json"]
 
 
 # --- --overwrite and links -----------------------------------------------------------------------
@@ -99,15 +99,28 @@ def test_overwrite_removes_only_the_previous_runs_files(model: Path, images: Pat
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "errors.csv").write_text("path,reason\nold.png,from an old run\n")
+    assert _run(monkeypatch, capsys, *_adapt(model, images, out, "--format", "jsonl"))[0] == 0
     (out / "notes.txt").write_text("mine")
-    (out / "model").mkdir()
-    (out / "model" / "stale.bin").write_text("stale")
+    (out / "thesis.tmp-final.docx").write_text("mine too")  # named like a temporary file, not tta's
+    (out / ".model.tmp-99999").mkdir()  # a killed run's temporary folder: tta's
     assert _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite"))[0] == 0
-    assert not (out / "errors.csv").exists()  # the old run's errors are gone: this run had none
+    assert not (out / "predictions.jsonl").exists()  # the old run's predictions are gone: this run wrote CSV
     assert (out / "notes.txt").read_text() == "mine"
-    assert not (out / "model" / "stale.bin").exists()
+    assert (out / "thesis.tmp-final.docx").read_text() == "mine too"
+    assert not (out / ".model.tmp-99999").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".tta-outputs.json", "model", "notes.txt", "predictions.csv",
+                                                     "run.json", "thesis.tmp-final.docx"]
+
+
+def test_overwrite_refuses_an_output_name_no_run_recorded(model: Path, images: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("a user's own table")
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite"))
+    assert code == 2 and "predictions.csv, which no tta run recorded writing" in err
+    assert (out / "predictions.csv").read_text() == "a user's own table"
 
 
 def test_a_symlinked_output_file_is_never_written_through(model: Path, images: Path, tmp_path: Path,
@@ -116,12 +129,56 @@ def test_a_symlinked_output_file_is_never_written_through(model: Path, images: P
     outside = tmp_path / "outside.json"
     outside.write_text("precious")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "run.json").symlink_to(outside)
+    assert _run(monkeypatch, capsys, *_adapt(model, images, out))[0] == 0
+    (out / "run.json").unlink()
+    (out / "run.json").symlink_to(outside)  # listed as the run's: --overwrite removes the link itself
     code, err = _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite"))
     assert outside.read_text() == "precious"
-    assert code == 0, err  # --overwrite removed the link itself, not its target
+    assert code == 0, err
     assert not (out / "run.json").is_symlink()
+    (out / "errors.csv").symlink_to(outside)  # not listed: refused, never followed
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite"))
+    assert code == 2 and "errors.csv" in err and outside.read_text() == "precious"
+
+
+def test_a_symlinked_out_folder_is_refused_without_overwrite(model: Path, images: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, link))
+    assert code == 2 and "symbolic link" in err
+    assert list(real.iterdir()) == []
+
+
+def test_a_usage_error_found_late_deletes_nothing(model: Path, images: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out, export = tmp_path / "out", tmp_path / "export"
+    assert _run(monkeypatch, capsys, *_adapt(model, images, out))[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    export.mkdir()
+    (export / "notes.txt").write_text("mine")
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite", "--export-folder", str(export)))
+    assert code == 2 and "not from an earlier export" in err
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "model" / "model.safetensors").is_file()
+    assert _record(out)["status"] == "completed"
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(model: Path, images: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from tta_cli.ownership import FolderLock
+
+    out = tmp_path / "out"
+    assert _run(monkeypatch, capsys, *_adapt(model, images, out))[0] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with FolderLock(out):  # as a run in another process holds it
+        code, err = _run(monkeypatch, capsys, *_adapt(model, images, out, "--overwrite"))
+    assert code == 2 and err.count("\n") == 1 and "in use by another tta run" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".tta-lock"} == before
 
 
 def test_a_symlinked_out_folder_with_overwrite_is_refused(model: Path, images: Path, tmp_path: Path,
@@ -254,3 +311,25 @@ def test_a_real_full_disk_fails_cleanly(model: Path, images: Path, small_disk: P
     assert not (out / "model").exists() and not list(out.glob("*.tmp-*"))
     assert _record(out)["status"] == "failed"
     assert (out / "predictions.csv").read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("extra", [("--method", "tent", "--lr", "1e30"), ("--method", "lame", "-b", "1")])
+def test_non_finite_logits_give_pred_minus_one_rows_and_a_finite_model(
+        model: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]) -> None:
+    """Issue #24.10: exit 1 in the monitor's bincount; then NaN statistics exported while health said ok."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    monkeypatch.setattr("tta_cli.methods.lame.affinity_matrix",  # LAME's one-image case fixed: force NaN
+                        lambda features, kind, knn: torch.full((len(features),) * 2, float("nan")))
+    code, err = _run(monkeypatch, capsys, *_adapt(model, images, out), *extra)
+    assert code == 0, err
+    record = _record(out)
+    rows = (out / "predictions.csv").read_text().splitlines()[1:]
+    non_finite = [row for row in rows if row.split(",")[4] == "-1"]
+    assert non_finite and all(row.split(",")[5] == "" for row in non_finite)
+    assert record["health"]["verdict"] != "ok"
+    assert record["health"]["non_finite_predictions"] == len(non_finite)
+    state = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tta_cli.classes import ClassNames
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs
 from tta_cli.sinks import export_folder as ef
-from tta_cli.sinks.export_folder import ExportFolder, class_folders, safe_name
+from tta_cli.sinks.export_folder import ExportFolder, class_folders, plan_overwrite, safe_name
 from tta_cli.sources.items import Batch, StreamItem
 
 from .conftest import make_images
@@ -213,3 +214,59 @@ def test_bad_options() -> None:
         ExportFolder(Path("unused"), ["x"], mode="move")
     with pytest.raises(TTAError, match="min-confidence"):
         ExportFolder(Path("unused"), ["x"], min_confidence=1.5)
+
+
+def test_overwrite_never_deletes_through_a_symlinked_class_folder(tmp_path: Path) -> None:
+    """Issue #24.1: a stale manifest naming a file behind a linked class folder outside the export."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "p.txt").write_text("x")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "cat").symlink_to(outside)
+    (export / "manifest.csv").write_text("file\ncat/p.txt\n")
+    with pytest.raises(TTAError, match="not from an earlier export"):
+        ExportFolder(export, ["cat"], overwrite=True)
+    assert (outside / "p.txt").read_text() == "x"
+    # the same when an earlier export listed "cat" as its own folder and it became a link later
+    paths = make_images(tmp_path / "src", 1)
+    shutil.rmtree(export)
+    first = ExportFolder(export, ["cat"])
+    first.on_batch(outputs([StreamItem(paths[0].name, paths[0])], [0]))
+    first.close()
+    shutil.rmtree(export / "cat")
+    (export / "cat").symlink_to(outside)
+    with (export / "manifest.csv").open("a") as f:
+        f.write("cat/p.txt,,,,,,,,\n")
+    with pytest.raises(TTAError, match="not from an earlier export"):
+        ExportFolder(export, ["cat"], overwrite=True)
+    assert (outside / "p.txt").read_text() == "x"
+
+
+def test_plan_overwrite_checks_without_removing(tmp_path: Path) -> None:
+    paths = make_images(tmp_path / "src", 2)
+    sink = ExportFolder(tmp_path / "out", ["x", "y"])
+    sink.on_batch(outputs([StreamItem(p.name, p) for p in paths], [0, 1]))
+    sink.close()
+    planned = plan_overwrite(tmp_path / "out", overwrite=True)
+    assert {p.name for p in planned} == {"img0.png", "img1.png", "x", "y", "manifest.csv", "classes.csv"}
+    assert (tmp_path / "out" / "x" / "img0.png").exists()
+    (tmp_path / "out" / "y" / "mine.txt").write_text("keep")
+    with pytest.raises(TTAError, match=r"mine\.txt"):
+        plan_overwrite(tmp_path / "out", overwrite=True)
+
+
+def test_a_name_that_is_not_utf8_is_exported_and_listed_in_utf8(tmp_path: Path) -> None:
+    """Issue #24.11: UnicodeEncodeError (exit 1) in the manifest."""
+    from tta_cli.sinks.predictions import original_bytes
+
+    source = tmp_path / os.fsdecode(b"src/caf\xe9.png")
+    make_images(source.parent, 1)
+    (source.parent / "img0.png").rename(source)
+    sink = ExportFolder(tmp_path / "out", ["x"])
+    sink.on_batch(outputs([StreamItem(source.name, source)], [0]))
+    sink.close()
+    assert [p.name for p in (tmp_path / "out" / "x").iterdir()] == ["caf_xe9.png"]
+    with (tmp_path / "out" / "manifest.csv").open(encoding="utf-8") as f:  # strict UTF-8
+        row = next(csv.DictReader(f))
+    assert row["file"] == "x/caf_xe9.png" and original_bytes(row["key"]) == b"caf\xe9.png"

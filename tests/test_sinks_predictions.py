@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_cells_are_utf8_and_safe_and_give_the_name_back(name: bytes, cell: str) 
     assert original_bytes(written) == name
 
 
-def test_jsonl_rows_keep_a_non_utf8_name_and_parse(tmp_path: Path) -> None:
+def test_jsonl_rows_keep_a_non_utf8_name_and_parse_strictly(tmp_path: Path) -> None:
     key = os.fsdecode(b"caf\xe9.png")
     items = [StreamItem(key, Path(key), label=1), StreamItem("b.png", Path("b.png"), label=0)]
     out = BatchOutputs(Batch(items, torch.zeros(2, 3, 4, 4), 0), torch.tensor([1, 2]), torch.tensor([0.5, 0.25]),
@@ -47,6 +48,39 @@ def test_jsonl_rows_keep_a_non_utf8_name_and_parse(tmp_path: Path) -> None:
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [list(r) for r in rows] == [PREDICTION_COLUMNS] * 2
-    assert os.fsencode(rows[0]["path"]) == b"caf\xe9.png" and rows[1]["pred_name"] == "=c"  # no quoting
+    assert rows[0]["path"] == "caf\\xe9.png" and rows[1]["pred_name"] == "=c"  # escaped as in the CSV; no quoting
+    assert original_bytes(rows[0]["path"]) == b"caf\xe9.png"
     assert rows[0]["correct"] == 1 and rows[1]["correct"] == 0 and rows[0]["top5"] == [1, 0, 2, 3, 4]
     assert rows[0]["used_for_update"] == 1 and rows[0]["timestamp"] is None
+
+
+def _outputs(n: int, first: int = 0) -> BatchOutputs:
+    items = [StreamItem(f"img{first + i}.png", Path(f"img{first + i}.png")) for i in range(n)]
+    return BatchOutputs(Batch(items, torch.zeros(n, 3, 4, 4), first), torch.zeros(n, dtype=torch.long),
+                        torch.full((n,), 0.5), torch.ones(n), torch.zeros(n, 5, dtype=torch.long),
+                        torch.zeros(n, dtype=torch.bool), (), False, 0.0)
+
+
+@pytest.mark.parametrize("format", ["csv", "jsonl"])
+def test_a_full_disk_cuts_back_to_whole_rows_and_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 format: str) -> None:
+    """Issue #24.9: the last row was cut in half and the error named no file."""
+    from tta_cli.sinks import predictions
+
+    path = tmp_path / f"predictions.{format}"
+    writer = PredictionsWriter(path, ["a"], format=format)
+    writer.on_batch(_outputs(3))
+    whole = path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predictions.os, "write", half_then_full)
+    with pytest.raises(OSError) as failure:
+        writer.on_batch(_outputs(3, first=3))
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(path)
+    assert path.read_bytes() == whole  # the half-written rows are gone
+    writer.close()

@@ -22,14 +22,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from tta_cli import signals
 from tta_cli.atomic import atomic_write
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
 from tta_cli.methods.base import TTAMethod
+from tta_cli.models import load_error_reason
 from tta_cli.outputs import BatchOutputs, Totals
 from tta_cli.sources.items import Batch
 from tta_cli.sources.stream import ImagePart, Stream
@@ -96,6 +98,24 @@ class ResumePoint:
     totals: Totals
     predictions_bytes: int
     errors_bytes: int
+    sinks: dict[str, Any]
+
+
+def resume_point(out: Path, csv_files: tuple[Path, ...]) -> ResumePoint | None:
+    """The checkpoint to resume from; None (start from the beginning) for a run stopped before it
+    wrote a checkpoint or any row."""
+    if not (out / CHECKPOINT).is_file() and not any(_has_rows(path) for path in csv_files):
+        return None
+    return load_checkpoint(out)
+
+
+def _has_rows(path: Path) -> bool:
+    """More than a header line (a JSONL file has none)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        lines = handle.read(1 << 16).count(b"\n")
+    return lines > (0 if path.suffix == ".jsonl" else 1)
 
 
 def load_checkpoint(out: Path) -> ResumePoint:
@@ -107,17 +127,34 @@ def load_checkpoint(out: Path) -> ResumePoint:
         state = torch.load(path, map_location="cpu", weights_only=True)
         totals = Totals(**{f.name: state["totals"][f.name] for f in fields(Totals) if f.name in state["totals"]})
         return ResumePoint(state["method"], state["rng"], Position(**state["position"]), totals,
-                           int(state["predictions_bytes"]), int(state["errors_bytes"]))
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise TTAError(f"cannot read the checkpoint {path}: {err}", "run it again from the start") from err
+                           int(state["predictions_bytes"]), int(state["errors_bytes"]), state.get("sinks", {}))
+    except Exception as err:  # torch's errors (unpickling, zip) share no base class
+        reason = load_error_reason(err) if not isinstance(err, KeyError) else f"no {err} in it"
+        raise TTAError(f"cannot read the checkpoint {path}: {reason}",
+                       "run it again from the start, with --overwrite") from err
+
+
+class Resumable(Protocol):
+    """A sink whose state a checkpoint keeps."""
+
+    def state_for_resume(self) -> dict[str, Any]: ...
+
+    def load_resume_state(self, state: dict[str, Any]) -> None: ...
 
 
 class Checkpointer:
     """The last sink: counts the position and writes the checkpoint when one is due."""
 
     def __init__(self, out: Path, method: TTAMethod, csv_files: tuple[Path, Path], every: int,
-                 start: ResumePoint | None = None, seconds: float = CHECKPOINT_SECONDS) -> None:
+                 start: ResumePoint | None = None, seconds: float = CHECKPOINT_SECONDS,
+                 sinks: dict[str, Resumable] | None = None) -> None:
+        """``sinks``: further state kept in the checkpoint by name (the collapse monitor's), loaded
+        back from ``start``."""
         self.out, self.method, self.csv_files, self.every, self.seconds = out, method, csv_files, every, seconds
+        self.sinks = sinks or {}
+        for name, sink in self.sinks.items():
+            if start is not None and name in start.sinks:
+                sink.load_resume_state(start.sinks[name])
         self.position = start.position if start else Position()
         self.totals = start.totals if start else Totals()
         self.last_save = time.monotonic()
@@ -136,6 +173,7 @@ class Checkpointer:
         if due:
             self.save()
         self._test_hooks()
+        signals.check()  # an interrupt that something swallowed still stops the run here
 
     def save(self) -> None:
         state = {
@@ -145,8 +183,9 @@ class Checkpointer:
             "totals": asdict(self.totals),
             "predictions_bytes": _size(self.csv_files[0]),
             "errors_bytes": _size(self.csv_files[1]),
+            "sinks": {name: sink.state_for_resume() for name, sink in self.sinks.items()},
         }
-        atomic_write(self.out / CHECKPOINT, lambda path: torch.save(state, path))
+        atomic_write(self.out / CHECKPOINT, lambda path: _save(state, path, self.out / CHECKPOINT))
         self.last_save = time.monotonic()
         self.written += 1
 
@@ -157,6 +196,21 @@ class Checkpointer:
             count, _, name = self._signal_after.partition(":")
             if self.position.batches == int(count):
                 os.kill(os.getpid(), getattr(signal, name or "SIGINT"))
+
+
+def _save(state: dict[str, Any], tmp: Path, final: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk is an ``OSError`` naming the
+    checkpoint (torch's own writer reports it as an unrelated RuntimeError)."""
+    try:
+        with tmp.open("wb") as handle:
+            torch.save(state, handle)
+    except (OSError, RuntimeError) as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, OSError):  # torch's writer fails again on exit
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(final)) from err
 
 
 def _size(path: Path) -> int:

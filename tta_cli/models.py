@@ -285,6 +285,16 @@ def _first_reason(text: str) -> str:
     return detail or (lines[0] if lines else "")
 
 
+def load_error_reason(err: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` (or safetensors) refused a file, in a few words: not
+    torch's advice to load it with ``weights_only=False``, which would run the code a pickle holds."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        details = [line for line in lines if line.startswith("WeightsUnpickler error")]
+        return "it holds more than plain tensors or is not a torch file" + (f" ({details[0]})" if details else "")
+    return lines[0] if lines else type(err).__name__
+
+
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: safetensors, or a torch file read with ``weights_only=True`` only
     (never unpickling code), unwrapped from ``state_dict`` / ``model`` / ``module.``."""
@@ -299,7 +309,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise TTAError(
-            f"cannot read checkpoint {path}: {str(err).splitlines()[0]}",
+            f"cannot read checkpoint {path}: {load_error_reason(err)}",
             "expected a .safetensors file or a torch state dict saved with plain tensors",
         ) from err
     for key in ("state_dict", "model", "model_state", "module"):

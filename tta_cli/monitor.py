@@ -152,17 +152,24 @@ class CollapseMonitor:
         self.whole = _StreamCounts(num_classes)
 
     def on_batch(self, out: BatchOutputs) -> None:
-        n = len(out.batch.items)
         self.last_source_pred = None
-        if not n:
+        if not len(out.batch.items):
             return
         parts: tuple[torch.Tensor, ...] = (out.pred, out.entropy)
         if self.reference is not None:
             logits = self.reference.logits(out.batch.images)
-            source_pred = logits.argmax(1).cpu()
+            source_pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu()
             source_entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).cpu()
             self.last_source_pred = source_pred
             parts = (*parts, source_pred, source_entropy)
+        finite = out.pred >= 0  # -1: a prediction from non-finite logits (no class, no entropy)
+        if len(parts) == 4:
+            finite &= parts[2] >= 0
+        self.whole.non_finite += int((~finite).sum())
+        parts = tuple(part[finite] for part in parts)
+        n = len(parts[0])
+        if not n:
+            return
         self.whole.add(*parts)
         self._recent.append(parts)
         self._recent_n += n
@@ -172,6 +179,23 @@ class CollapseMonitor:
         self._images += n
         if self._recent_n >= self.window:
             self._check()
+
+    def state_for_resume(self) -> dict[str, Any]:
+        """The window, the whole-stream counts and the events, for ``--resume`` (tensors, numbers, lists):
+        the health of a resumed run covers the whole stream."""
+        whole = self.whole
+        return {"recent": [list(parts) for parts in self._recent], "recent_n": self._recent_n,
+                "batches": self._batches, "images": self._images, "events": [asdict(e) for e in self.events],
+                "whole": {"images": whole.images, "non_finite": whole.non_finite, "changed": whole.changed,
+                          "hist": whole.hist, "source_hist": whole.source_hist, "entropy_sum": whole.entropy_sum,
+                          "source_entropy_sum": whole.source_entropy_sum, "has_source": whole.has_source}}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self._recent = deque(tuple(parts) for parts in state["recent"])
+        self._recent_n, self._batches, self._images = state["recent_n"], state["batches"], state["images"]
+        self.events = [CollapseEvent(**event) for event in state["events"]]
+        for name, value in state["whole"].items():
+            setattr(self.whole, name, value)
 
     def signals(self) -> dict[str, float]:
         columns = [torch.cat(c) for c in zip(*self._recent, strict=True)]
@@ -214,6 +238,8 @@ class _StreamCounts:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.images = 0
+        self.non_finite = 0
+        """Predictions from non-finite logits (of the method or the source): left out of the rest."""
         self.changed = 0
         self.hist = torch.zeros(num_classes, dtype=torch.long)
         self.source_hist = torch.zeros(num_classes, dtype=torch.long)
@@ -272,6 +298,10 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
                            f"source's {source_div:.2f}")
     else:
         reasons.append("no source reference: whether predictions changed is unknown")
+    if counts.non_finite:
+        health["non_finite_predictions"] = counts.non_finite
+        reasons.append(f"{counts.non_finite} predictions from non-finite logits (pred -1)")
+        verdict = "suspect" if verdict in ("ok", "no-change") else verdict
     if events:
         reasons.append(f"{len(events)} collapse events (first at batch {events[0].batch}, action {on_collapse})")
         verdict = "collapsed" if on_collapse != "reset" else ("suspect" if verdict != "collapsed" else verdict)

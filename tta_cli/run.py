@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tta_cli import distributed
+from tta_cli import __version__, distributed, signals
 from tta_cli.atomic import atomic_write, atomic_write_text, refuse_symlink
 from tta_cli.checkpoint import (
     CHECKPOINT,
@@ -24,7 +22,7 @@ from tta_cli.checkpoint import (
     ResumePoint,
     config_from_record,
     continued,
-    load_checkpoint,
+    resume_point,
     set_rng_states,
     skip_consumed,
     truncate_outputs,
@@ -36,16 +34,9 @@ from tta_cli.methods.base import TTAMethod
 from tta_cli.models import LoadedModel, export_model
 from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
-from tta_cli.runtime import (
-    RunSetup,
-    SpeedOptions,
-    check_precision,
-    method_name,
-    prepare_out_dir,
-    refuse_non_empty,
-    start_run,
-    versions,
-)
+from tta_cli.ownership import start_manifest
+from tta_cli.run_folders import RunFolders
+from tta_cli.runtime import RunSetup, SpeedOptions, check_precision, method_name, start_run, versions
 from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
 from tta_cli.sinks.model_export import EXPORT_BN_CHOICES, LastInputs, agreement, exported_state, track_stream_statistics
 from tta_cli.sinks.predictions import PREDICTION_FORMATS, ErrorsWriter, PredictionsWriter
@@ -95,22 +86,45 @@ def adapt_local(config: AdaptConfig, console: Console | None = None, resume: boo
         raise TTAError("--checkpoint-every must be 0 (no checkpoints) or more")
     check_precision(config.precision)
     out = config.out_dir()
-    if not resume:
-        refuse_non_empty(out, config.overwrite)
     VideoOptions(config.every, config.fps, config.start, config.end, config.max_frames).validate()
     check_output_options(config)
     for path in config.inputs:  # a mistyped path fails now, not after loading the model
         check_input(path)
     speed = SpeedOptions(config.precision, config.channels_last, config.compile)
-    with terminate_as_interrupt() as stop:
-        setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                          num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
-        workers = default_workers() if config.workers is None else config.workers
-        stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
+    with signals.policy(), RunFolders(out, config.export_folder, config.overwrite, resume,
+                                      lock=distributed.is_main()) as folders:
         try:
-            return _adapt_stream(config, setup, stream, workers, out, console, resume, stop)
-        finally:
-            stream.close()  # removes a shuffled stream's temporary frames on every exit path
+            signals.test_point("load")
+            setup = start_run(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                              num_classes=config.num_classes, device=config.device, seed=config.seed, speed=speed)
+        except KeyboardInterrupt:
+            _stopped_before_start(config, folders)
+            raise
+        try:
+            workers = default_workers() if config.workers is None else config.workers
+            stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
+            try:
+                return _adapt_stream(config, setup, stream, workers, folders, console, resume)
+            finally:
+                stream.close()  # removes a shuffled stream's temporary frames on every exit path
+        except KeyboardInterrupt:
+            _stopped_before_start(config, folders)
+            raise
+
+
+def _stopped_before_start(config: AdaptConfig, folders: RunFolders) -> None:
+    """Interrupted while loading, before the first output: in a folder that was empty, run.json
+    says so (interrupted, 0 images), and ``--resume`` starts the run from the beginning."""
+    if not folders.fresh or folders.prepared or not distributed.is_main():
+        return
+    with signals.deferred(), contextlib.suppress(OSError):
+        folders.out.mkdir(parents=True, exist_ok=True)
+        start_manifest(folders.out)
+        _write_record(folders.out, {"status": "interrupted", "reason": signals.signal_name(),
+                                    "config": config.to_record(), "counts": {"images": 0},
+                                    "versions": {"tta": __version__}, "out": str(folders.out)})
+    raise TTAError(f"interrupted ({signals.signal_name()}) before the first image; start it with: "
+                   f"tta adapt --resume {folders.out}", exit_code=signals.exit_code())
 
 
 def resume(out: Path, console: Console | None = None) -> dict[str, Any]:
@@ -127,32 +141,6 @@ def resume(out: Path, console: Console | None = None) -> dict[str, Any]:
     return adapt(config, console, resume=True)
 
 
-class Stop:
-    """Which signal stopped the run (SIGINT unless SIGTERM was received)."""
-
-    signal_name: str = "SIGINT"
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[Stop]:
-    """SIGTERM (docker stop, systemd, Slurm) raises KeyboardInterrupt in the main thread, so the run
-    ends as after Ctrl-C: outputs closed, model/ and run.json written; the old handler is restored."""
-    stop = Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        stop.signal_name = "SIGTERM"
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def check_output_options(config: AdaptConfig) -> None:
     """The output choices, before the model loads (a library call has no click to check them)."""
     choices = {"format": (config.format, PREDICTION_FORMATS), "export_mode": (config.export_mode, EXPORT_MODES),
@@ -162,9 +150,6 @@ def check_output_options(config: AdaptConfig) -> None:
             raise TTAError(f"unknown --{name.replace('_', '-')} {value!r}", f"choose from {', '.join(allowed)}")
     if config.min_confidence is not None and not 0.0 <= config.min_confidence <= 1.0:
         raise TTAError(f"--min-confidence must be between 0 and 1, got {config.min_confidence}")
-    if config.export_folder is not None:
-        refuse_non_empty(config.export_folder, config.overwrite,
-                         hint="choose another --export-folder or pass --overwrite")
 
 
 def predict(config: AdaptConfig, console: Console | None = None) -> dict[str, Any]:
@@ -191,9 +176,9 @@ class _Outcome:
     error: BaseException | None = None
 
 
-def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, out: Path,
-                  console: Console, resume: bool, stop: Stop) -> dict[str, Any]:
-    loaded, device = setup.loaded, setup.device
+def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, folders: RunFolders,
+                  console: Console, resume: bool) -> dict[str, Any]:
+    loaded, device, out = setup.loaded, setup.device, folders.out
     reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
     distributed.check_world(config.batch_size, method.name, bool(stream.videos))
@@ -203,32 +188,37 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     if not distributed.is_main():
         return _follow_stream(config, setup, stream, workers, method)
     monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
-    point = load_checkpoint(out) if resume else None
-    if resume:
-        _check_resumable(out)
-    else:
-        prepare_out_dir(out, config.overwrite)
-    if not config.quiet:
-        _print_plan(console, loaded, method, stream.describe(), device)
     csv_files = (out / f"predictions.{config.format}", out / "errors.csv")
-    if point is not None:
-        truncate_outputs(csv_files, point)
-        method.load_resume_state(point.method)
-        set_rng_states(point.rng)
-    else:
-        method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
-    started = time.perf_counter()
-    _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
-    checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point)
-    sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
-    outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
-                                          checkpointer, point, sinks)
-    if outcome.status == "interrupted":
-        outcome.reason = stop.signal_name
-    totals = _with_timing(checkpointer.totals, engine_totals)
-    record = _finish(config, loaded, method, totals, device, out, outcome, time.perf_counter() - started, sinks)
-    if outcome.status == "completed":
-        (out / CHECKPOINT).unlink(missing_ok=True)
+    point = resume_point(out, csv_files) if resume else None
+    # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
+    # _run_batches), and the start and the final writes finish whole before the run ends as interrupted.
+    with signals.deferred():
+        with _disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json
+            folders.prepare()
+            if not config.quiet:
+                _print_plan(console, loaded, method, stream.describe(), device)
+            if point is not None:
+                truncate_outputs(csv_files, point)
+                method.load_resume_state(point.method)
+                set_rng_states(point.rng)
+            else:
+                method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
+            started = time.perf_counter()
+            _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
+            sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
+            checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point,
+                                        sinks={"monitor": monitor})
+        outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
+                                              checkpointer, point, sinks)
+        totals = _with_timing(checkpointer.totals, engine_totals)
+        signals.test_point("export")
+        record = _finish(config, loaded, method, totals, device, out, _after_signal(outcome),
+                         time.perf_counter() - started, sinks)
+        if _after_signal(outcome).status != record["status"]:  # a signal came during the final writes
+            record |= {"status": outcome.status, "reason": outcome.reason}
+            _write_record(out, record)
+        if outcome.status == "completed":
+            (out / CHECKPOINT).unlink(missing_ok=True)
     method.close()
     if not config.quiet:
         console.print(summary_table(record))
@@ -238,9 +228,25 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     return _check_outcome(config, outcome, totals, out, console, record)
 
 
-def _check_resumable(out: Path) -> None:
-    for name in ("predictions.csv", "errors.csv", "run.json", CHECKPOINT):
-        refuse_symlink(out / name)
+@contextlib.contextmanager
+def _disk_full_as_error(out: Path) -> Iterator[None]:
+    """A full disk as one line and exit 4."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err):
+            raise
+        raise TTAError(f"{_failure_reason(err, out)}: free space or choose another --out", exit_code=4) from err
+
+
+def _after_signal(outcome: _Outcome) -> _Outcome:
+    """A run that received SIGINT or SIGTERM ended by it: whatever failed after (a step cut short,
+    an interrupt a library swallowed) is the interrupt's doing, and it is not complete."""
+    if signals.received() is not None and outcome.status in ("completed", "failed", "interrupted"):
+        outcome.status, outcome.reason, outcome.error = "interrupted", signals.signal_name(), None
+    elif outcome.status == "interrupted" and outcome.reason is None:
+        outcome.reason = "SIGINT"
+    return outcome
 
 
 @dataclass
@@ -271,7 +277,9 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
     # is that of the last written prediction (one device sync per batch on a GPU)
     defer = False if config.checkpoint_every else None
     try:
-        with progress, distributed.peer_failures():
+        if point is None and config.checkpoint_every:
+            checkpointer.save()  # resumable from the first image on
+        with signals.allowed(), progress, distributed.peer_failures():
             extra = [*([sinks.export] if sinks.export else []),
                      *([] if config.predict_only or distributed.active() else [sinks.last])]
             outputs = [sinks.monitor, predictions, errors, *extra, progress, checkpointer]
@@ -363,6 +371,10 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals:
     record |= {"collapse_events": sinks.monitor.record(), "health": sinks.monitor.health()}
     if model_export is not None:
         record["model_export"] = model_export
+        if "non_finite" in model_export:
+            record["health"]["reasons"].append(model_export["non_finite"])
+            if record["health"]["verdict"] in ("ok", "no-change"):
+                record["health"]["verdict"] = "suspect"
     if sinks.export is not None:
         record["export_folder"] = _export_record(sinks.export)
     try:
@@ -422,9 +434,21 @@ def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: TTAMetho
                       last: LastInputs, device: torch.device) -> dict[str, Any]:
     """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
     state, bn_statistics = exported_state(method, config.export_bn)
+    problem = None
+    if not _all_finite(state):
+        problem = "the exported model holds non-finite values"
+        if bn_statistics == "stream":  # the stream's statistics took in non-finite activations
+            state, bn_statistics = exported_state(method, "source")
+            problem = ("the stream's BatchNorm statistics were not finite: the model keeps the source's"
+                       if _all_finite(state) else problem)
     export_model(loaded, state, out / "model")
     _write_extra_exports(method, out)
-    return {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
+    record = {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
+    return record | ({"non_finite": problem} if problem else {})
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 def _write_extra_exports(method: TTAMethod, out: Path) -> None:

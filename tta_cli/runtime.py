@@ -21,7 +21,6 @@ import torch
 from rich.console import Console
 
 from tta_cli import __version__
-from tta_cli.atomic import remove_path
 from tta_cli.device import configure_backends, resolve_channels_last, resolve_device
 from tta_cli.errors import TTAError
 from tta_cli.methods import create_method, get_method_class, method_config
@@ -29,6 +28,7 @@ from tta_cli.methods.base import PRECISIONS, TTAMethod
 from tta_cli.methods.precision import AUTO, resolve_precision
 from tta_cli.methods.selection import norm_family
 from tta_cli.models import LoadedModel, load_model
+from tta_cli.ownership import plan_overwrite, remove_planned, start_manifest
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.sources.loader import iter_batches
 
@@ -76,39 +76,24 @@ OVERWRITE_HINT = "choose another --out or pass --overwrite"
 
 RUN_OUTPUTS = ("predictions.csv", "predictions.jsonl", "errors.csv", "run.json", "model", "student.safetensors",
                "checkpoint.pt", "report")
-"""What a run writes in its folder: all that ``--overwrite`` removes (nothing else is touched)."""
-
-
-def remove_previous_run(out: Path) -> None:
-    """``--overwrite``: remove the files a previous run wrote (``RUN_OUTPUTS``; a link itself, never
-    what it points to) and leave everything else in the folder alone."""
-    if out.is_symlink():
-        raise TTAError(f"output folder {out} is a symbolic link", "pass the real folder as --out")
-    for name in RUN_OUTPUTS:
-        remove_path(out / name)
-    for leftover in out.glob("*.tmp-*"):
-        remove_path(leftover)
+"""What a run (and ``tta report``) writes in its folder: listed in the folder's manifest as they are
+written (:mod:`tta_cli.ownership`), so that ``--overwrite`` removes them and nothing else."""
 
 
 def refuse_non_empty(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint: str = OVERWRITE_HINT) -> None:
-    """A folder with files (other than ``ignore``) is refused unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise TTAError(f"output path {out} exists and is not a folder")
-    try:
-        non_empty = out.is_dir() and any(p.name not in ignore for p in out.iterdir())
-    except OSError as err:
-        raise TTAError(f"cannot use output folder {out}: {err.strerror}", "choose another --out") from err
-    if non_empty and not overwrite:
-        raise TTAError(f"output folder {out} is not empty", hint)
+    """A folder with files (other than ``ignore``) is refused unless ``overwrite``, and then also
+    when it holds a run's output name that no tta run recorded writing there (checks only)."""
+    plan_overwrite(out, overwrite, RUN_OUTPUTS, ignore, hint=hint)
 
 
 def prepare_out_dir(out: Path, overwrite: bool, ignore: Sequence[str] = (), hint: str = OVERWRITE_HINT) -> None:
-    """Refuse a non-empty folder unless ``overwrite``; check it can be written before any work."""
-    refuse_non_empty(out, overwrite, ignore, hint)
+    """Check the folder as :func:`refuse_non_empty`, then (``overwrite``) remove what an earlier run
+    recorded writing there, start the manifest and check the folder can be written."""
+    planned = plan_overwrite(out, overwrite, RUN_OUTPUTS, ignore, hint=hint)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            remove_previous_run(out)
+        start_manifest(out)
+        remove_planned(out, planned)
         probe = out / ".tta-write-test"
         probe.write_text("")
         probe.unlink()

@@ -3,9 +3,10 @@ each command imports the library when it runs.
 
 Exit codes: 0 done; 2 a usage error (a bad option or value, a missing argument) or a user error
 (:class:`~tta_cli.errors.TTAError`, unless it carries its own code); 3 inputs could not be read;
-4 the disk is full; 143 a run stopped by SIGTERM (``run.json`` says interrupted); 130 interrupted
-(Ctrl-C or ``typer.Abort``, at any point: the ``tta`` script and ``python -m tta_cli``
-start in :mod:`tta_cli.__main__`, which catches Ctrl-C while this package is imported); 1 an unexpected error.
+4 the disk is full; 130 interrupted (Ctrl-C or ``typer.Abort``), 143 stopped by SIGTERM, at any point
+(the ``tta`` script and ``python -m tta_cli`` start in :mod:`tta_cli.__main__`, which installs the
+signal policy of :mod:`tta_cli.signals` before this package is imported; a run's ``run.json`` says
+interrupted); 1 an unexpected error.
 Bare ``tta`` prints the help; its exit code is the one the installed click gives a command line
 without arguments: 2 with typer >= 0.26's own click and with click >= 8.2, 0 with older click.
 
@@ -21,6 +22,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from tta_cli import signals
 from tta_cli.cli.adapt_cmds import adapt, methods, models, predict
 from tta_cli.cli.app import app
 from tta_cli.cli.bench_cmds import bench, corrupt
@@ -59,10 +61,17 @@ def _abort_classes() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
-    """Entry point: run the app and turn every way it can end into one clean line and an exit code."""
+    """Entry point: run the app and turn every way it can end into one clean line and an exit code.
+
+    After SIGINT or SIGTERM (:mod:`tta_cli.signals`) the exit is 130 or 143 whatever ended the
+    command: an exception then is the interrupt's doing, a completion after it does not hide it."""
+    if not signals.installed():  # called in Python, not through tta_cli.__main__: a fresh start
+        signals.reset()
     try:
         code = _run()
     except KeyboardInterrupt:  # between the app's end and the exit
+        code = _interrupted()
+    if signals.received() is not None and code != signals.exit_code():
         code = _interrupted()
     if code:  # success returns, so that callers in Python carry on
         sys.exit(code)
@@ -74,8 +83,10 @@ def _run() -> int:
     except TTAError as err:
         if _debug():
             raise
-        if err.exit_code == 130:
+        if err.exit_code in (130, 143):
             return _interrupted(str(err))
+        if signals.received() is not None:
+            return _interrupted()
         _print_error(str(err))
         return err.exit_code
     except KeyboardInterrupt:
@@ -83,6 +94,8 @@ def _run() -> int:
     except SystemExit as err:
         return _system_exit_code(err)
     except Exception as err:
+        if signals.received() is not None and not _debug():
+            return _interrupted()
         return _other_error(err)
     # Without standalone mode click returns the code of an Exit it caught: typer turns Ctrl-C
     # inside a command into Exit(130), and --version raises Exit(0).
@@ -127,8 +140,9 @@ def _system_exit_code(err: SystemExit) -> int:
 
 
 def _interrupted(message: str = "interrupted") -> int:
+    """The message, and 130 (143 after SIGTERM)."""
     _print_error(message)
-    return 130
+    return signals.exit_code()
 
 
 def _debug() -> bool:

@@ -22,7 +22,7 @@ models.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod
+from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import BatchNormStats, weight_bias_parameters
 from tta_cli.methods.teacher import AdamConfig, build_adam_or_sgd, ema_update
 
@@ -40,11 +41,11 @@ class CoTTAConfig(AdamConfig):
     """CIFAR defaults of MD and the CoTTA repository. ImageNet-C (MD's config): optimizer=sgd,
     lr=0.01, restore_prob=0.001, confidence_threshold=0.1, loss=symmetric."""
 
-    teacher_momentum: float = 0.999
-    restore_prob: float = 0.01
-    confidence_threshold: float = 0.92
+    teacher_momentum: float = field(default=0.999, metadata=between(0.0, 1.0))
+    restore_prob: float = field(default=0.01, metadata=between(0.0, 1.0))
+    confidence_threshold: float = field(default=0.92, metadata=between(0.0, 1.0))
     """Augment the teacher's input when the anchor's mean confidence is below this."""
-    augmentations: int = 32
+    augmentations: int = field(default=32, metadata=at_least(1))
     loss: Literal["ce", "symmetric"] = "ce"
     """ce: cross-entropy to the teacher's soft labels (CIFAR); symmetric: 0.5/0.5 both ways (ImageNet)."""
 

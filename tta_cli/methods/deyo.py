@@ -18,7 +18,7 @@ batch), exactly the authors' draws: ``rand(kept, 16)`` per batch (``patch``), ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.hyperparameters import any_finite, at_least
 from tta_cli.methods.selection import affine_parameters, authors_name_rule_modules, sar_norm_modules
 
 Augmentation = Literal["patch", "occ", "pixel"]
@@ -35,20 +36,20 @@ LayerRule = Literal["authors", "sar", "all"]
 
 @dataclass
 class DeYOConfig(EntropyConfig):
-    margin_factor: float = 0.5
+    margin_factor: float = field(default=0.5, metadata=at_least(0.0))
     """Entropy filter: keep samples with E < margin_factor * ln C."""
-    e0_factor: float = 0.4
+    e0_factor: float = field(default=0.4, metadata=at_least(0.0))
     """Weighting margin E0 = e0_factor * ln C."""
-    plpd_threshold: float = 0.2
+    plpd_threshold: float = field(default=0.2, metadata=any_finite())
     """Keep samples whose PLPD exceeds this (the authors' ImageNet-C "mild" script uses 0.3)."""
     aug: Augmentation = "patch"
     """How an image is destroyed: patch shuffle, occlusion by its mean, or one pixel permutation."""
-    patch_len: int = 4
+    patch_len: int = field(default=4, metadata=at_least(1))
     """patch: the grid is patch_len x patch_len."""
-    occ_size: int = 112
+    occ_size: int = field(default=112, metadata=at_least(1))
     """occ: side of the occluded square in pixels (the default is for 224 px images)."""
-    occ_row: int = 56
-    occ_col: int = 56
+    occ_row: int = field(default=56, metadata=at_least(0))
+    occ_col: int = field(default=56, metadata=at_least(0))
     layers: LayerRule = "authors"
     """authors: their name rule (skips layer4 on ResNets, nothing on ConvNeXt); sar: the structural
     rule of SAR (last quarter of the blocks and the final norm frozen); all: every norm layer."""

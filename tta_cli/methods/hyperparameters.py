@@ -3,7 +3,8 @@
 Each method has one dataclass of hyperparameters. Its field types say what a value may be:
 ``Literal[...]`` lists the choices, ``bool``/``int``/``float`` are parsed from strings, ``X | None``
 also accepts ``none``. Every float must be finite; a field narrows its range with
-``field(default=..., metadata=at_least(1))`` (or ``greater_than``, ``between``). Any value that does
+``field(default=..., metadata=at_least(1))`` (or ``greater_than``, ``between``, ``any_finite``);
+every number has such metadata (``tests/test_methods_hyperparameters.py`` checks it). Any value that does
 not fit is a ``TTAError`` naming the field and what it accepts.
 """
 
@@ -43,6 +44,11 @@ class Bounds:
         if self.high is not None:
             parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high:g}")
         return " and ".join(parts)
+
+
+def any_finite() -> dict[str, Bounds]:
+    """Any finite number: a field whose whole range is meaningful says so explicitly."""
+    return {"bounds": Bounds()}
 
 
 def at_least(low: float) -> dict[str, Bounds]:
@@ -169,6 +175,7 @@ def parse_overrides(config_class: type, method: str, overrides: dict[str, Any]) 
 __all__ = [
     "Bounds",
     "accepts",
+    "any_finite",
     "at_least",
     "between",
     "check_config",

@@ -15,7 +15,7 @@ the ones made before its reset.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import StepResult
 from tta_cli.methods.eata import ETA, EATAConfig
+from tta_cli.methods.hyperparameters import at_least, between, greater_than
 
 CIFAR_SIZE_CLASSES = 100
 """Up to this many classes the CIFAR redundancy margin applies (MD: 0.4 on CIFAR-10/100-C, 0.05 on
@@ -31,13 +32,13 @@ ImageNet-C and CCC; 0.1 on DomainNet-126, an outlier not followed here)."""
 
 @dataclass
 class RDumbConfig(EATAConfig):
-    lr: float | None = 1e-3
+    lr: float | None = field(default=1e-3, metadata=greater_than(0.0))
     """Adam learning rate (MD's CIFAR configuration)."""
-    d_margin: float | None = None
+    d_margin: float | None = field(default=None, metadata=at_least(0.0))
     """Redundancy threshold on |cos(m, p)|; None: 0.4 up to 100 classes, else 0.05 (MD's configs)."""
-    fisher_alpha: float = 0.0
-    beta1: float = 0.9
-    reset_every: int = 1000
+    fisher_alpha: float = field(default=0.0, metadata=at_least(0.0))
+    beta1: float = field(default=0.9, metadata=between(0.0, 1.0, high_inclusive=False))
+    reset_every: int = field(default=1000, metadata=at_least(0))
     """Reset to the source after every this many batches (0: never)."""
 
 

@@ -16,11 +16,15 @@ Per batch, on the norm layers' affine parameters (BatchNorm on batch statistics)
 4. one Adam step; weight ensembling theta <- 0.99 theta + 0.01 theta_source;
 5. prior correction: the returned predictions are z * pi', pi' the smoothed batch prior (the
    authors multiply the logits, not the probabilities).
+
+At batch size 1 the min-max normalisation over the batch is 0 / 0 (in the authors' code every
+update is then non-finite): here a batch of one image is used for no update, so ROID at ``-b 1``
+predicts with batch statistics and the prior correction only, as the guard left it before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +34,7 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A_MINUS, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.hyperparameters import between, greater_than
 from tta_cli.methods.teacher import AdamConfig, build_adam_or_sgd, ema_update
 
 
@@ -40,10 +45,10 @@ class ROIDConfig(AdamConfig):
     use_weighting: bool = True
     use_prior_correction: bool = True
     use_consistency: bool = True
-    source_momentum: float = 0.99
+    source_momentum: float = field(default=0.99, metadata=between(0.0, 1.0))
     """Weight ensembling: theta <- m theta + (1 - m) theta_source after every step."""
-    probs_momentum: float = 0.9
-    temperature: float = 1 / 3
+    probs_momentum: float = field(default=0.9, metadata=between(0.0, 1.0))
+    temperature: float = field(default=1 / 3, metadata=greater_than(0.0))
 
 
 def soft_likelihood_ratio(logits: torch.Tensor, clip: float = 0.99, eps: float = 1e-5) -> torch.Tensor:
@@ -57,7 +62,10 @@ def symmetric_cross_entropy(x: torch.Tensor, x_ref: torch.Tensor, alpha: float =
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:
-    return (values - values.min()) / (values.max() - values.min())
+    """Scaled to [0, 1] over the batch; all 0 where every value is the same (a batch of one image,
+    where the authors' formula gives 0 / 0 and every update would be non-finite and undone)."""
+    spread = values.max() - values.min()
+    return torch.where(spread > 0, (values - values.min()) / spread, torch.zeros_like(values))
 
 
 def prior_correction(logits: torch.Tensor) -> torch.Tensor:
@@ -96,7 +104,7 @@ class ROID(TTAMethod):
         if self.config.use_weighting:
             loss_per_sample = loss_per_sample * weights
         loss = loss_per_sample[keep].sum() / self.batch_size
-        if self.config.use_consistency:
+        if self.config.use_consistency and bool(keep.any()):  # x[keep] synchronises anyway
             augmented = self.normalization.augment(x[keep], self.generator, AUGMENTATION_A_MINUS)
             consistency = symmetric_cross_entropy(self.run_model(augmented), logits[keep])
             if self.config.use_weighting:
@@ -116,6 +124,9 @@ class ROID(TTAMethod):
         Updates the EMA of the mean prediction over the whole batch."""
         if not self.config.use_weighting:
             return torch.ones_like(logits[:, 0]), torch.zeros_like(logits[:, 0], dtype=torch.bool)
+        if logits.shape[0] < 2:  # one image has no diversity to weight: no update (measured: updating
+            # on single images anyway took the sample_data stream from 53% to 18%)
+            return torch.zeros_like(logits[:, 0]), torch.ones_like(logits[:, 0], dtype=torch.bool)
         probs = logits.softmax(1)
         if self.class_probs is None:
             self.class_probs = 1 / logits.shape[1] * torch.ones(logits.shape[1], device=logits.device)

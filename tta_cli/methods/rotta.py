@@ -32,6 +32,7 @@ from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod
+from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import affine_parameters
 from tta_cli.methods.teacher import AdamConfig, RobustBatchNorm, build_adam_or_sgd, ema_update
 
@@ -40,15 +41,15 @@ from tta_cli.methods.teacher import AdamConfig, RobustBatchNorm, build_adam_or_s
 class RoTTAConfig(AdamConfig):
     bn_stats: Literal["ema"] = "ema"
     """RoTTA's robust BN: running statistics moved by every update, predicted with and exported."""
-    memory_size: int = 64
-    update_every: int = 64
+    memory_size: int = field(default=64, metadata=at_least(1))
+    update_every: int = field(default=64, metadata=at_least(1))
     """An update after every this many samples (not batches)."""
-    nu: float = 0.001
+    nu: float = field(default=0.001, metadata=between(0.0, 1.0))
     """Teacher EMA: teacher <- (1 - nu) teacher + nu student."""
-    alpha: float = 0.05
+    alpha: float = field(default=0.05, metadata=between(0.0, 1.0))
     """Robust-BN momentum."""
-    lambda_t: float = 1.0
-    lambda_u: float = 1.0
+    lambda_t: float = field(default=1.0, metadata=at_least(0.0))
+    lambda_u: float = field(default=1.0, metadata=at_least(0.0))
 
 
 @dataclass

@@ -51,7 +51,7 @@ class SARConfig(EntropyConfig):
     """Reliable-sample threshold E0 = margin_factor * ln C."""
     rho: float = field(default=0.05, metadata=at_least(0.0))
     """SAM neighbourhood radius."""
-    reset_threshold: float = 0.2
+    reset_threshold: float = field(default=0.2, metadata=at_least(0.0))
     """Model recovery when the EMA of the second loss falls below this."""
     ema_momentum: float = field(default=0.9, metadata=between(0.0, 1.0))
     skip_empty: bool = False

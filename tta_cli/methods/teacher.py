@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from tta_cli.methods.base import EntropyConfig
+from tta_cli.methods.hyperparameters import at_least, between, greater_than
 from tta_cli.methods.selection import is_batchnorm
 
 
@@ -25,14 +26,14 @@ from tta_cli.methods.selection import is_batchnorm
 class AdamConfig(EntropyConfig):
     """Hyperparameters of the methods that MD runs with Adam on CIFAR-10-C."""
 
-    lr: float | None = 1e-3
+    lr: float | None = field(default=1e-3, metadata=greater_than(0.0))
     """Adam 1e-3 (MD's CIFAR configs). ImageNet-C configs: SGD 2.5e-4 (ROID), 0.01 (CoTTA), Adam 1e-3 (RoTTA)."""
     optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata=between(0.0, 1.0, high_inclusive=False))
     """Adam's beta1, or SGD's momentum."""
     nesterov: bool = True
     """SGD only: MD's SGD is Nesterov (its ``conf.py`` default)."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=at_least(0.0))
 
 
 def build_adam_or_sgd(params: Sequence[nn.Parameter], config: AdamConfig, lr: float) -> torch.optim.Optimizer:

@@ -4,7 +4,8 @@ Images are hard-linked (default; copied where a hard link is impossible, e.g. ac
 systems), symlinked or copied; video frames are written as PNG files. Predictions below
 ``--min-confidence`` go to ``DIR/_uncertain/``. ``DIR/manifest.csv`` maps every exported file to its
 source, predicted class and confidence, a row per file as soon as the file exists (an interrupted
-run leaves a manifest that matches the folder); ``DIR/classes.csv`` gives every class's folder.
+run leaves a manifest that matches the folder; names that are not UTF-8 are written as in
+``predictions.csv``, backslash x and two hex digits); ``DIR/classes.csv`` gives every class's folder.
 
 Class folders are named so that the export can be copied to any file system: no path separators,
 no control or Windows-forbidden characters, no reserved Windows names (CON, NUL, COM1, ...), no
@@ -30,6 +31,8 @@ from PIL import Image
 from tta_cli.classes import class_ids_of
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs
+from tta_cli.ownership import content, owned, record, refuse_link, remove_path, start_manifest
+from tta_cli.sinks.predictions import csv_text, utf8_text
 from tta_cli.sources.items import StreamItem
 
 ExportMode = Literal["hardlink", "symlink", "copy"]
@@ -53,7 +56,9 @@ FrameReader = Callable[[Path, str], Iterator[tuple[int, Image.Image]]]
 
 def safe_name(name: str, fallback: str = "_") -> str:
     """``name`` as a file or folder name that every common file system accepts."""
-    text = " ".join(unicodedata.normalize("NFC", name).split())  # tabs, newlines, runs of spaces: one space
+    # bytes that are not UTF-8 as backslash escapes (the backslash becomes "_"); tabs, newlines,
+    # runs of spaces: one space
+    text = " ".join(unicodedata.normalize("NFC", utf8_text(name)).split())
     text = "".join("_" if ch in _FORBIDDEN or unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text)
     text = _cap_bytes(text, MAX_NAME_BYTES).rstrip(". ")
     if text.startswith("."):  # hidden folders, "." and ".."
@@ -145,8 +150,10 @@ class ExportFolder:
         self.failed: list[tuple[str, str]] = []
         """(stream key, reason) for the images that could not be exported."""
         self._taken: dict[str, set[str]] = {}
+        self._made: set[str] = set()
         self._videos: dict[Path, _FrameCursor] = {}
         _prepare(directory, overwrite)
+        record(directory, CLASSES, MANIFEST)
         self._write_classes(class_ids_of(class_names))
         self._file: IO[str] = (directory / MANIFEST).open("w", newline="", encoding="utf-8")
         self._manifest = csv.writer(self._file)
@@ -170,7 +177,7 @@ class ExportFolder:
                 self.failed.append((item.key, f"{type(err).__name__}: {err.strerror or err}"))
                 continue
             name = self.class_names[pred] if pred < len(self.class_names) else str(pred)
-            self._manifest.writerow([relative, str(item.path.resolve()), item.key,
+            self._manifest.writerow([relative, csv_text(str(item.path.resolve())), csv_text(item.key),
                                      "" if item.frame is None else item.frame, pred, name,
                                      f"{confidence:.6f}", int(uncertain), how])
             self.stats.files += 1
@@ -182,8 +189,7 @@ class ExportFolder:
 
     def _export(self, item: StreamItem, folder: str) -> tuple[str, str]:
         """Write one item under ``folder``; (its path relative to the export, how it was written)."""
-        target_dir = self.directory / folder
-        target_dir.mkdir(exist_ok=True)
+        target_dir = self._class_dir(folder)
         if item.frame is not None:
             name = self._unique(folder, f"{safe_name(item.path.stem)}_frame{item.frame:06d}.png")
             image = self._video(item).frame(item.frame)
@@ -194,6 +200,16 @@ class ExportFolder:
         name = self._unique(folder, safe_name(item.path.name, fallback="image"))
         how = self._place(item.path, target_dir / name)
         return f"{folder}/{name}", how
+
+    def _class_dir(self, folder: str) -> Path:
+        """The class folder, created by this export (listed as its own first; never a link)."""
+        target_dir = self.directory / folder
+        if folder not in self._made:
+            record(self.directory, folder)
+            refuse_link(target_dir, "export class folder")
+            target_dir.mkdir(exist_ok=True)
+            self._made.add(folder)
+        return target_dir
 
     def _unique(self, folder: str, name: str) -> str:
         """``name``, or ``stem-2.ext``, ``stem-3.ext``, ... if the folder already holds it (any case)."""
@@ -238,34 +254,69 @@ class ExportFolder:
 
 def _prepare(directory: Path, overwrite: bool) -> None:
     """An empty folder to export into; with ``overwrite``, an earlier export there is removed first
-    (only the files its manifest lists, and the folders they leave empty)."""
-    if directory.exists() and not directory.is_dir():
-        raise TTAError(f"export path {directory} exists and is not a folder")
-    if directory.is_dir() and any(directory.iterdir()):
-        if not overwrite:
-            raise TTAError(f"export folder {directory} is not empty",
-                           "choose another --export-folder or pass --overwrite")
-        _remove_previous_export(directory)
-        if any(directory.iterdir()):
-            raise TTAError(f"export folder {directory} holds files that are not from an earlier export",
-                           "choose another --export-folder")
+    (see :func:`plan_overwrite`)."""
+    planned = plan_overwrite(directory, overwrite)
+    for path in planned:
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()  # an emptied class folder
+        else:
+            remove_path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        start_manifest(directory)
     except OSError as err:
         raise TTAError(f"cannot create export folder {directory}: {err.strerror}") from err
 
 
-def _remove_previous_export(directory: Path) -> None:
+def plan_overwrite(directory: Path, overwrite: bool) -> list[Path]:
+    """Check ``directory`` and return what ``overwrite`` removes there, files first (nothing is
+    removed here). Only an earlier export is removed: the files its ``manifest.csv`` lists, in the
+    class folders that export created (``.tta-outputs.json``, :mod:`tta_cli.ownership`), never
+    through a link; then those folders, emptied. Anything else there refuses the export."""
+    refuse_link(directory, "--export-folder")
+    if directory.exists() and not directory.is_dir():
+        raise TTAError(f"export path {directory} exists and is not a folder")
+    present = content(directory)
+    if not present:
+        return []
+    if not overwrite:
+        raise TTAError(f"export folder {directory} is not empty", "choose another --export-folder or pass --overwrite")
+    names = owned(directory)
+    files = set(_listed_files(directory, names))
+    planned: list[Path] = sorted(files)
+    folders, foreign = [], []
+    for entry in present:
+        if entry.name in (MANIFEST, CLASSES) and entry.name in names and not entry.is_symlink():
+            planned.append(entry)
+        elif entry.name in names and entry.is_dir() and not entry.is_symlink():
+            rest = [p for p in sorted(entry.iterdir()) if p not in files]
+            if rest:
+                foreign.append(rest[0])
+            else:
+                folders.append(entry)
+        else:
+            foreign.append(entry)
+    if foreign:
+        raise TTAError(f"export folder {directory} holds files that are not from an earlier export "
+                       f"(e.g. {foreign[0]}): tta deletes only files it wrote", "choose another --export-folder")
+    return planned + folders
+
+
+def _listed_files(directory: Path, names: set[str]) -> list[Path]:
+    """The files an earlier export's manifest lists, each in a class folder it created."""
     manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return
-    with manifest.open(newline="", encoding="utf-8") as f:
+    if MANIFEST not in names or manifest.is_symlink() or not manifest.is_file():
+        return []
+    listed = []
+    with manifest.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         for row in csv.DictReader(f):
-            target = directory / row.get("file", "")
-            if target.parent.parent == directory and (target.is_file() or target.is_symlink()):
-                target.unlink()
-    for child in directory.iterdir():
-        if child.is_dir() and not any(child.iterdir()):
-            child.rmdir()
-    manifest.unlink()
-    (directory / CLASSES).unlink(missing_ok=True)
+            parts = (row.get("file") or "").split("/")
+            if len(parts) != 2 or parts[0] not in names or parts[1] in ("", ".", ".."):
+                continue
+            folder = directory / parts[0]
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            target = folder / parts[1]
+            if target.is_symlink() or target.exists():
+                listed.append(target)
+    return listed

@@ -6,7 +6,8 @@ Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:
 * a file name that is not valid UTF-8 (Python holds it with surrogate escapes) is written with
   each byte that does not decode, and each backslash, as ``\xNN``: the Latin-1 name ``café.jpg``
   is written ``caf\xe9.jpg``. The file stays valid UTF-8 and :func:`original_bytes` gives back the
-  exact name;
+  exact name. ``predictions.jsonl`` and the export folder's ``manifest.csv`` write names the same
+  way (one encoding everywhere; strict JSON parsers read every line);
 * a cell starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``
   (also after leading ``'``, so it can be undone), so a spreadsheet shows it as text instead of
   running it as a formula. Numeric columns are never changed (a negative number stays a number).
@@ -14,16 +15,18 @@ Both files are UTF-8. Text cells (paths, class names, reasons) go through :func:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
+from tta_cli.ownership import record_path
 
 if TYPE_CHECKING:
     import torch
@@ -40,13 +43,20 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
 
 
-def csv_text(value: str) -> str:
-    """``value`` safe for a UTF-8 CSV opened in a spreadsheet (see the module's docstring)."""
+def utf8_text(value: str) -> str:
+    """``value`` as valid UTF-8 text: a name that is not UTF-8 gets ``\\xNN`` escapes (see the
+    module's docstring; :func:`original_bytes` gives the bytes back)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # surrogate escapes of bytes that are not UTF-8 (os.fsdecode)
         raw = os.fsencode(value).replace(b"\\", b"\\x5c")  # so that every escape reads back
         value = raw.decode("utf-8", "backslashreplace")
+    return value
+
+
+def csv_text(value: str) -> str:
+    """``value`` safe for a UTF-8 CSV opened in a spreadsheet (see the module's docstring)."""
+    value = utf8_text(value)
     return "'" + value if _needs_quote(value) else value
 
 
@@ -74,7 +84,7 @@ class SourcePredictions(Protocol):
 class PredictionsWriter:
     """``predictions.csv``, or with ``format="jsonl"`` ``predictions.jsonl``: one JSON object per
     row with the same fields, typed (numbers as numbers, ``top5`` a list, empty cells ``null``) and
-    with no spreadsheet quoting; a name that is not UTF-8 keeps its bytes as ``\\udcNN`` escapes.
+    with no spreadsheet quoting; a name that is not UTF-8 is escaped as in the CSV (``\\xNN``).
 
     ``source`` (a ``tta_cli.monitor.CollapseMonitor`` placed before this sink) adds the columns
     ``source_pred`` and ``source_pred_name``: the frozen source model's prediction of each image."""
@@ -89,7 +99,8 @@ class PredictionsWriter:
         self.format = format
         self.source = source if source is not None and source.reference is not None else None
         self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
-        self._file: IO[str] = path.open("a" if append else "w", newline="", encoding="utf-8")
+        record_path(path)  # tta_cli.ownership: --overwrite may remove it later
+        self._file = RowFile(path, append)
         if format == "csv" and not append:
             self._write_rows(_csv_text_of([self.columns]))
         self.rows = 0
@@ -126,9 +137,8 @@ class PredictionsWriter:
         self.rows += len(out.batch.items)
 
     def _write_rows(self, text: str) -> None:
-        """Whole rows in one write, flushed: the file always ends on a row boundary."""
+        """Whole rows in one write: the file always ends on a row boundary."""
         self._file.write(text)
-        self._file.flush()
 
     def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
         if source is None:
@@ -138,6 +148,34 @@ class PredictionsWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class RowFile:
+    """A file written whole rows at a time, straight to the file (no buffer): a write that fails
+    (a full disk) is cut back to the last whole row, and its error names the file."""
+
+    def __init__(self, path: Path, append: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+        self.path = path
+        self._fd: int | None = os.open(path, flags, 0o644)
+        self.size = os.fstat(self._fd).st_size
+
+    def write(self, text: str) -> None:
+        assert self._fd is not None, "closed"
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.size)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+        self.size += len(text.encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _csv_text_of(rows: list[list[object]]) -> str:
@@ -166,12 +204,8 @@ def _csv_row(columns: list[str], row: list[object]) -> list[object]:
 
 
 def _json_line(record: dict[str, object]) -> str:
-    line = json.dumps(record, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:  # surrogate escapes of a file name that is not UTF-8
-        line = json.dumps(record)
-    return line
+    """One JSON object of valid UTF-8 (a name that is not UTF-8 escaped as in the CSV)."""
+    return json.dumps({k: utf8_text(v) if isinstance(v, str) else v for k, v in record.items()}, ensure_ascii=False)
 
 
 class ErrorsWriter:
@@ -180,22 +214,18 @@ class ErrorsWriter:
     def __init__(self, path: Path, append: bool = False) -> None:
         self.path = path
         self.append = append
-        self._file: IO[str] | None = None
-        self._writer: csv.writer | None = None  # type: ignore[valid-type]
+        self._file: RowFile | None = None
         self.rows = 0
 
     def add(self, key: str, reason: str) -> None:
         if self._file is None:
             resumed = self.append and self.path.exists()
-            self._file = self.path.open("a" if resumed else "w", newline="", encoding="utf-8")
-            self._writer = csv.writer(self._file)
+            record_path(self.path)
+            self._file = RowFile(self.path, append=resumed)
             if not resumed:
-                self._writer.writerow(["path", "reason"])
-        text = io.StringIO()
-        csv.writer(text).writerow([csv_text(key), csv_text(reason)])
-        self._file.write(text.getvalue())  # one whole row per write
+                self._file.write(_csv_text_of([["path", "reason"]]))
+        self._file.write(_csv_text_of([[csv_text(key), csv_text(reason)]]))  # one whole row per write
         self.rows += 1
-        self._file.flush()
 
     def on_batch(self, out: BatchOutputs) -> None:
         for item, reason in out.batch.skipped:

@@ -36,6 +36,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from tta_cli.errors import TTAError
+from tta_cli.ownership import record_path
 
 MAX_CHANGED_THUMBNAILS = 60
 MAX_HISTOGRAM_CLASSES = 30
@@ -507,6 +508,7 @@ def _figure(row: dict[str, str], run: dict[str, Any], run_dir: Path, names: dict
 
 
 def render(rows: list[dict[str, str]], run: dict[str, Any], run_dir: Path, out: Path) -> Report:
+    record_path(out)  # a run folder lists report/ as tta's, for --overwrite (tta_cli.ownership)
     out.mkdir(parents=True, exist_ok=True)
     size = window_size(rows, run)
     series = stream_series(rows, size)
