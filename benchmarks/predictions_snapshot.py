@@ -52,7 +52,7 @@ def images(setup: RunSetup, files: list[Path]) -> torch.Tensor:
 def run_case(setup: RunSetup, method: str, x: torch.Tensor, batch_size: int, clean: list[Path]) -> dict:
     fishers = None
     if method == "eata":
-        fishers, _ = setup.fisher_information([StreamItem(f.name, f) for f in clean], batch_size)
+        fishers, _ = setup.prepare("eata", [StreamItem(f.name, f) for f in clean], batch_size)
     adapter = setup.build_method(method, {}, batch_size, fishers, fresh_copy=True)
     adapter.reseed(0)
     preds = []

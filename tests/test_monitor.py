@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 from tests.helpers import csv_rows, invoke, make_images
-from tta_cli.monitor import (
-    CollapseMonitor,
-    CollapseStop,
-    SourceReference,
-    Thresholds,
-    effective_classes,
-    health_verdict,
-)
+from tta_cli.collapse_window import Thresholds, effective_classes
+from tta_cli.monitor import CollapseMonitor, CollapseStop, SourceReference, health_verdict
 from tta_cli.outputs import BatchOutputs
 from tta_cli.sources.items import Batch, StreamItem
 
@@ -78,7 +72,9 @@ def test_one_class_stream_is_a_collapse_and_resets(reference: bool) -> None:
     assert monitor.events[0].signals["effective_classes"] == pytest.approx(1.0)
     assert "collapse" in (monitor.progress_text() or "")
     health = monitor.health()
-    assert health["verdict"] == "suspect" and health["collapse_events"] == len(monitor.events)
+    # with a reference the flips of the source's confident predictions also read as harm
+    assert health["verdict"] == ("hurt" if reference else "suspect")
+    assert health["collapse_events"] == len(monitor.events) and "advice" in health
 
 
 @pytest.mark.parametrize("reference", [True, False])
@@ -136,7 +132,27 @@ def test_health_says_how_much_changed() -> None:
     pred[:8] = (pred[:8] + 1) % C  # 8 of 40 differ, diversity intact
     monitor.on_batch(_outputs(classes, pred, 1.0, 0))
     health = monitor.health()
-    assert health["verdict"] == "ok" and health["changed_share"] == pytest.approx(0.2)
+    assert health["changed_share"] == pytest.approx(0.2)
+    # the source was sure of every prediction the adapted model changed: an estimated loss
+    assert health["estimated_accuracy_change"]["points"] < 0 and health["verdict"] == "hurt"
+
+
+def test_flips_of_the_sources_unsure_predictions_are_ok() -> None:
+    class Unsure(_ByFirstPixel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = super().forward(x)
+            unsure = x[:, 0, 0, 1] > 0  # these images: the runner-up class is nearly as likely
+            runner_up = torch.nn.functional.one_hot((x[:, 0, 0, 0].long() + 1) % C, C).float() * 4.9
+            return logits + unsure[:, None] * runner_up
+
+    monitor = CollapseMonitor(_Method(), C, SourceReference(Unsure()), "warn", window=10_000)
+    classes = torch.arange(C).repeat(4)
+    out = _outputs(classes, classes.clone(), 1.0, 0)
+    out.batch.images[:8, 0, 0, 1] = 1.0
+    out.pred[:8] = (classes[:8] + 1) % C  # exactly the 8 unsure ones move to the runner-up
+    monitor.on_batch(out)
+    health = monitor.health()
+    assert health["verdict"] == "ok" and health["estimated_accuracy_change"]["points"] > 0
 
 
 def test_unknown_action_is_a_user_error() -> None:

@@ -188,3 +188,14 @@ def test_source_accuracy_prefers_the_record_and_needs_labels(tmp_path: Path) -> 
     record["health"] |= {"source_correct": 3, "labelled": 4}
     assert source_accuracy(record) == (3, 4)
     assert source_accuracy(_record(tmp_path, accuracy=None)) is None
+
+
+def test_an_estimated_loss_shows_its_estimate_and_what_to_do(tmp_path: Path) -> None:
+    record = _record(tmp_path, accuracy=None)
+    record["health"] |= {"verdict": "hurt", "estimated_accuracy_change": {"points": -7.5, "low": -20.0, "high": 5.0},
+                         "advice": "use the source model's predictions (predictions.csv column source_pred)"}
+    text = _summary_text(record)
+    assert "-7.5 points (-20.0 to +5.0), without labels" in text
+    assert "what to do" in text and "source_pred" in text
+    assert "an estimated -7.5 points of accuracy" in _last_sentence(text)
+    assert "verdict hurt: the label-free estimate says adaptation lost accuracy" in _last_sentence(text)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tta_cli.trust import ChangeEstimate, effective_classes, flip_auc, judge, prior_shift
+from tta_cli.collapse_window import effective_classes
+from tta_cli.trust import ChangeEstimate, flip_auc, judge, prior_shift
 
 C = 10
 

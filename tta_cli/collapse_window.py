@@ -135,6 +135,14 @@ class CollapseWindow:
         self._batches.clear()
         self._images = 0
 
+    def state(self) -> list[list[torch.Tensor]]:
+        """The window's batches, for ``--resume``."""
+        return [list(columns) for columns in self._batches]
+
+    def load_state(self, state: list[list[torch.Tensor]]) -> None:
+        self._batches = deque(tuple(columns) for columns in state)
+        self._images = sum(len(columns[0]) for columns in self._batches)
+
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode without gradients or hooks (a method's BatchNorm hooks must

@@ -30,13 +30,21 @@ from tta_cli.checkpoint import (
 from tta_cli.config import AdaptConfig, default_workers
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
-from tta_cli.methods.base import TTAMethod
+from tta_cli.methods import Method, get_method_class
 from tta_cli.models import LoadedModel, export_model
 from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
 from tta_cli.outputs import Totals
 from tta_cli.ownership import start_manifest
 from tta_cli.run_folders import RunFolders
-from tta_cli.runtime import RunSetup, SpeedOptions, check_precision, method_name, start_run, versions
+from tta_cli.runtime import (
+    RunSetup,
+    SpeedOptions,
+    check_precision,
+    method_name,
+    start_run,
+    uses_clean_data,
+    versions,
+)
 from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
 from tta_cli.sinks.model_export import EXPORT_BN_CHOICES, LastInputs, agreement, exported_state, track_stream_statistics
 from tta_cli.sinks.predictions import PREDICTION_FORMATS, ErrorsWriter, PredictionsWriter
@@ -158,15 +166,15 @@ def predict(config: AdaptConfig, console: Console | None = None) -> dict[str, An
     return adapt(replace(config, method="source", hyperparameters={}, clean=None, predict_only=True), console)
 
 
-def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> TTAMethod:
+def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> Method:
     name = method_name(config.method, config.clean is not None, console)
-    fishers = None
-    if name == "eata" and config.clean is not None:
+    prepared = None
+    if config.clean is not None and uses_clean_data(name):
         clean = folder_items(config.clean, setup.loaded.class_names)
-        fishers, n = setup.fisher_information(clean, config.batch_size, config.hyperparameters)
+        prepared, n = setup.prepare(name, clean, config.batch_size, config.hyperparameters)
         if not config.quiet:
-            console.print(f"Fisher information from {n} clean images in {config.clean}")
-    return setup.build_method(name, config.hyperparameters, config.batch_size, fishers)
+            console.print(f"{name}: {get_method_class(name).clean_data} from {n} clean images in {config.clean}")
+    return setup.build_method(name, config.hyperparameters, config.batch_size, prepared)
 
 
 @dataclass
@@ -179,7 +187,8 @@ class _Outcome:
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, folders: RunFolders,
                   console: Console, resume: bool) -> dict[str, Any]:
     loaded, device, out = setup.loaded, setup.device, folders.out
-    reference = source_reference_for(config.method, config.source_reference, loaded.model)  # before the method
+    changes = get_method_class(config.method).changes_predictions
+    reference = source_reference_for(changes, config.source_reference, loaded.model)  # before the method
     method = _build_method(config, setup, console)
     distributed.check_world(config.batch_size, method.name, bool(stream.videos))
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
@@ -259,7 +268,7 @@ class RunSinks:
     last: LastInputs
 
 
-def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, method: TTAMethod,
+def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, method: Method,
                  console: Console, csv_files: tuple[Path, Path], checkpointer: Checkpointer,
                  point: ResumePoint | None, sinks: RunSinks) -> tuple[_Outcome, Totals | None]:
     """The stream through the engine; how it ended (completed, interrupted, failed) is the outcome."""
@@ -316,7 +325,7 @@ def _batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
 
 
 def _follow_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
-                   method: TTAMethod) -> dict[str, Any]:
+                   method: Method) -> dict[str, Any]:
     """A rank other than 0: adapt on its rows, send its outputs to rank 0, write nothing."""
     method.reseed(config.seed)
     with distributed.peer_failures():
@@ -354,7 +363,7 @@ def _with_timing(totals: Totals, engine: Totals | None) -> Totals:
     return totals
 
 
-def _finish(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals: Totals, device: torch.device,
+def _finish(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: Totals, device: torch.device,
             out: Path, outcome: _Outcome, elapsed: float, sinks: RunSinks) -> dict[str, Any]:
     """Write what can be written: the model, extra exports and run.json with the outcome."""
     model_export = None
@@ -430,7 +439,7 @@ def _export_record(export: ExportFolder) -> dict[str, Any]:
             "failed": [{"path": key, "reason": reason} for key, reason in export.failed]}
 
 
-def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, out: Path,
+def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: Method, out: Path,
                       last: LastInputs, device: torch.device) -> dict[str, Any]:
     """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
     state, bn_statistics = exported_state(method, config.export_bn)
@@ -451,7 +460,7 @@ def _all_finite(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
-def _write_extra_exports(method: TTAMethod, out: Path) -> None:
+def _write_extra_exports(method: Method, out: Path) -> None:
     """Further state dicts a method exports (e.g. a teacher-student method's student)."""
     from safetensors.torch import save_file
 
@@ -460,7 +469,7 @@ def _write_extra_exports(method: TTAMethod, out: Path) -> None:
         atomic_write(out / filename, lambda path, tensors=tensors: save_file(tensors, str(path)))
 
 
-def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream: str,
+def _print_plan(console: Console, loaded: LoadedModel, method: Method, stream: str,
                 device: torch.device) -> None:
     info = method.describe()
     console.print(f"[bold]model[/bold] {loaded.spec} -> {loaded.architecture}"
@@ -480,7 +489,7 @@ def _print_plan(console: Console, loaded: LoadedModel, method: TTAMethod, stream
     console.print(f"[bold]stream[/bold] {stream} on {device}")
 
 
-def _record(config: AdaptConfig, loaded: LoadedModel, method: TTAMethod, totals: Totals,
+def _record(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: Totals,
             device: torch.device, out: Path, status: str, elapsed: float, n_items: int) -> dict[str, Any]:
     info = method.describe()
     return {

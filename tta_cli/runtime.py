@@ -165,11 +165,6 @@ class RunSetup:
         probe.close()
         return prepared, n
 
-    def fisher_information(self, clean: Sequence[StreamItem], batch_size: int,
-                           hyperparameters: Mapping[str, Any] | None = None) -> tuple[Prepared, int]:
-        """EATA's ``prepare``: its Fisher information."""
-        return self.prepare("eata", clean, batch_size, hyperparameters)
-
     def build_method(self, name: str, hyperparameters: Mapping[str, Any] | None = None, batch_size: int = 64,
                      prepared: Prepared | None = None, fresh_copy: bool = False) -> TTAMethod:
         """The method on the device with the speed options and what ``prepare`` learnt (copied);

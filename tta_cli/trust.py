@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tta_cli.collapse_window import effective_classes, histogram_effective_classes
+
 PRIOR_WINDOW = 64
 """Images that estimate the recent class prior (the last batches holding at least this many)."""
 CONFIDENCE_BINS = 200
@@ -44,15 +46,6 @@ SCRAMBLE = math.log(1.5)
 """Batch-scale diversity this much (log ratio) above the stream-scale one, against the source: suspect."""
 LOW_DIVERSITY = math.log(0.7)
 """Stream diversity this far (log ratio) below the source's: suspect."""
-
-
-def effective_classes(pred: torch.Tensor, num_classes: int) -> float:
-    """exp of the entropy of the predicted-class histogram: 1 for one class, C for uniform."""
-    if pred.numel() == 0:
-        return 0.0
-    p = torch.bincount(pred.long(), minlength=num_classes).double() / pred.numel()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def prior_shift(probs: torch.Tensor, window: torch.Tensor, stream_prior: torch.Tensor,
@@ -138,6 +131,14 @@ class ChangeEstimate:
                                                                                         self.num_classes)
             self.batch_diversity += len(valid_pred) * math.log(ratio)
 
+    def state(self) -> dict[str, object]:
+        """Everything the estimate has counted, for ``--resume``."""
+        return {name: (list(value) if isinstance(value, deque) else value) for name, value in vars(self).items()}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            setattr(self, name, deque(value) if name == "recent" else value)  # type: ignore[arg-type]
+
     def _remember(self, probs: torch.Tensor) -> None:
         self.prior_sum += probs.sum(0)
         self.recent.append(probs)
@@ -151,8 +152,8 @@ class ChangeEstimate:
         source_view = 100 * self.source_view / self.images
         auc = flip_auc(self.flipped_hist, self.kept_hist)
         selectivity_view = 100 * share * (2 * auc - 1)
-        stream_diversity = math.log(max(_hist_effective(self.hist), 1e-9)
-                                    / max(_hist_effective(self.source_hist), 1e-9))
+        stream_diversity = math.log(max(histogram_effective_classes(self.hist), 1e-9)
+                                    / max(histogram_effective_classes(self.source_hist), 1e-9))
         signals = {"source_view": round(source_view, 3), "selectivity_view": round(selectivity_view, 3),
                    "flip_auc": round(auc, 4), "stream_diversity_log_ratio": round(stream_diversity, 4),
                    "scramble": round(self.batch_diversity / self.images - stream_diversity, 4)}
@@ -160,15 +161,6 @@ class ChangeEstimate:
         judgement = Judgement(round((source_view + selectivity_view) / 2, 2), round(low, 2), round(high, 2),
                               round(share, 4), signals)
         return harm_verdict(judgement)
-
-
-def _hist_effective(hist: torch.Tensor) -> float:
-    total = int(hist.sum())
-    if not total:
-        return 0.0
-    p = hist.double() / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 NO_CHANGE_SHARE = 0.01

@@ -215,6 +215,9 @@ def summary_sentence(record: dict[str, Any], source: tuple[int, int] | None) -> 
                 f"{100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f} points)")
     elif accuracy is not None:
         head = f"Accuracy with adaptation {100 * accuracy:.1f}% (the source model's is unknown: no source reference)"
+    elif "estimated_accuracy_change" in health:
+        head = (f"Adaptation changed {100 * health['changed_share']:.1f}% of the predictions, an estimated "
+                f"{health['estimated_accuracy_change']['points']:+.1f} points of accuracy (no labels)")
     elif "changed_share" in health:
         head = (f"Adaptation changed {100 * health['changed_share']:.1f}% of the predictions "
                 "(no labels: accuracy unknown)")
@@ -245,9 +248,16 @@ def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     choice = record["method"].get("choice")
     if choice:
         rows.append(("auto chose", f"{choice.get('method')}: {choice.get('why', '')}"))
-    health = record.get("health")
+    health = record.get("health") or {}
+    estimate = health.get("estimated_accuracy_change")
+    if estimate:
+        rows.append(("estimated change", f"{estimate['points']:+.1f} points ({estimate['low']:+.1f} to "
+                                         f"{estimate['high']:+.1f}), without labels"))
     verdict = f"{health['verdict']} ({'; '.join(health['reasons'])})" if health else "-"
-    return [*rows, ("verdict", verdict)]
+    rows.append(("verdict", verdict))
+    if health.get("advice"):
+        rows.append(("what to do", health["advice"]))
+    return rows
 
 
 def summary_table(record: dict[str, Any]) -> Table:

@@ -48,6 +48,7 @@ VERDICTS = {
     "ok": "predictions changed, with no sign of collapse",
     "no-change": "almost no prediction changed",
     "suspect": "adaptation may have hurt, see the verdict's reasons",
+    "hurt": "the label-free estimate says adaptation lost accuracy",
     "collapsed": "predictions collapsed onto few classes",
 }
 """What each label-free verdict (``tta_cli.monitor.health_verdict``) means, for the summary and the page."""
@@ -482,8 +483,9 @@ def _verdict(run: dict[str, Any]) -> str:
     estimates = "".join(f"<li>{html.escape(k.replace('_', ' '))}: {html.escape(_plain_value(v))}</li>"
                         for k, v in health.items() if k.startswith("estimate"))
     verdict = str(health.get("verdict", "?"))
+    advice = f"<p class='verdict'>What to do: {html.escape(health['advice'])}</p>" if health.get("advice") else ""
     return (f"<p class='verdict'>Verdict: <b>{html.escape(verdict)}</b>, {html.escape(VERDICTS.get(verdict, ''))} "
-            f"<span class='note'>(no labels needed)</span></p><ul>{reasons}{estimates}</ul>")
+            f"<span class='note'>(no labels needed)</span></p><ul>{reasons}{estimates}</ul>{advice}")
 
 
 def _plain_value(value: Any) -> str:
