@@ -170,13 +170,12 @@ NO_CHANGE_SHARE = 0.01
 def harm_verdict(judgement: Judgement) -> Judgement:
     """``no-change``, ``ok``, ``suspect`` or ``hurt``, each with its reason (collapse is the monitor's)."""
     signals, reasons = judgement.signals, judgement.reasons
-    reasons.append(f"{100 * judgement.changed_share:.1f}% of predictions differ from the source model's; "
-                   f"estimated change {judgement.estimated_change:+.1f} points "
-                   f"({judgement.low:+.1f} to {judgement.high:+.1f})")
+    reasons.append(f"{100 * judgement.changed_share:.1f}% of predictions differ from the source model's")
     if judgement.changed_share < NO_CHANGE_SHARE:
         judgement.verdict = "no-change"
     elif judgement.estimated_change <= -HURT_POINTS:
         judgement.verdict = "hurt"
+        reasons.append(f"estimated change {judgement.estimated_change:+.1f} points of accuracy")
     elif signals["scramble"] >= SCRAMBLE:
         judgement.verdict = "suspect"
         reasons.append("predictions are more varied within each batch than over the stream: test-batch "
