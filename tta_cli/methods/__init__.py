@@ -29,7 +29,7 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
+from tta_cli.methods import come, cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
 
 # isort: split
 # auto composes the methods above (imports the registry's create_method), so it comes last.
@@ -42,6 +42,7 @@ __all__ = [
     "StepResult",
     "TTAMethod",
     "auto",
+    "come",
     "cotta",
     "create_method",
     "default_lr",

@@ -1,0 +1,123 @@
+"""Record the authors' own COME, ZeroSiam and forward-only outputs on the shared fidelity stream.
+
+    python benchmarks/record_fidelity3.py come /tmp/come --out tests/fixtures/fidelity3
+
+The second argument is the path to the authors' checkout (its modules are imported from there,
+unchanged; nothing of theirs is copied here). Each case runs the authors' method on
+``../shared/fixtures/fidelity/stream`` in stream order with one of the shared CIFAR-10 models, on
+the CPU in float32 with one thread, seeding torch (and numpy, random) with 0 immediately before the
+first batch (the fidelity2 seed protocol), and writes ``<case>.csv`` (index, file, pred, entropy,
+label: the outputs the method returns for each batch) and ``<case>.params.safetensors`` (every
+parameter the method adapted, after the whole stream, under its timm name). The cases, with the
+flags of the equivalent ``tta adapt`` run, are in ``CASES`` (and tests/test_fidelity3.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import random
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import create_transform, resolve_model_data_config
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GN, LN, BN = "cifar10-resnet18-gn", "cifar10-convnext-atto-ln", "cifar10-resnet18-bn"
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    model: str
+    batch_size: int
+    lr: float
+
+
+CASES = {
+    "come_gn_bs16_lr1e-2": Case("come", GN, 16, 1e-2),
+    "come_ln_bs16_lr1e-2": Case("come", LN, 16, 1e-2),
+    "come_gn_bs1_lr1e-3": Case("come", GN, 1, 1e-3),
+}
+
+
+def load_stream(model: torch.nn.Module, batch_size: int) -> Iterator[tuple[list[dict[str, str]], torch.Tensor]]:
+    """The fidelity stream in file order, preprocessed as the model's pretrained_cfg says."""
+    stream = SHARED / "fixtures" / "fidelity" / "stream"
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    with (stream / "labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        images = [transform(Image.open(stream / r["file"]).convert("RGB")) for r in chunk]
+        yield chunk, torch.stack(images)
+
+
+def load_model(name: str) -> torch.nn.Module:
+    return timm.create_model(f"local-dir:{SHARED / 'models' / name}", pretrained=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_come(authors: Path, model: torch.nn.Module, case: Case) -> tuple[Callable, dict[str, torch.nn.Parameter]]:
+    """The authors' Tent_COME as their main.py builds it (SGD, momentum 0.9, one step)."""
+    tent_come = importlib.import_module("tent_come")
+    model = tent_come.configure_model(model)
+    params, names = tent_come.collect_params(model)
+    optimizer = torch.optim.SGD(params, case.lr, momentum=0.9)
+    adapted = tent_come.Tent_COME(model, optimizer, steps=1, args=argparse.Namespace())
+    return adapted, dict(zip(names, params, strict=True))
+
+
+BUILDERS = {"come": build_come}
+
+
+def record(authors: Path, name: str, case: Case, out: Path) -> None:
+    model = load_model(case.model)
+    adapted, params = BUILDERS[case.method](authors, model, case)
+    seed_everything(0)
+    rows = []
+    for chunk, images in load_stream(model, case.batch_size):
+        logits = adapted(images).detach()
+        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        for row, pred, ent in zip(chunk, logits.argmax(1).tolist(), entropy.tolist(), strict=True):
+            rows.append({"index": len(rows), "file": row["file"], "pred": pred, "entropy": f"{ent:.6f}",
+                         "label": row["label"]})
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(out / f"{name}.params.safetensors"))
+    accuracy = sum(str(r["pred"]) == r["label"] for r in rows) / len(rows)
+    print(f"{name}: accuracy {accuracy:.2%}, {len(params)} tensors")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=sorted(BUILDERS))
+    parser.add_argument("authors", type=Path, help="the authors' checkout")
+    parser.add_argument("--out", type=Path, default=Path("tests/fixtures/fidelity3"))
+    parser.add_argument("--case", action="append", help="only these cases")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(args.authors.resolve()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, case in CASES.items():
+        if case.method == args.method and (not args.case or name in args.case):
+            record(args.authors, name, case, args.out)
+
+
+if __name__ == "__main__":
+    main()
