@@ -40,12 +40,19 @@ class Case:
     model: str
     batch_size: int
     lr: float
+    lr_scale: float = 10.0
+    lr_p: float = 100.0
 
 
 CASES = {
     "come_gn_bs16_lr1e-2": Case("come", GN, 16, 1e-2),
     "come_ln_bs16_lr1e-2": Case("come", LN, 16, 1e-2),
     "come_gn_bs1_lr1e-3": Case("come", GN, 1, 1e-3),
+    # zerosiam: the authors' base lr rule for ResNet-50-GN (conv: 0.00025/64 * B * 2 below B = 32,
+    # doubled at B = 1) with their ResNet-50-GN scales 10 / 100; the same base lr on ConvNeXt
+    "zerosiam_gn_bs16": Case("zerosiam", GN, 16, 0.00025 / 64 * 16 * 2),
+    "zerosiam_ln_bs16": Case("zerosiam", LN, 16, 0.00025 / 64 * 16 * 2),
+    "zerosiam_gn_bs1": Case("zerosiam", GN, 1, 0.00025 / 64 * 1 * 2 * 2),
 }
 
 
@@ -81,7 +88,23 @@ def build_come(authors: Path, model: torch.nn.Module, case: Case) -> tuple[Calla
     return adapted, dict(zip(names, params, strict=True))
 
 
-BUILDERS = {"come": build_come}
+def build_zerosiam(authors: Path, model: torch.nn.Module, case: Case) -> tuple[Callable, dict[str, torch.nn.Parameter]]:
+    """The authors' ZeroSiam as their main.py builds it: BYOLWrapper, two SGD optimisers.
+
+    The wrapper picks its feature pooling by model name: ``resnet50_gn_timm`` (timm global pool)
+    for the ResNets, ``convnext_tiny`` (head pool, norm, flatten) for ConvNeXt."""
+    wrapper = importlib.import_module("models.byol_wrapper").BYOLWrapper
+    zerosiam = importlib.import_module("tta_library.zerosiam")
+    net = wrapper(model, "convnext_tiny" if case.model == LN else "resnet50_gn_timm")
+    net = zerosiam.configure_model(net)
+    params, names = zerosiam.collect_params(net)
+    backbone = torch.optim.SGD(params, case.lr * case.lr_scale, momentum=0.9)
+    predictor = torch.optim.SGD(list(net.predictor.parameters()), case.lr * case.lr_p, momentum=0.9)
+    adapted = zerosiam.ZeroSiam(net, backbone, predictor)
+    return adapted, {n.removeprefix("model."): p for n, p in zip(names, params, strict=True)}
+
+
+BUILDERS = {"come": build_come, "zerosiam": build_zerosiam}
 
 
 def record(authors: Path, name: str, case: Case, out: Path) -> None:

@@ -1,4 +1,4 @@
-"""tta reproduces the authors' own COME (and ZeroSiam, forward-only) code on the fidelity stream.
+"""tta reproduces the authors' own COME, ZeroSiam (and forward-only) code on the fidelity stream.
 
 The references in ``tests/fixtures/fidelity3/`` were recorded by ``benchmarks/record_fidelity3.py``
 from the authors' checkouts (the shared fidelity stream and models, CPU, fp32, one thread, seed 0
@@ -29,6 +29,10 @@ CASES = {
     "come_gn_bs16_lr1e-2": Case(GN, (*COME, "--batch-size", "16", "--lr", "0.01"), "sgd"),
     "come_ln_bs16_lr1e-2": Case(LN, (*COME, "--batch-size", "16", "--lr", "0.01"), "sgd"),
     "come_gn_bs1_lr1e-3": Case(GN, (*COME, "--batch-size", "1", "--lr", "0.001"), "sgd"),
+    # zerosiam with tta's defaults: SAR's lr rule (doubled at B = 1), lr_scale 10, lr_p 100
+    "zerosiam_gn_bs16": Case(GN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
+    "zerosiam_ln_bs16": Case(LN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
+    "zerosiam_gn_bs1": Case(GN, ("--method", "zerosiam", "--batch-size", "1"), "sgd"),
 }
 
 

@@ -29,7 +29,7 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import come, cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
+from tta_cli.methods import come, cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent, zerosiam
 
 # isort: split
 # auto composes the methods above (imports the registry's create_method), so it comes last.
@@ -62,4 +62,5 @@ __all__ = [
     "softmax_entropy",
     "source",
     "tent",
+    "zerosiam",
 ]
