@@ -19,6 +19,7 @@ import csv
 import importlib
 import random
 import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
+from torch import nn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GN, LN, BN = "cifar10-resnet18-gn", "cifar10-convnext-atto-ln", "cifar10-resnet18-bn"
@@ -40,6 +42,7 @@ class Case:
     model: str
     batch_size: int
     lr: float
+    """SGD learning rate (zerosiam: the base rate, scaled by lr_scale and lr_p; foa_shift: unused)."""
     lr_scale: float = 10.0
     lr_p: float = 100.0
 
@@ -53,12 +56,18 @@ CASES = {
     "zerosiam_gn_bs16": Case("zerosiam", GN, 16, 0.00025 / 64 * 16 * 2),
     "zerosiam_ln_bs16": Case("zerosiam", LN, 16, 0.00025 / 64 * 16 * 2),
     "zerosiam_gn_bs1": Case("zerosiam", GN, 1, 0.00025 / 64 * 1 * 2 * 2),
+    # foa_shift: nothing learned (lr unused); source statistics from fidelity/clean (256 images)
+    "foa_shift_gn_bs64": Case("foa_shift", GN, 64, 0.0),
+    "foa_shift_ln_bs64": Case("foa_shift", LN, 64, 0.0),
+    "foa_shift_bn_bs64": Case("foa_shift", BN, 64, 0.0),
+    "foa_shift_gn_bs1": Case("foa_shift", GN, 1, 0.0),
 }
 
 
-def load_stream(model: torch.nn.Module, batch_size: int) -> Iterator[tuple[list[dict[str, str]], torch.Tensor]]:
-    """The fidelity stream in file order, preprocessed as the model's pretrained_cfg says."""
-    stream = SHARED / "fixtures" / "fidelity" / "stream"
+def load_stream(model: torch.nn.Module, batch_size: int,
+                folder: str = "stream") -> Iterator[tuple[list[dict[str, str]], torch.Tensor]]:
+    """The fidelity stream (or clean set) in file order, preprocessed as the model's pretrained_cfg says."""
+    stream = SHARED / "fixtures" / "fidelity" / folder
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     with (stream / "labels.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -104,7 +113,44 @@ def build_zerosiam(authors: Path, model: torch.nn.Module, case: Case) -> tuple[C
     return adapted, {n.removeprefix("model."): p for n, p in zip(names, params, strict=True)}
 
 
-BUILDERS = {"come": build_come, "zerosiam": build_zerosiam}
+class PooledFeatures(torch.nn.Module):
+    """Shim for FOA's Shift, which reads ``layers_cls_features(_with_prompts)`` (per-layer class
+    tokens, the last 768 values the final one) and ``vit.head`` of its ViT wrapper: for the CNNs they
+    are the pooled pre-logits feature and the classifier (512 / 320 values, so its ``[-768:]`` slices
+    keep all of them)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.vit = types.SimpleNamespace(head=model.get_classifier())
+
+    def layers_cls_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    layers_cls_features_with_prompts = layers_cls_features
+
+
+def build_foa_shift(authors: Path, model: torch.nn.Module, case: Case) -> tuple[Callable, dict[str, nn.Parameter]]:
+    """The authors' Shift (``foa_shift`` of their main.py: eval mode, source statistics first).
+
+    Shims: ``cma`` (imported, unused by Shift) is an empty module; ``Tensor.cuda`` is the identity
+    while the source statistics are taken (their loop calls ``images.cuda()``)."""
+    sys.modules.setdefault("cma", types.ModuleType("cma"))
+    shift = importlib.import_module("tta_library.foa_shift")
+    model.eval()
+    model.requires_grad_(False)
+    adapted = shift.Shift(PooledFeatures(model))
+    clean = [(images,) for _, images in load_stream(model, 64, "clean")]
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        adapted.obtain_origin_stat(clean)
+    finally:
+        torch.Tensor.cuda = cuda
+    return adapted, {}
+
+
+BUILDERS = {"come": build_come, "zerosiam": build_zerosiam, "foa_shift": build_foa_shift}
 
 
 def record(authors: Path, name: str, case: Case, out: Path) -> None:
@@ -122,7 +168,8 @@ def record(authors: Path, name: str, case: Case, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(out / f"{name}.params.safetensors"))
+    if params:
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, str(out / f"{name}.params.safetensors"))
     accuracy = sum(str(r["pred"]) == r["label"] for r in rows) / len(rows)
     print(f"{name}: accuracy {accuracy:.2%}, {len(params)} tensors")
 

@@ -1,10 +1,12 @@
-"""tta reproduces the authors' own COME, ZeroSiam (and forward-only) code on the fidelity stream.
+"""tta reproduces the authors' own COME, ZeroSiam and FOA activation-shifting code on the fidelity stream.
 
 The references in ``tests/fixtures/fidelity3/`` were recorded by ``benchmarks/record_fidelity3.py``
 from the authors' checkouts (the shared fidelity stream and models, CPU, fp32, one thread, seed 0
 before the first batch; docs/METHODS.md names the commits). Each case runs through ``tta adapt``
 and must meet the fidelity2 bar: >= 99.5% identical predictions in order, accuracy within 0.3
-points, every adapted parameter within 1e-4 (SGD).
+points, every adapted parameter within 1e-4 (SGD). foa_shift learns nothing and needs source
+statistics from clean images, which ``tta adapt`` does not pass to it yet: its cases run through
+the library (same preprocessing), and each prediction's entropy must be within 1e-4 instead.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from timm.data import create_transform, resolve_model_data_config
 
 from tests.helpers import csv_rows
-from tests.test_fidelity2 import GN, LN, Case, parameter_gaps, run_case
+from tests.test_fidelity2 import BN, GN, LN, Case, parameter_gaps, run_case
+from tta_cli.methods import create_method
 
 pytestmark = pytest.mark.shared
 
@@ -67,3 +72,34 @@ def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_authors_code(name: str, shared: Path, tmp_path: Path) -> None:
     check_case(name, CASES[name], shared, tmp_path / name)
+
+
+FOA_SHIFT = {"foa_shift_gn_bs64": (GN, 64), "foa_shift_ln_bs64": (LN, 64), "foa_shift_bn_bs64": (BN, 64),
+             "foa_shift_gn_bs1": (GN, 1)}
+
+
+def _batches(model: torch.nn.Module, folder: Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """A fidelity folder in file order, preprocessed as the model's pretrained_cfg says."""
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    files = [row["file"] for row in csv_rows(folder / "labels.csv")]
+    for start in range(0, len(files), batch_size):
+        yield torch.stack([transform(Image.open(folder / f).convert("RGB")) for f in files[start:start + batch_size]])
+
+
+@pytest.mark.parametrize("name", list(FOA_SHIFT))
+def test_foa_shift_matches_authors_code(name: str, shared: Path) -> None:
+    import timm
+
+    arch, batch_size = FOA_SHIFT[name]
+    model = timm.create_model(f"local-dir:{shared / 'models' / arch}", pretrained=True)
+    method = create_method("foa_shift", model, batch_size=batch_size)
+    fidelity = shared / "fixtures" / "fidelity"
+    assert method.compute_source_statistics(_batches(model, fidelity / "clean", 64)) == 256
+    logits = torch.cat([method(x) for x in _batches(model, fidelity / "stream", batch_size)])
+    reference = csv_rows(REFERENCE / f"{name}.csv")
+    same = sum(int(p) == int(r["pred"]) for p, r in zip(logits.argmax(1).tolist(), reference, strict=True))
+    entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+    gap = float((entropy - torch.tensor([float(r["entropy"]) for r in reference])).abs().max())
+    print(f"{name}: {same / len(reference):.2%} identical, max entropy difference {gap:.2e}")
+    assert same / len(reference) >= 0.995
+    assert gap <= 1e-4

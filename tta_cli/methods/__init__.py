@@ -29,7 +29,22 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import come, cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent, zerosiam
+from tta_cli.methods import (
+    come,
+    cotta,
+    deyo,
+    eata,
+    foa_shift,
+    lame,
+    norm,
+    rdumb,
+    roid,
+    rotta,
+    sar,
+    source,
+    tent,
+    zerosiam,
+)
 
 # isort: split
 # auto composes the methods above (imports the registry's create_method), so it comes last.
@@ -49,6 +64,7 @@ __all__ = [
     "deyo",
     "eata",
     "entropy_margin",
+    "foa_shift",
     "get_method_class",
     "lame",
     "list_methods",
