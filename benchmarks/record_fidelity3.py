@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import math
 import random
 import sys
 import types
@@ -51,6 +52,9 @@ CASES = {
     "come_gn_bs16_lr1e-2": Case("come", GN, 16, 1e-2),
     "come_ln_bs16_lr1e-2": Case("come", LN, 16, 1e-2),
     "come_gn_bs1_lr1e-3": Case("come", GN, 1, 1e-3),
+    # SAR_COME: SAR's fixture settings (B = 16, lr 1e-3), margin 0.4 ln 10
+    "come_sar_gn_bs16_lr1e-3": Case("come_sar", GN, 16, 1e-3),
+    "come_sar_ln_bs16_lr1e-3": Case("come_sar", LN, 16, 1e-3),
     # zerosiam: the authors' base lr rule for ResNet-50-GN (conv: 0.00025/64 * B * 2 below B = 32,
     # doubled at B = 1) with their ResNet-50-GN scales 10 / 100; the same base lr on ConvNeXt
     "zerosiam_gn_bs16": Case("zerosiam", GN, 16, 0.00025 / 64 * 16 * 2),
@@ -150,20 +154,54 @@ def build_foa_shift(authors: Path, model: torch.nn.Module, case: Case) -> tuple[
     return adapted, {}
 
 
-BUILDERS = {"come": build_come, "zerosiam": build_zerosiam, "foa_shift": build_foa_shift}
+def build_come_sar(authors: Path, model: torch.nn.Module, case: Case) -> tuple[Callable, dict[str, nn.Parameter]]:
+    """The authors' SAR_COME as their main.py builds it (SAM around SGD, momentum 0.9), with the
+    reliable margin 0.4 ln C for C = 10 (their default is ImageNet's 0.4 ln 1000)."""
+    sar_come = importlib.import_module("sar_come")
+    sam = importlib.import_module("sam")
+    model = sar_come.configure_model(model)
+    params, names = sar_come.collect_params(model)
+    optimizer = sam.SAM(params, torch.optim.SGD, lr=case.lr, momentum=0.9)
+    adapted = sar_come.SAR_COME(model, optimizer, margin_e0=0.4 * math.log(10))
+    return adapted, dict(zip(names, params, strict=True))
+
+
+BUILDERS = {"come": build_come, "come_sar": build_come_sar, "zerosiam": build_zerosiam, "foa_shift": build_foa_shift}
+
+
+def watch_resets(adapted: torch.nn.Module) -> set[int]:
+    """The batches (0-based) after which the authors' method restored the source model."""
+    resets: set[int] = set()
+    batches = [0]
+    forward, reset = adapted.forward, adapted.reset
+
+    def counted_forward(x: torch.Tensor) -> torch.Tensor:
+        out = forward(x)
+        batches[0] += 1
+        return out
+
+    def noted_reset() -> None:
+        resets.add(batches[0])
+        reset()
+
+    adapted.forward, adapted.reset = counted_forward, noted_reset
+    return resets
 
 
 def record(authors: Path, name: str, case: Case, out: Path) -> None:
     model = load_model(case.model)
     adapted, params = BUILDERS[case.method](authors, model, case)
+    resets = watch_resets(adapted) if case.method == "come_sar" else None
     seed_everything(0)
     rows = []
-    for chunk, images in load_stream(model, case.batch_size):
+    for batch, (chunk, images) in enumerate(load_stream(model, case.batch_size)):
         logits = adapted(images).detach()
         entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
         for row, pred, ent in zip(chunk, logits.argmax(1).tolist(), entropy.tolist(), strict=True):
             rows.append({"index": len(rows), "file": row["file"], "pred": pred, "entropy": f"{ent:.6f}",
                          "label": row["label"]})
+            if resets is not None:  # SAR_COME: 1 on the rows of a batch after which the model was recovered
+                rows[-1]["reset"] = int(batch in resets)
     with (out / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

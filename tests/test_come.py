@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tests.helpers import tiny_timm
+from tests.helpers import random_inputs, tiny_timm
 from tta_cli.methods import create_method
 from tta_cli.methods.come import opinion_entropy
 
@@ -35,13 +35,33 @@ def test_gradient_has_no_component_along_the_logits() -> None:
 
 
 def test_prior_mass_defaults_to_the_number_of_classes() -> None:
-    model = tiny_timm("test_resnet", num_classes=10)
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    default = create_method("come", model, batch_size=4, lr=0.01)
-    assert default.prior_mass(10) == 10.0
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    default = create_method("come", tiny_timm("test_resnet", num_classes=10), batch_size=4, lr=0.01)
     authors = create_method("come", tiny_timm("test_resnet", num_classes=10), batch_size=4, lr=0.01, prior_mass=1000)
-    assert authors.prior_mass(10) == 1000.0
-    default.step(x)
-    authors.step(x)
-    moved = [float((a - b).abs().max()) for a, b in zip(default.params, authors.params, strict=True)]
-    assert max(moved) > 0
+    assert torch.equal(default.entropy(logits), opinion_entropy(logits, 10.0))
+    assert torch.equal(authors.entropy(logits), opinion_entropy(logits, 1000.0))
+
+
+def test_bases_adapt_their_own_layers_and_keep_the_lr_undoubled_at_batch_size_1() -> None:
+    tent = create_method("come", tiny_timm("test_resnet"), batch_size=1)
+    sar = create_method("come", tiny_timm("test_resnet"), batch_size=1, base="sar")
+    assert len(sar.params) < len(tent.params)
+    assert tent.lr == sar.lr == 0.00025 / 64 * 2
+
+
+def _recoveries(recovery_ema: str) -> list[int]:
+    """Batch 0: every sample reliable, EMA below the threshold: recovery. Batch 1: nothing reliable,
+    so no second loss and no EMA update: a kept EMA recovers again, a cleared one cannot."""
+    method = create_method("come", tiny_timm("test_resnet"), batch_size=8, lr=0.01, base="sar",
+                           margin_factor=100.0, reset_threshold=100.0, recovery_ema=recovery_ema)
+    first, second = random_inputs(2, 8)
+    method.step(first)
+    method.config.margin_factor = 0.0
+    method.step(second)
+    method.settle()
+    return method.resets
+
+
+def test_recovery_keeps_the_collapsed_ema_as_the_authors_code() -> None:
+    assert _recoveries("keep") == [0, 1]
+    assert _recoveries("clear") == [0]

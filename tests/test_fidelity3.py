@@ -11,6 +11,7 @@ the library (same preprocessing), and each prediction's entropy must be within 1
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,10 @@ CASES = {
     "come_gn_bs16_lr1e-2": Case(GN, (*COME, "--batch-size", "16", "--lr", "0.01"), "sgd"),
     "come_ln_bs16_lr1e-2": Case(LN, (*COME, "--batch-size", "16", "--lr", "0.01"), "sgd"),
     "come_gn_bs1_lr1e-3": Case(GN, (*COME, "--batch-size", "1", "--lr", "0.001"), "sgd"),
+    # SAR_COME; on ConvNeXt the authors' SAR name rule selects every LayerNorm (layers=all)
+    "come_sar_gn_bs16_lr1e-3": Case(GN, (*COME, "--set", "base=sar", "--batch-size", "16", "--lr", "0.001"), "sgd"),
+    "come_sar_ln_bs16_lr1e-3": Case(LN, (*COME, "--set", "base=sar", "--set", "layers=all", "--batch-size", "16",
+                                         "--lr", "0.001"), "sgd"),
     # zerosiam with tta's defaults: SAR's lr rule (doubled at B = 1), lr_scale 10, lr_p 100
     "zerosiam_gn_bs16": Case(GN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
     "zerosiam_ln_bs16": Case(LN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
@@ -67,6 +72,10 @@ def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
     assert same >= 0.995, f"{name}: only {same:.2%} of predictions identical"
     assert abs(acc_ours - acc_ref) <= 0.003
     assert worst <= 1e-4, f"{name}: a parameter is {worst:.2e} from the reference"
+    if "reset" in reference[0]:  # SAR_COME: the model recovery after the same batches
+        batch_size = int(case.flags[case.flags.index("--batch-size") + 1])
+        expected_resets = sorted({int(r["index"]) // batch_size for r in reference if r["reset"] == "1"})
+        assert json.loads((out / "run.json").read_text())["resets_at_batch"] == expected_resets
 
 
 @pytest.mark.parametrize("name", list(CASES))
