@@ -60,6 +60,7 @@ CASES = {
     "zerosiam_gn_bs16": Case("zerosiam", GN, 16, 0.00025 / 64 * 16 * 2),
     "zerosiam_ln_bs16": Case("zerosiam", LN, 16, 0.00025 / 64 * 16 * 2),
     "zerosiam_gn_bs1": Case("zerosiam", GN, 1, 0.00025 / 64 * 1 * 2 * 2),
+    "zerosiam_bn_bs16": Case("zerosiam", BN, 16, 0.00025 / 64 * 16 * 2),
     # foa_shift: nothing learned (lr unused); source statistics from fidelity/clean (256 images)
     "foa_shift_gn_bs64": Case("foa_shift", GN, 64, 0.0),
     "foa_shift_ln_bs64": Case("foa_shift", LN, 64, 0.0),

@@ -43,6 +43,7 @@ CASES = {
     "zerosiam_gn_bs16": Case(GN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
     "zerosiam_ln_bs16": Case(LN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
     "zerosiam_gn_bs1": Case(GN, ("--method", "zerosiam", "--batch-size", "1"), "sgd"),
+    "zerosiam_bn_bs16": Case(BN, ("--method", "zerosiam", "--batch-size", "16"), "sgd"),
 }
 
 

@@ -50,3 +50,10 @@ def test_learns_nothing_keeps_source_batchnorm_and_reset_forgets_the_test_mean()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     method.reset()
     assert method.test_mean is None and method.source_mean is not None
+
+
+def test_batch_statistics_when_asked_go_through_the_models_forward() -> None:
+    x = random_inputs(1, 8)[0]
+    shift = create_method("foa_shift", tiny_timm("test_resnet"), batch_size=8, bn_stats="batch")
+    norm = create_method("norm", tiny_timm("test_resnet"), batch_size=8)
+    assert torch.allclose(shift.step(x).logits, norm.step(x).logits, atol=1e-5)

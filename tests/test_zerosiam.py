@@ -45,5 +45,14 @@ def test_predictions_are_the_models_own_before_the_update() -> None:
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    method = create_method("zerosiam", model, batch_size=8, lr=0.01)
+    method = create_method("zerosiam", model, batch_size=8, lr=0.01, bn_stats="source")
     assert torch.allclose(method.step(x).logits, expected, atol=1e-5)
+
+
+def test_batchnorm_runs_on_batch_statistics_as_in_the_norm_method() -> None:
+    """The backbone pass goes through the model's forward, where the BatchNorm hooks act."""
+    x = random_inputs(1, 8)[0]
+    zerosiam = create_method("zerosiam", tiny_timm("test_resnet"), batch_size=8, lr=0.01)
+    norm = create_method("norm", tiny_timm("test_resnet"), batch_size=8)
+    assert zerosiam.bn_mode == "batch"
+    assert torch.allclose(zerosiam.step(x).logits, norm.step(x).logits, atol=1e-5)

@@ -70,17 +70,27 @@ class FOAShift(TTAMethod):
         return classifier
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The classifier's input feature (timm's pre-logits), in fp32."""
-        with self.autocast():
-            features = self.model.forward_head(self.model.forward_features(self.prepare_input(x)), pre_logits=True)
-        return features.float()
+    def shifted_forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own forward (BatchNorm on the chosen statistics), with ``shift`` added to the
+        classifier's input (timm's pooled pre-logits feature f); returns (logits, the unshifted f)."""
+        captured: list[torch.Tensor] = []
+
+        def shift_input(_: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+            captured.append(args[0].float())
+            return None if shift is None else (args[0] + shift.to(args[0].dtype), *args[1:])
+
+        handle = self.classifier().register_forward_pre_hook(shift_input)
+        try:
+            logits = self.run_model(x)
+        finally:
+            handle.remove()
+        return logits, captured[0]
 
     @torch.no_grad()
     def compute_source_statistics(self, batches: Iterable[torch.Tensor]) -> int:
         """mu_s from clean source images (the authors: their ImageNet validation images). Returns
         the number of images used."""
-        features = [self.features(images) for images in batches]
+        features = [self.shifted_forward(images, None)[1] for images in batches]
         if features:
             all_features = torch.cat(features)
             self.source_mean = _mean(all_features)
@@ -89,13 +99,11 @@ class FOAShift(TTAMethod):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        features = self.features(x)
-        batch_mean = _mean(features)
+        shift = None
         if self.test_mean is not None and self.source_mean is not None:
-            features = features + self.config.shift_scale * (self.source_mean - self.test_mean)
-        with self.autocast():
-            logits = self.classifier()(features).float()
-        self.update_test_mean(batch_mean)
+            shift = self.config.shift_scale * (self.source_mean - self.test_mean)
+        logits, features = self.shifted_forward(x, shift)
+        self.update_test_mean(_mean(features))
         return StepResult(logits=logits, used=torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
 
     def update_test_mean(self, batch_mean: torch.Tensor) -> None:

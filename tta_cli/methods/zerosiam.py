@@ -88,22 +88,23 @@ class ZeroSiam(TTAMethod):
         fused = all(p.is_cuda for p in self.params)
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.config.momentum, fused=fused or None)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled pre-logits feature f (what the classifier sees), one backbone pass."""
-        with self.autocast():
-            return self.model.forward_head(self.model.forward_features(self.prepare_input(x)), pre_logits=True)
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.classifier()(features).float()
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass through the model's own forward (so that BatchNorm runs on the chosen
+        statistics): the logits, and the classifier's input f (timm's pooled pre-logits feature)."""
+        captured: list[torch.Tensor] = []
+        handle = self.classifier().register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            logits = self.run_model(x)
+        finally:
+            handle.remove()
+        return captured[0], logits
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        features = self.features(x)
-        logits = self.head(features)
+        features, logits = self.features_and_logits(x)
         target = logits.detach()
         with self.autocast():
-            online = self.head(self.predictor(features))
+            online = self.classifier()(self.predictor(features)).float()
         loss = batch_mean(softmax_entropy(online))
         loss = loss + self.config.alignment_weight * batch_mean(symmetric_kl(online, target))
         self.backward(loss)
