@@ -7,15 +7,14 @@ Per model and method: a fresh process loads the model and the first ``--images``
 shared fidelity stream (mixed corruptions), notes its resident set, builds the method (foa_shift:
 its source statistics from ``fidelity/clean``, 256 images), runs the stream at ``--batch-size``
 and reports images per adaptation second and the resident-set high-water mark above the memory in
-use before the method was built (``ru_maxrss``; as ``benchmarks/speed.py`` measures it). Method
-defaults throughout (paper learning rates).
+use before the method was built (``VmHWM`` reset through ``/proc/self/clear_refs``, as
+``benchmarks/speed.py`` measures it; Linux only). Method defaults throughout (paper learning rates).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,8 +38,11 @@ def _images(model: torch.nn.Module, folder: Path, limit: int) -> torch.Tensor:
     return torch.stack([transform(Image.open(folder / name).convert("RGB")) for name in files])
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
 
 
 def one(model_name: str, method_name: str, images: int, batch_size: int) -> dict[str, float | str]:
@@ -51,7 +53,8 @@ def one(model_name: str, method_name: str, images: int, batch_size: int) -> dict
     model = timm.create_model(f"local-dir:{SHARED / 'models' / model_name}", pretrained=True)
     stream = _images(model, SHARED / "fixtures" / "fidelity" / "stream", images)
     clean = _images(model, SHARED / "fixtures" / "fidelity" / "clean", 256) if method_name == "foa_shift" else None
-    before = _rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current resident set (Linux)
+    before = _status_mib("VmRSS")
     method = create_method(method_name, model, batch_size=batch_size)
     if clean is not None:
         method.compute_source_statistics(clean.split(64))
@@ -60,7 +63,7 @@ def one(model_name: str, method_name: str, images: int, batch_size: int) -> dict
         method(batch)
     seconds = time.perf_counter() - started
     return {"model": model_name, "method": method_name, "img_per_s": stream.shape[0] / seconds,
-            "peak_mib_above_model": _rss_mib() - before}
+            "peak_mib_above_model": _status_mib("VmHWM") - before}
 
 
 def main() -> None:
