@@ -31,7 +31,22 @@ from tta_cli.methods.base import (
 
 # isort: split
 # The built-in methods, after the registry (importing a module registers its classes).
-from tta_cli.methods import cotta, deyo, eata, lame, norm, rdumb, roid, rotta, sar, source, tent
+from tta_cli.methods import (
+    come,
+    cotta,
+    deyo,
+    eata,
+    foa_shift,
+    lame,
+    norm,
+    rdumb,
+    roid,
+    rotta,
+    sar,
+    source,
+    tent,
+    zerosiam,
+)
 
 # isort: split
 # auto composes the methods above (imports the registry's create_method), so it comes last.
@@ -46,12 +61,14 @@ __all__ = [
     "StepResult",
     "TTAMethod",
     "auto",
+    "come",
     "cotta",
     "create_method",
     "default_lr",
     "deyo",
     "eata",
     "entropy_margin",
+    "foa_shift",
     "get_method_class",
     "lame",
     "list_methods",
@@ -65,4 +82,5 @@ __all__ = [
     "softmax_entropy",
     "source",
     "tent",
+    "zerosiam",
 ]
