@@ -57,3 +57,24 @@ def test_batch_statistics_when_asked_go_through_the_models_forward() -> None:
     shift = create_method("foa_shift", tiny_timm("test_resnet"), batch_size=8, bn_stats="batch")
     norm = create_method("norm", tiny_timm("test_resnet"), batch_size=8)
     assert torch.allclose(shift.step(x).logits, norm.step(x).logits, atol=1e-5)
+
+
+def test_tta_adapt_learns_the_source_mean_from_clean_images_and_runs_source_without(tmp_path) -> None:
+    import json
+
+    from tests.helpers import invoke, make_images, tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "model", arch="test_resnet")
+    make_images(tmp_path / "clean", 8)
+    make_images(tmp_path / "images", 8, seed=1)
+    common = ["adapt", tmp_path / "images", "--model", f"local-dir:{tmp_path / 'model'}", "--method", "foa_shift",
+              "--batch-size", "4", "--quiet"]
+    result = invoke(*common, "--out", tmp_path / "with", "--clean", tmp_path / "clean")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "with" / "run.json").read_text())
+    assert record["method"]["method"] == "foa_shift"
+    assert record["method"]["source_images"] == 8
+    result = invoke(*common, "--out", tmp_path / "without")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "without" / "run.json").read_text())["method"]["method"] == "source"
+    assert model.is_dir()

@@ -135,7 +135,8 @@ def test_methods_declare_what_the_set_up_layer_needs() -> None:
     """Clean data, data-parallel support and being the source model are declared on the method, so
     that no code outside ``tta_cli.methods`` tests a method's name."""
     with_clean = [n for n in list_methods() if get_method_class(n).clean_data]
-    assert with_clean == ["eata"] and get_method_class("eata").without_clean_data == "eta"
+    assert with_clean == ["eata", "foa_shift"] and get_method_class("eata").without_clean_data == "eta"
+    assert get_method_class("foa_shift").without_clean_data == "source"
     parallel = {n for n in list_methods() if get_method_class(n).data_parallel}
     assert parallel == {"source", "norm", "tent", "sar", "eta", "eata"}
     assert [n for n in list_methods() if not get_method_class(n).changes_predictions] == ["source"]

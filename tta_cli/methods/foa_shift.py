@@ -52,6 +52,9 @@ class FOAShift(TTAMethod):
     predicts_first_forward = False
     """Its outputs are the classifier on shifted features, not the model's own logits."""
     resume_attributes = ("test_mean", "source_mean", "source_images")
+    clean_data = "the source feature mean"
+    without_clean_data = "source"
+    """Without clean images there is no source mean to shift towards: the model as it is."""
     config: FOAShiftConfig
 
     def __init__(self, model: nn.Module, config: FOAShiftConfig | None = None, batch_size: int = 64) -> None:
@@ -96,6 +99,17 @@ class FOAShift(TTAMethod):
             self.source_mean = _mean(all_features)
             self.source_images = all_features.shape[0]
         return self.source_images
+
+    def prepare(self, clean_batches: Iterable[torch.Tensor]) -> int:
+        return self.compute_source_statistics(clean_batches)
+
+    def preparation(self) -> dict[str, Any]:
+        return {} if self.source_mean is None else {"source_mean": self.source_mean, "images": self.source_images}
+
+    def use_preparation(self, prepared: dict[str, Any]) -> None:
+        if prepared:
+            self.source_mean = prepared["source_mean"].clone().to(self.device)
+            self.source_images = int(prepared["images"])
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
