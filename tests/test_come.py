@@ -38,8 +38,8 @@ def test_prior_mass_defaults_to_the_number_of_classes() -> None:
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
     default = create_method("come", tiny_timm("test_resnet", num_classes=10), batch_size=4, lr=0.01)
     authors = create_method("come", tiny_timm("test_resnet", num_classes=10), batch_size=4, lr=0.01, prior_mass=1000)
-    assert torch.equal(default.entropy(logits), opinion_entropy(logits, 10.0))
-    assert torch.equal(authors.entropy(logits), opinion_entropy(logits, 1000.0))
+    assert torch.equal(default.sample_entropy(logits), opinion_entropy(logits, 10.0))
+    assert torch.equal(authors.sample_entropy(logits), opinion_entropy(logits, 1000.0))
 
 
 def test_bases_adapt_their_own_layers_and_keep_the_lr_undoubled_at_batch_size_1() -> None:

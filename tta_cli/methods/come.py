@@ -35,11 +35,10 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from tta_cli import distributed
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import StepResult
-from tta_cli.methods.fastpaths import backward_or_zero, batch_mean, masked_mean, nan_aware_ema, nan_if_empty
+from tta_cli.methods.fastpaths import batch_mean, nan_aware_ema
 from tta_cli.methods.hyperparameters import greater_than
 from tta_cli.methods.sar import SAR, SARConfig
 from tta_cli.methods.selection import affine_parameters, sar_norm_modules
@@ -99,49 +98,22 @@ class COME(SAR):
             return affine_parameters(self.model)
         return affine_parameters(self.model, sar_norm_modules(self.model))
 
-    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+    def sample_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The opinion's entropy in place of the softmax's (in both bases)."""
         prior_mass = self.config.prior_mass if self.config.prior_mass is not None else float(logits.shape[1])
         return opinion_entropy(logits, prior_mass, self.config.offset)
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        return self._sar_step(x) if self.config.base == "sar" else self._tent_step(x)
+        return super().forward_and_adapt(x) if self.config.base == "sar" else self._tent_step(x)
 
     def _tent_step(self, x: torch.Tensor) -> StepResult:
         logits = self.run_model(x)
-        self.backward(batch_mean(self.entropy(logits)))
+        self.backward(batch_mean(self.sample_entropy(logits)))
         self.optimizer_step()
         self.optimizer.zero_grad()
         used = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return StepResult(logits=logits.detach(), used=used)
-
-    def _sar_step(self, x: torch.Tensor) -> StepResult:
-        """SAR's step (``SAR.forward_and_adapt``, same speed paths) with the opinion entropy."""
-        self.optimizer.zero_grad()
-        logits = self.rows.first_forward(self.run_model, x)
-        margin = self.margin(logits.shape[1])
-        entropy = self.entropy(logits)
-        reliable = entropy < margin
-        rows = self.rows.rows(x, reliable, host=self.reads_are_free(x))
-        if rows.count == 0 and self._passes_are_pure():
-            return self._step_with_nothing_reliable(logits, reliable)
-        self.rows.count(rows.plan)
-
-        entropy_rows = rows.with_grad(entropy, lambda r: self.entropy(self.run_model(r)))
-        loss1, n_reliable = masked_mean(entropy_rows, rows.selected)
-        self.backward(loss1)
-        theta = self._perturb()
-        self.optimizer.zero_grad()
-
-        entropy2 = self.entropy(self.run_model(rows.x))
-        used = rows.selected & (entropy2 < margin)
-        loss2, n_used = masked_mean(entropy2, used)
-        backward_or_zero(self, loss2, n_used)
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, theta)
-        self._sgd_step(n_used)
-        collapsed = self._recover_if_collapsed(nan_if_empty(distributed.all_sum(loss2), distributed.all_sum(n_used)))
-        return StepResult(logits.detach(), rows.to_batch(used), (n_reliable, n_used), collapsed)
 
     @torch.no_grad()
     def _recover_if_collapsed(self, loss2: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ class SAR(TTAMethod):
         # entropy at theta (the forward that gives the predictions); reliable samples S1 = {E < E0}
         logits = self.rows.first_forward(self.run_model, x)
         margin = self.margin(logits.shape[1])
-        entropy = softmax_entropy(logits)
+        entropy = self.sample_entropy(logits)
         reliable = entropy < margin
         rows = self.rows.rows(x, reliable, host=self.reads_are_free(x))
         if rows.count == 0 and self._passes_are_pure():
@@ -123,8 +123,12 @@ class SAR(TTAMethod):
         collapsed = self._recover_if_collapsed(reported_mean(loss2, n_used))
         return StepResult(logits.detach(), rows.to_batch(used), (n_reliable, n_used), collapsed)
 
+    def sample_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """The per-sample loss SAR minimises: the prediction's entropy (a variant may replace it)."""
+        return softmax_entropy(logits)
+
     def _entropy(self, x: torch.Tensor) -> torch.Tensor:
-        return softmax_entropy(self.run_model(x))
+        return self.sample_entropy(self.run_model(x))
 
     def _sgd_step(self, n_used: torch.Tensor) -> None:
         if self.config.skip_empty:
