@@ -42,7 +42,7 @@ PRIOR_WINDOW = 64
 CONFIDENCE_BINS = 200
 HURT_POINTS = 1.0
 """An estimated change at or below minus this many points is called ``hurt``."""
-SCRAMBLE = math.log(1.5)
+SCRAMBLE = math.log(1.25)
 """Batch-scale diversity this much (log ratio) above the stream-scale one, against the source: suspect."""
 LOW_DIVERSITY = math.log(0.7)
 """Stream diversity this far (log ratio) below the source's: suspect."""
