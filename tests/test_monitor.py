@@ -220,7 +220,7 @@ def test_non_finite_predictions_are_counted_apart_and_make_the_run_suspect() -> 
     monitor.on_batch(_outputs(classes, torch.full_like(classes, -1), float("nan"), 20))  # none finite
     health = monitor.health()
     assert health["images"] == 17 and health["non_finite_predictions"] == 23
-    assert health["verdict"] == "suspect" and math.isfinite(health["mean_entropy"])
+    assert health["verdict"] == "suspect" and math.isfinite(health["mean_entropy_nats"])
     json.dumps(health, allow_nan=False)
 
 

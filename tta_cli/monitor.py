@@ -21,7 +21,6 @@ model. Thresholds and their measurement: ``docs/METHODS.md`` ("Collapse detectio
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -211,17 +210,16 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
                    judgement: Judgement | None) -> dict[str, Any]:
     """``ok``, ``no-change``, ``suspect``, ``hurt`` or ``collapsed``, with the reasons, without labels
     (``judgement``: the change estimate against the source reference, ``tta_cli.trust``)."""
-    log_c = math.log(max(counts.num_classes, 2))
     health: dict[str, Any] = {"images": counts.images, "collapse_events": len(events),
                               "effective_classes": round(histogram_effective_classes(counts.hist), 3)}
     if counts.images:
-        health["mean_entropy"] = round(counts.entropy_sum / counts.images / log_c, 4)
+        health["mean_entropy_nats"] = round(counts.entropy_sum / counts.images, 4)
     verdict, reasons = "ok", ["no source reference: whether predictions changed is unknown"]
     if judgement is not None and counts.has_source and counts.images:
         verdict, reasons = judgement.verdict, list(judgement.reasons)
         health.update(changed_share=round(counts.changed / counts.images, 4),
                       source_effective_classes=round(histogram_effective_classes(counts.source_hist), 3),
-                      source_mean_entropy=round(counts.source_entropy_sum / counts.images / log_c, 4),
+                      source_mean_entropy_nats=round(counts.source_entropy_sum / counts.images, 4),
                       estimated_accuracy_change={"points": judgement.estimated_change, "low": judgement.low,
                                                  "high": judgement.high},
                       harm_signals=judgement.signals)
