@@ -10,7 +10,6 @@ reuse ``Case`` and ``check_case``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +62,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The references were made with 1 thread; OMP_NUM_THREADS also keeps tta from tuning it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(reference_threads: None) -> None:
+    """The references were made with 1 thread."""
 
 
 def run_case(shared: Path, out: Path, case: Case) -> None:

@@ -48,13 +48,8 @@ CASES = {
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The references were made with 1 thread; OMP_NUM_THREADS also keeps tta from tuning it."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(reference_threads: None) -> None:
+    """The references were made with 1 thread."""
 
 
 def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
