@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tests.helpers import csv_rows, make_images
 from tta_cli.cli import app
 from tta_cli.errors import TTAError
-from tta_cli.methods import list_methods
+from tta_cli.methods import get_method_class, list_methods
 
 runner = CliRunner()
 
@@ -43,7 +43,8 @@ def test_every_method_writes_the_three_outputs(method: str, tmp_path: Path, tiny
     assert all(len(r["top5"].split()) == 5 and r["label"] == "" for r in rows)
     record = json.loads((out / "run.json").read_text())
     assert record["counts"]["images"] == 10 and record["accuracy"] is None
-    assert record["method"]["method"] == ("eta" if method == "eata" else method)  # eata needs --clean
+    without_clean = get_method_class(method).without_clean_data  # eata and foa_shift need --clean
+    assert record["method"]["method"] == (without_clean or method)
     assert set(record["versions"]) == {"tta", "torch", "timm", "python"}
     assert len(record["model"]["weights_sha256"]) == 64
     assert record["preprocessing"]["input_size"] == [3, 32, 32]

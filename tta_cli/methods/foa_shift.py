@@ -31,7 +31,7 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import BNStatsChoice, MethodConfig, StepResult, TTAMethod
-from tta_cli.methods.hyperparameters import between
+from tta_cli.methods.hyperparameters import at_least, between
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FOAShiftConfig(MethodConfig):
     """The model stays the source model (the authors run it in eval mode)."""
     momentum: float = field(default=0.1, metadata=between(0.0, 1.0))
     """Weight of each batch's mean in the running test mean mu_t (Eqn. 9)."""
-    shift_scale: float = 1.0
+    shift_scale: float = field(default=1.0, metadata=at_least(0.0))
     """The shift added is shift_scale * (mu_s - mu_t) (Eqn. 8: 1)."""
 
 
