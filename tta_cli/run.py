@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import torch
 from rich.console import Console
 
 from tta_cli import __version__, distributed, signals
-from tta_cli.atomic import atomic_write, atomic_write_text, refuse_symlink
+from tta_cli.atomic import atomic_write, refuse_symlink
 from tta_cli.checkpoint import (
     CHECKPOINT,
     Checkpointer,
@@ -33,8 +31,10 @@ from tta_cli.errors import TTAError
 from tta_cli.methods import Method, get_method_class
 from tta_cli.models import LoadedModel, export_model
 from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
+from tta_cli.outcome import Outcome, after_signal, check_outcome, disk_full_as_error, failure_reason
 from tta_cli.outputs import Totals
 from tta_cli.ownership import start_manifest
+from tta_cli.record import export_folder_record, run_record, write_record
 from tta_cli.run_folders import RunFolders
 from tta_cli.runtime import (
     RunSetup,
@@ -43,7 +43,6 @@ from tta_cli.runtime import (
     method_name,
     start_run,
     uses_clean_data,
-    versions,
 )
 from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
 from tta_cli.sinks.model_export import EXPORT_BN_CHOICES, LastInputs, agreement, exported_state, track_stream_statistics
@@ -128,7 +127,7 @@ def _stopped_before_start(config: AdaptConfig, folders: RunFolders) -> None:
     with signals.deferred(), contextlib.suppress(OSError):
         folders.out.mkdir(parents=True, exist_ok=True)
         start_manifest(folders.out)
-        _write_record(folders.out, {"status": "interrupted", "reason": signals.signal_name(),
+        write_record(folders.out, {"status": "interrupted", "reason": signals.signal_name(),
                                     "config": config.to_record(), "counts": {"images": 0},
                                     "versions": {"tta": __version__}, "out": str(folders.out)})
     raise TTAError(f"interrupted ({signals.signal_name()}) before the first image; start it with: "
@@ -177,13 +176,6 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> Met
     return setup.build_method(name, config.hyperparameters, config.batch_size, prepared)
 
 
-@dataclass
-class _Outcome:
-    status: str = "completed"
-    reason: str | None = None
-    error: BaseException | None = None
-
-
 def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, folders: RunFolders,
                   console: Console, resume: bool) -> dict[str, Any]:
     loaded, device, out = setup.loaded, setup.device, folders.out
@@ -202,7 +194,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
     # _run_batches), and the start and the final writes finish whole before the run ends as interrupted.
     with signals.deferred():
-        with _disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json
+        with disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json
             folders.prepare()
             if not config.quiet:
                 _print_plan(console, loaded, method, stream.describe(), device)
@@ -213,7 +205,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
             else:
                 method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
             started = time.perf_counter()
-            _write_record(out, _record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
+            write_record(out, run_record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
             sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
             checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point,
                                         sinks={"monitor": monitor})
@@ -221,11 +213,11 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
                                               checkpointer, point, sinks)
         totals = _with_timing(checkpointer.totals, engine_totals)
         signals.test_point("export")
-        record = _finish(config, loaded, method, totals, device, out, _after_signal(outcome),
+        record = _finish(config, loaded, method, totals, device, out, after_signal(outcome),
                          time.perf_counter() - started, sinks)
-        if _after_signal(outcome).status != record["status"]:  # a signal came during the final writes
+        if after_signal(outcome).status != record["status"]:  # a signal came during the final writes
             record |= {"status": outcome.status, "reason": outcome.reason}
-            _write_record(out, record)
+            write_record(out, record)
         if outcome.status == "completed":
             (out / CHECKPOINT).unlink(missing_ok=True)
     method.close()
@@ -234,28 +226,7 @@ def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers:
     if sinks.export is not None and sinks.export.failed:
         console.print(f"[yellow]warning: {len(sinks.export.failed)} images could not be exported to "
                       f"{sinks.export.directory} (listed in run.json)[/yellow]")
-    return _check_outcome(config, outcome, totals, out, console, record)
-
-
-@contextlib.contextmanager
-def _disk_full_as_error(out: Path) -> Iterator[None]:
-    """A full disk as one line and exit 4."""
-    try:
-        yield
-    except (OSError, RuntimeError) as err:
-        if not _is_disk_full(err):
-            raise
-        raise TTAError(f"{_failure_reason(err, out)}: free space or choose another --out", exit_code=4) from err
-
-
-def _after_signal(outcome: _Outcome) -> _Outcome:
-    """A run that received SIGINT or SIGTERM ended by it: whatever failed after (a step cut short,
-    an interrupt a library swallowed) is the interrupt's doing, and it is not complete."""
-    if signals.received() is not None and outcome.status in ("completed", "failed", "interrupted"):
-        outcome.status, outcome.reason, outcome.error = "interrupted", signals.signal_name(), None
-    elif outcome.status == "interrupted" and outcome.reason is None:
-        outcome.reason = "SIGINT"
-    return outcome
+    return check_outcome(config, outcome, totals, out, console, record)
 
 
 @dataclass
@@ -270,9 +241,9 @@ class RunSinks:
 
 def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, method: Method,
                  console: Console, csv_files: tuple[Path, Path], checkpointer: Checkpointer,
-                 point: ResumePoint | None, sinks: RunSinks) -> tuple[_Outcome, Totals | None]:
+                 point: ResumePoint | None, sinks: RunSinks) -> tuple[Outcome, Totals | None]:
     """The stream through the engine; how it ended (completed, interrupted, failed) is the outcome."""
-    outcome = _Outcome()
+    outcome = Outcome()
     engine_totals = None
     for path in csv_files:
         refuse_symlink(path)
@@ -300,9 +271,9 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
     except KeyboardInterrupt:
         outcome.status = "interrupted"
     except CollapseStop as stop:
-        outcome = _Outcome("collapsed", str(stop), stop)
+        outcome = Outcome("collapsed", str(stop), stop)
     except Exception as err:  # recorded as failed, then raised again
-        outcome = _Outcome("failed", _failure_reason(err), err)
+        outcome = Outcome("failed", failure_reason(err), err)
     finally:
         batches.close()  # stops the decoding workers now
         _close_quietly(predictions, errors)
@@ -341,19 +312,6 @@ def _close_quietly(*writers: PredictionsWriter | ErrorsWriter) -> None:
             writer.close()
 
 
-def _is_disk_full(err: BaseException | None) -> bool:
-    """ENOSPC, as an OSError or as the message of a writer that wraps it (safetensors)."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
-    return err is not None and ("os error 28" in str(err) or "No space left on device" in str(err))
-
-
-def _failure_reason(err: BaseException, writing: Path | None = None) -> str:
-    if _is_disk_full(err):
-        return f"disk full writing {getattr(err, 'filename', None) or writing or 'the outputs'}"
-    return f"{type(err).__name__}: {err}"
-
-
 def _with_timing(totals: Totals, engine: Totals | None) -> Totals:
     """The counts over the whole run (the checkpointer's, carried over a resume) with the engine's
     timing of this part."""
@@ -364,7 +322,7 @@ def _with_timing(totals: Totals, engine: Totals | None) -> Totals:
 
 
 def _finish(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: Totals, device: torch.device,
-            out: Path, outcome: _Outcome, elapsed: float, sinks: RunSinks) -> dict[str, Any]:
+            out: Path, outcome: Outcome, elapsed: float, sinks: RunSinks) -> dict[str, Any]:
     """Write what can be written: the model, extra exports and run.json with the outcome."""
     model_export = None
     try:
@@ -372,9 +330,9 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: To
             model_export = _export_run_model(config, loaded, method, out, sinks.last, device)
     except Exception as err:  # recorded as failed (a full disk most likely), raised after run.json
         if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "model"), err
+            outcome.status, outcome.reason, outcome.error = "failed", failure_reason(err, out / "model"), err
     n_items = totals.images + totals.skipped
-    record = _record(config, loaded, method, totals, device, out, outcome.status, elapsed, n_items)
+    record = run_record(config, loaded, method, totals, device, out, outcome.status, elapsed, n_items)
     if outcome.reason is not None:
         record["reason"] = outcome.reason
     record |= {"collapse_events": sinks.monitor.record(), "health": sinks.monitor.health()}
@@ -385,43 +343,12 @@ def _finish(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: To
             if record["health"]["verdict"] in ("ok", "no-change"):
                 record["health"]["verdict"] = "suspect"
     if sinks.export is not None:
-        record["export_folder"] = _export_record(sinks.export)
+        record["export_folder"] = export_folder_record(sinks.export)
     try:
-        _write_record(out, record)
+        write_record(out, record)
     except OSError as err:
         if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", _failure_reason(err, out / "run.json"), err
-    return record
-
-
-def _write_record(out: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2))
-
-
-def _check_outcome(config: AdaptConfig, outcome: _Outcome, totals: Totals, out: Path, console: Console,
-                   record: dict[str, Any]) -> dict[str, Any]:
-    """The exit: a failed run raises (a full disk as one line), an interrupted one exits 130 (143
-    after SIGTERM), skipped inputs warn (or fail with --strict)."""
-    err = outcome.error
-    if isinstance(err, CollapseStop):
-        raise err
-    if outcome.status == "failed":
-        if _is_disk_full(err):
-            raise TTAError(f"{outcome.reason}: free space or choose another --out", exit_code=4) from err
-        assert err is not None
-        raise err
-    if outcome.status == "interrupted":
-        code = 143 if outcome.reason == "SIGTERM" else 130
-        raise TTAError(f"interrupted ({outcome.reason}): the predictions so far, the model and run.json are in "
-                       f"{out}; continue with: tta adapt --resume {out}", exit_code=code)
-    if totals.skipped:
-        console.print(f"[yellow]warning: {totals.skipped} inputs could not be read, see {out / 'errors.csv'}"
-                      "[/yellow]")
-        if not totals.images:
-            raise TTAError(f"none of the inputs could be read ({totals.skipped} skipped)",
-                           f"see {out / 'errors.csv'}", exit_code=3)
-        if config.strict:
-            raise TTAError(f"{totals.skipped} inputs could not be read (--strict)", exit_code=3)
+            outcome.status, outcome.reason, outcome.error = "failed", failure_reason(err, out / "run.json"), err
     return record
 
 
@@ -430,13 +357,6 @@ def _export_folder(config: AdaptConfig, loaded: LoadedModel) -> ExportFolder | N
         return None
     return ExportFolder(config.export_folder, loaded.class_names, config.export_mode, config.min_confidence,
                         overwrite=config.overwrite)
-
-
-def _export_record(export: ExportFolder) -> dict[str, Any]:
-    return {"directory": str(export.directory), "mode": export.mode, "min_confidence": export.min_confidence,
-            "files": export.stats.files, "uncertain": export.stats.uncertain,
-            "copied_instead_of_linked": export.stats.copied_instead_of_linked,
-            "failed": [{"path": key, "reason": reason} for key, reason in export.failed]}
 
 
 def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: Method, out: Path,
@@ -489,43 +409,3 @@ def _print_plan(console: Console, loaded: LoadedModel, method: Method, stream: s
     console.print(f"[bold]stream[/bold] {stream} on {device}")
 
 
-def _record(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: Totals,
-            device: torch.device, out: Path, status: str, elapsed: float, n_items: int) -> dict[str, Any]:
-    info = method.describe()
-    return {
-        "status": status,
-        "config": config.to_record(),
-        "versions": versions(),
-        "device": str(device),
-        "model": loaded.describe(),
-        "preprocessing": loaded.data_config,
-        "method": info,
-        "method_state": method.stats(),
-        "counts": {
-            "stream_items": n_items,
-            "images": totals.images,
-            "skipped": totals.skipped,
-            "batches": totals.batches,
-            "used_for_update": totals.used,
-            "used_share": totals.used_share,
-            "after_each_filter": totals.filter_counts,
-            "resets": totals.resets,
-            "mean_entropy": totals.mean_entropy,
-            "labelled": totals.labelled,
-            "correct": totals.correct,
-            "non_finite_updates": method.non_finite_updates,
-        },
-        "resets_at_batch": list(method.resets),
-        "accuracy": totals.accuracy,
-        "timing": {
-            "seconds": elapsed,
-            "adapt_seconds": totals.adapt_seconds,
-            "images_per_second": totals.images / elapsed if elapsed > 0 else 0.0,
-            "data_wait_seconds": totals.data_wait_seconds,
-            "batches_waiting_for_data": totals.data_waits,
-            "cpu_threads_from_batch": totals.cpu_threads,
-            "device_idle_share": totals.device_idle_share,
-        },
-        "out": str(out),
-        "world_size": distributed.world_size(),
-    }

@@ -357,6 +357,14 @@ class TTAMethod(nn.Module):
         """Files written next to ``model/`` besides the model (e.g. a teacher method's student)."""
         return {}
 
+    def track_stream_bn_statistics(self, momentum: float) -> bool:
+        """Start an EMA (``momentum`` per batch) of the stream's BatchNorm statistics for the export;
+        False where BatchNorm did not use test-batch statistics (the source's are what the run used)."""
+        if self._bn_hooks is None or self.bn_mode not in ("batch", "mix"):
+            return False
+        self._bn_hooks.track_stream(self.model, momentum)
+        return True
+
     def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
         """Running BatchNorm statistics with which the exported model, in eval mode, normalises as
         the run did (``--export-bn stream``); empty where the source statistics are those."""

@@ -109,6 +109,10 @@ class WrappingMethod(nn.Module):
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.adapted_state_dict()
 
+    def track_stream_bn_statistics(self, momentum: float) -> bool:
+        """A policy exports the statistics it chose (``stream_bn_statistics``), not an EMA of the inner's."""
+        return False
+
     def stream_bn_statistics(self) -> dict[str, torch.Tensor]:
         return self.inner.stream_bn_statistics()
 

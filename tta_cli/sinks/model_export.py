@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from tta_cli.methods.base import TTAMethod
 from tta_cli.outputs import BatchOutputs
 
 STREAM_WINDOW = 256
@@ -37,17 +36,25 @@ def stream_momentum(batch_size: int, window: int = STREAM_WINDOW) -> float:
     return min(1.0, batch_size / window)
 
 
-def track_stream_statistics(method: TTAMethod, batch_size: int) -> bool:
-    """Start the EMA of the stream's BatchNorm statistics; False where BN did not use test-batch
-    statistics (nothing to track: the source statistics are what the run used)."""
-    hooks = getattr(method, "_bn_hooks", None)
-    if hooks is None or method.bn_mode not in ("batch", "mix"):
-        return False
-    hooks.track_stream(method.model, stream_momentum(batch_size))
-    return True
+class ExportedMethod(Protocol):
+    """What the export needs of a method (``tta_cli.methods``: the sinks do not import it)."""
+
+    bn_mode: str | None
+
+    def track_stream_bn_statistics(self, momentum: float) -> bool: ...
+
+    def adapted_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def stream_bn_statistics(self) -> dict[str, torch.Tensor]: ...
 
 
-def exported_state(method: TTAMethod, export_bn: str) -> tuple[dict[str, torch.Tensor], str]:
+def track_stream_statistics(method: ExportedMethod, batch_size: int) -> bool:
+    """Start the EMA of the stream's BatchNorm statistics over about the last ``STREAM_WINDOW``
+    images; False where BN did not use test-batch statistics (nothing to track)."""
+    return method.track_stream_bn_statistics(stream_momentum(batch_size))
+
+
+def exported_state(method: ExportedMethod, export_bn: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict to export and which BN statistics it holds (source, stream or run: the
     running statistics the run itself kept, e.g. ``ema``)."""
     state = method.adapted_state_dict()
