@@ -14,6 +14,7 @@ from tests.helpers import csv_rows, invoke, make_images
 from tta_cli.collapse_window import Thresholds, effective_classes
 from tta_cli.monitor import CollapseMonitor, CollapseStop, SourceReference, health_verdict
 from tta_cli.outputs import BatchOutputs
+from tta_cli.run import CollapseActions
 from tta_cli.sources.items import Batch, StreamItem
 
 C = 10
@@ -48,12 +49,16 @@ def _outputs(classes: torch.Tensor, pred: torch.Tensor, entropy: float, start: i
 
 
 def _feed(monitor: CollapseMonitor, collapsed: bool, batches: int = 12, batch: int = 32) -> None:
+    """The batches through the monitor and the run's answer to what it finds, as ``tta adapt`` does."""
     g = torch.Generator().manual_seed(0)
+    actions = CollapseActions(monitor, monitor.method)
     for b in range(batches):
         classes = torch.randint(0, C, (batch,), generator=g)
         pred = torch.zeros(batch, dtype=torch.long) if collapsed else classes.clone()
         entropy = 0.01 if collapsed else 0.8 * math.log(C)
-        monitor.on_batch(_outputs(classes, pred, entropy, b * batch))
+        out = _outputs(classes, pred, entropy, b * batch)
+        monitor.on_batch(out)
+        actions.on_batch(out)
 
 
 def test_effective_classes() -> None:
@@ -68,6 +73,7 @@ def test_one_class_stream_is_a_collapse_and_resets(reference: bool) -> None:
     monitor = CollapseMonitor(method, C, ref, "reset", window=64)
     _feed(monitor, collapsed=True)
     assert monitor.events and method.resets == len(monitor.events)
+    assert monitor.take_event() is None  # each event is handed to the run once
     assert monitor.events[0].batch == 1  # the first full window (2 batches of 32)
     assert monitor.events[0].signals["effective_classes"] == pytest.approx(1.0)
     assert "collapse" in (monitor.progress_text() or "")

@@ -91,6 +91,7 @@ class CollapseMonitor:
         self.window = window or default_window(batch_size, num_classes)
         self.thresholds = thresholds or Thresholds()
         self.events: list[CollapseEvent] = []
+        self.pending: CollapseEvent | None = None
         self.last_source_pred: torch.Tensor | None = None
         self._recent = CollapseWindow(num_classes, self.window, self.thresholds)
         self._batches = 0
@@ -153,10 +154,13 @@ class CollapseMonitor:
         batch = self._batches - 1
         event = CollapseEvent(batch, self._images, self.on_collapse, {k: round(v, 4) for k, v in signals.items()})
         self.events.append(event)
-        if self.on_collapse == "reset":
-            self.method.reset()
-        elif self.on_collapse == "stop":
-            raise CollapseStop(batch)
+        self.pending = event
+
+    def take_event(self) -> CollapseEvent | None:
+        """The collapse found by the last batch, once, for the run to act on (reset, stop or warn)
+        before the next batch: the monitor itself never touches the method."""
+        event, self.pending = self.pending, None
+        return event
 
     def progress_text(self) -> str | None:
         """For the progress line: the number of events and the batch of the last one."""

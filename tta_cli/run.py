@@ -262,7 +262,8 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
         with signals.allowed(), progress, distributed.peer_failures():
             extra = [*([sinks.export] if sinks.export else []),
                      *([] if config.predict_only or distributed.active() else [sinks.last])]
-            outputs = [sinks.monitor, predictions, errors, *extra, progress, checkpointer]
+            actions = CollapseActions(sinks.monitor, method)
+            outputs = [sinks.monitor, actions, predictions, errors, *extra, progress, checkpointer]
             gather = distributed.GatherToMain(outputs) if distributed.active() else None
             engine_totals = run_stream(method, batches, setup.device, [gather] if gather else outputs,
                                        defer=defer, tune_threads=setup.tune_threads)
@@ -280,6 +281,25 @@ def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: 
         if sinks.export is not None:
             sinks.export.close()
     return outcome, engine_totals
+
+
+@dataclass
+class CollapseActions:
+    """The run's answer to a collapse the monitor found (``--on-collapse``): reset the method or stop
+    the run; applied right after the monitor, before the batch is written or checkpointed, so that a
+    resumed run resets where this one did. The monitor itself never acts on the method."""
+
+    monitor: CollapseMonitor
+    method: Method
+
+    def on_batch(self, outputs: object) -> None:
+        event = self.monitor.take_event()
+        if event is None:
+            return
+        if event.action == "reset":
+            self.method.reset()
+        elif event.action == "stop":
+            raise CollapseStop(event.batch)
 
 
 def _batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
