@@ -14,12 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tta_cli.errors import TTAError
+from tta_cli.sinks.charts import Series, bar_chart, line_chart, nice_ticks
 from tta_cli.sinks.report import (
     COLLAPSE_SHARE,
-    bar_chart,
     image_path,
-    line_chart,
-    nice_ticks,
     short_name,
     stream_series,
     write_report,
@@ -206,7 +204,6 @@ def test_long_class_names_fit_under_the_bars() -> None:
 
 
 def test_charts_have_axis_titles() -> None:
-    from tta_cli.sinks.report import Series
 
     plain = line_chart("t", [Series("s", [1, 2], [0.5, 0.7])])
     titled = line_chart("t", [Series("s", [1, 2], [0.5, 0.7])], y_title="entropy (nats)")
