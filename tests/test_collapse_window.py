@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from tta_cli import monitor
 from tta_cli.collapse_window import (
     CollapseWindow,
     Thresholds,
@@ -13,7 +11,6 @@ from tta_cli.collapse_window import (
     effective_classes,
     frozen_copy,
     histogram_effective_classes,
-    window_signals,
 )
 
 
@@ -22,19 +19,6 @@ def test_effective_classes_of_one_class_uniform_and_none() -> None:
     assert abs(effective_classes(torch.arange(10), 10) - 10.0) < 1e-9
     assert effective_classes(torch.zeros(0, dtype=torch.long), 10) == 0.0
     assert histogram_effective_classes(torch.zeros(4)) == 0.0
-
-
-def test_signals_are_the_monitors() -> None:
-    """The same numbers as the monitor's own copy of the signals, while it keeps one."""
-    theirs = getattr(monitor, "window_signals", None)
-    if theirs is None or theirs is window_signals:
-        pytest.skip("the monitor computes its signals with this module")
-    generator = torch.Generator().manual_seed(0)
-    pred, source_pred = (torch.randint(0, 10, (64,), generator=generator) for _ in range(2))
-    entropy, source_entropy = (torch.rand(64, generator=generator) for _ in range(2))
-    ours = window_signals(pred, entropy, source_pred, source_entropy, 10)
-    assert ours == theirs(pred, entropy, source_pred, source_entropy, 10)
-    assert window_signals(pred, entropy, None, None, 10) == theirs(pred, entropy, None, None, 10)
 
 
 def test_window_keeps_the_latest_batches_that_hold_its_size() -> None:
