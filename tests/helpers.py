@@ -115,6 +115,16 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def compare_predictions(predictions: Path, reference: Path) -> tuple[float, float, float]:
+    """(share of predictions identical to the reference's, our accuracy, the reference's), after
+    checking that both list the same images in the same order (the fidelity tests)."""
+    ours, theirs = csv_rows(predictions), csv_rows(reference)
+    assert [r["path"] for r in ours] == [r["file"] for r in theirs]
+    same = sum(a["pred"] == b["pred"] for a, b in zip(ours, theirs, strict=True)) / len(theirs)
+    accuracy = sum(r["pred"] == r["label"] for r in ours) / len(ours)
+    return same, accuracy, sum(r["pred"] == r["label"] for r in theirs) / len(theirs)
+
+
 def invoke(*args: str | Path):
     """Run ``tta ARGS`` in-process through Typer's CliRunner."""
     from typer.testing import CliRunner

@@ -9,7 +9,6 @@ reuse ``Case`` and ``check_case``.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tests.helpers import compare_predictions, csv_rows
 from tta_cli.cli import app
 
 pytestmark = pytest.mark.shared
@@ -56,11 +56,6 @@ KNOWN_GAPS = {
 }
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(autouse=True)
 def _one_thread(reference_threads: None) -> None:
     """The references were made with 1 thread."""
@@ -84,12 +79,8 @@ def parameter_gaps(expected: dict[str, torch.Tensor], adapted: dict[str, torch.T
 def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
     reference_dir = shared / "fixtures" / "fidelity2" / "reference"
     run_case(shared, out, case)
-    ours = _rows(out / "predictions.csv")
-    reference = _rows(reference_dir / f"{name}.csv")
-    assert [r["path"] for r in ours] == [r["file"] for r in reference]
-    same = sum(a["pred"] == b["pred"] for a, b in zip(ours, reference, strict=True)) / len(reference)
-    acc_ours = sum(r["pred"] == r["label"] for r in ours) / len(ours)
-    acc_ref = sum(r["pred"] == r["label"] for r in reference) / len(reference)
+    same, acc_ours, acc_ref = compare_predictions(out / "predictions.csv", reference_dir / f"{name}.csv")
+    reference = csv_rows(reference_dir / f"{name}.csv")
     worst, share = 0.0, 0.0
     params_file = reference_dir / f"{name}.params.safetensors"
     if params_file.exists():
@@ -98,6 +89,7 @@ def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
           f"max parameter difference {worst:.2e} ({share:.3%} beyond 1e-4)")
     assert same >= 0.995, f"{name}: only {same:.2%} of predictions identical"
     if "used" in reference[0]:  # DeYO: the samples that entered each update are the authors'
+        ours = csv_rows(out / "predictions.csv")
         used = sum(a["used_for_update"] == b["used"] for a, b in zip(ours, reference, strict=True))
         assert used / len(reference) >= 0.995, f"{name}: only {used} update selections identical"
     assert abs(acc_ours - acc_ref) <= 0.003

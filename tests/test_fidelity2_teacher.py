@@ -9,13 +9,13 @@ statistics as running statistics.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tests.helpers import compare_predictions
 from tta_cli.cli import app
 
 pytestmark = pytest.mark.shared
@@ -31,11 +31,6 @@ SLOW = {"cotta_bn_bs64"}  # 34 forwards per batch, all 11.2M parameters: 3 min C
 # max 1.9e-3, mean 6.9e-5, 23% beyond 1e-4, spread evenly over all 44 saved tensors (no tensor
 # singled out, so no restore-mask or order error); allowed explicitly, not silently.
 ALLOWED = {("cotta_bn_bs64", "student.safetensors"): (5e-3, 0.3)}
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _check_parameters(expected_file: Path, got_file: Path, case: str) -> None:
@@ -73,13 +68,8 @@ def test_matches_authors_code(case: str, shared: Path, tmp_path: Path, monkeypat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 
-    ours = _rows(out / "predictions.csv")
-    reference = _rows(fixture / "reference" / f"{case}.csv")
-    assert [r["path"] for r in ours] == [r["file"] for r in reference]
-    same = sum(a["pred"] == b["pred"] for a, b in zip(ours, reference, strict=True)) / len(reference)
+    same, acc_ours, acc_ref = compare_predictions(out / "predictions.csv", fixture / "reference" / f"{case}.csv")
     assert same >= 0.995, f"{case}: only {same:.2%} of predictions identical"
-    acc_ours = sum(r["pred"] == r["label"] for r in ours) / len(ours)
-    acc_ref = sum(r["pred"] == r["label"] for r in reference) / len(reference)
     assert abs(acc_ours - acc_ref) <= 0.003
 
     _check_parameters(fixture / "reference" / f"{case}.params.safetensors", out / "model" / "model.safetensors", case)

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data import create_transform, resolve_model_data_config
 
-from tests.helpers import csv_rows
+from tests.helpers import compare_predictions, csv_rows
 from tests.test_fidelity2 import BN, GN, LN, Case, parameter_gaps, run_case
 from tta_cli.methods import create_method
 
@@ -54,12 +54,8 @@ def _one_thread(reference_threads: None) -> None:
 
 def check_case(name: str, case: Case, shared: Path, out: Path) -> None:
     run_case(shared, out, case)
-    ours = csv_rows(out / "predictions.csv")
+    same, acc_ours, acc_ref = compare_predictions(out / "predictions.csv", REFERENCE / f"{name}.csv")
     reference = csv_rows(REFERENCE / f"{name}.csv")
-    assert [r["path"] for r in ours] == [r["file"] for r in reference]
-    same = sum(a["pred"] == b["pred"] for a, b in zip(ours, reference, strict=True)) / len(reference)
-    acc_ours = sum(r["pred"] == r["label"] for r in ours) / len(ours)
-    acc_ref = sum(r["pred"] == r["label"] for r in reference) / len(reference)
     expected = load_file(str(REFERENCE / f"{name}.params.safetensors"))
     adapted = load_file(str(out / "model" / "model.safetensors"))
     worst, _ = parameter_gaps(expected, adapted)

@@ -232,3 +232,15 @@ def test_stream_statistics_are_not_tracked_for_source_or_ema() -> None:
         model(torch.randn(4, 3, 8, 8))
         assert hooks.stream_running_stats(model) == {}
         hooks.remove()
+
+
+def test_linear_classifier_or_a_user_error_naming_the_method() -> None:
+    from tests.helpers import tiny_timm
+    from tta_cli.errors import TTAError
+    from tta_cli.methods.selection import linear_classifier
+
+    model = tiny_timm("test_resnet")
+    assert linear_classifier(model, "foa_shift") is model.get_classifier()
+    model.reset_classifier(0)  # timm's Identity head
+    with pytest.raises(TTAError, match="zerosiam needs a timm model whose classifier is one linear layer"):
+        linear_classifier(model, "zerosiam")

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import BNStatsChoice, MethodConfig, StepResult, TTAMethod
 from tta_cli.methods.hyperparameters import at_least, between
+from tta_cli.methods.selection import linear_classifier
 
 
 @dataclass
@@ -65,12 +65,7 @@ class FOAShift(TTAMethod):
         self.test_mean: torch.Tensor | None = None
 
     def classifier(self) -> nn.Linear:
-        get = getattr(self.model, "get_classifier", None)
-        classifier = get() if get is not None else None
-        if not isinstance(classifier, nn.Linear):
-            raise TTAError("foa_shift needs a timm model whose classifier is one linear layer",
-                           "choose another method for this model")
-        return classifier
+        return linear_classifier(self.model, self.name)
 
     @torch.no_grad()
     def shifted_forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tta_cli.errors import TTAError
 from tta_cli.methods.collectives import world
 
 BNStats = Literal["batch", "source", "mix", "ema"]
@@ -142,6 +143,17 @@ def sar_norm_modules(model: nn.Module) -> set[str]:
 
 
 # --- BatchNorm statistics while adapting ----------------------------------------------------------
+
+
+def linear_classifier(model: nn.Module, method: str) -> nn.Linear:
+    """timm's classifier (``get_classifier``) where it is one linear layer, for the methods that work
+    on its input feature; a user error naming ``method`` otherwise."""
+    get = getattr(model, "get_classifier", None)
+    classifier = get() if get is not None else None
+    if not isinstance(classifier, nn.Linear):
+        raise TTAError(f"{method} needs a timm model whose classifier is one linear layer",
+                       "choose another method for this model")
+    return classifier
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, is_vit_like, softmax_entropy
 from tta_cli.methods.fastpaths import batch_mean
 from tta_cli.methods.hyperparameters import at_least, greater_than
-from tta_cli.methods.selection import affine_parameters
+from tta_cli.methods.selection import affine_parameters, linear_classifier
 
 PREDICTOR = "predictor.weight"
 
@@ -71,12 +70,7 @@ class ZeroSiam(TTAMethod):
         return [*affine_parameters(self.model), (PREDICTOR, self.predictor.weight)]
 
     def classifier(self) -> nn.Linear:
-        get = getattr(self.model, "get_classifier", None)
-        classifier = get() if get is not None else None
-        if not isinstance(classifier, nn.Linear):
-            raise TTAError("zerosiam needs a timm model whose classifier is one linear layer",
-                           "choose another method for this model")
-        return classifier
+        return linear_classifier(self.model, self.name)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         vit = is_vit_like(self.model)
