@@ -134,9 +134,8 @@ class CollapseMonitor:
         whole = self.whole
         return {"recent": self._recent.state(), "change": self.change.state() if self.change else None,
                 "batches": self._batches, "images": self._images, "events": [asdict(e) for e in self.events],
-                "whole": {"images": whole.images, "non_finite": whole.non_finite, "changed": whole.changed,
-                          "hist": whole.hist, "source_hist": whole.source_hist, "entropy_sum": whole.entropy_sum,
-                          "source_entropy_sum": whole.source_entropy_sum, "has_source": whole.has_source}}
+                "whole": {"images": whole.images, "non_finite": whole.non_finite, "hist": whole.hist,
+                          "entropy_sum": whole.entropy_sum, "source_entropy_sum": whole.source_entropy_sum}}
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
         self._recent.load_state(state["recent"])
@@ -180,19 +179,17 @@ class CollapseMonitor:
 
 
 class _StreamCounts:
-    """Whole-stream counts for the verdict: predicted-class histograms and agreement."""
+    """Whole-stream counts for the health record: the adapted predictions' classes and entropies (the
+    comparison with the source model is ``tta_cli.trust.ChangeEstimate``'s)."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.images = 0
         self.non_finite = 0
         """Predictions from non-finite logits (of the method or the source): left out of the rest."""
-        self.changed = 0
         self.hist = torch.zeros(num_classes, dtype=torch.long)
-        self.source_hist = torch.zeros(num_classes, dtype=torch.long)
         self.entropy_sum = 0.0
         self.source_entropy_sum = 0.0
-        self.has_source = False
 
     def add(self, pred: torch.Tensor, entropy: torch.Tensor, source_pred: torch.Tensor | None = None,
             source_entropy: torch.Tensor | None = None) -> None:
@@ -200,9 +197,6 @@ class _StreamCounts:
         self.hist += torch.bincount(pred.long(), minlength=self.num_classes)[: self.num_classes]
         self.entropy_sum += float(entropy.sum())
         if source_pred is not None and source_entropy is not None:
-            self.has_source = True
-            self.changed += int((pred != source_pred).sum())
-            self.source_hist += torch.bincount(source_pred.long(), minlength=self.num_classes)[: self.num_classes]
             self.source_entropy_sum += float(source_entropy.sum())
 
 
@@ -219,10 +213,10 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
     if counts.images:
         health["mean_entropy_nats"] = round(counts.entropy_sum / counts.images, 4)
     verdict, reasons = "ok", ["no source reference: whether predictions changed is unknown"]
-    if judgement is not None and counts.has_source and counts.images:
+    if judgement is not None and counts.images:
         verdict, reasons = judgement.verdict, list(judgement.reasons)
-        health.update(changed_share=round(counts.changed / counts.images, 4),
-                      source_effective_classes=round(histogram_effective_classes(counts.source_hist), 3),
+        health.update(changed_share=judgement.changed_share,
+                      source_effective_classes=judgement.source_effective_classes,
                       source_mean_entropy_nats=round(counts.source_entropy_sum / counts.images, 4),
                       estimated_accuracy_change={"points": judgement.estimated_change, "low": judgement.low,
                                                  "high": judgement.high},

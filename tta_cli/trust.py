@@ -78,6 +78,7 @@ class Judgement:
     low: float
     high: float
     changed_share: float
+    source_effective_classes: float = 0.0
     signals: dict[str, float] = field(default_factory=dict)
     verdict: str = "ok"
     reasons: list[str] = field(default_factory=list)
@@ -109,10 +110,12 @@ class ChangeEstimate:
         if not n:
             return
         finite = torch.isfinite(source_logits).all(1) & (pred >= 0)
+        if not finite.any():
+            return
         probs = source_logits.double().softmax(1)
         self._remember(probs[finite])
         window = torch.cat(list(self.recent))
-        adjusted = prior_shift(probs, window, self.prior_sum / max(self.images + n, 1))
+        adjusted = prior_shift(probs, window, self.prior_sum / max(self.images + int(finite.sum()), 1))
         source_pred = probs.argmax(1)
         flipped = (source_pred != pred) & finite
         rows = torch.arange(n)
@@ -122,7 +125,7 @@ class ChangeEstimate:
         self.flipped_hist += torch.bincount(confidence_bin[flipped], minlength=CONFIDENCE_BINS)
         self.kept_hist += torch.bincount(confidence_bin[~flipped & finite], minlength=CONFIDENCE_BINS)
         self.flips += int(flipped.sum())
-        self.images += n
+        self.images += int(finite.sum())  # non-finite rows are counted by the monitor, apart
         valid_pred = pred[finite].long()
         self.hist += torch.bincount(valid_pred, minlength=self.num_classes)[: self.num_classes]
         self.source_hist += torch.bincount(source_pred[finite], minlength=self.num_classes)[: self.num_classes]
@@ -159,7 +162,7 @@ class ChangeEstimate:
                    "scramble": round(self.batch_diversity / self.images - stream_diversity, 4)}
         low, high = sorted((source_view, selectivity_view))
         judgement = Judgement(round((source_view + selectivity_view) / 2, 2), round(low, 2), round(high, 2),
-                              round(share, 4), signals)
+                              round(share, 4), round(histogram_effective_classes(self.source_hist), 3), signals)
         return harm_verdict(judgement)
 
 
