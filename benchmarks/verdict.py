@@ -120,9 +120,9 @@ class Stream:
 def decoded_stream(setup, items: list, batch_size: int) -> Stream:
     import torch
 
-    from tta_cli.monitor import SourceReference
+    from tta_cli.reference import SourceReference
 
-    reference = SourceReference(setup.loaded.model)
+    reference = SourceReference(setup.loaded.model, "all")
     images, labels, source = [], [], []
     for batch in setup.batches(items, batch_size):
         if batch.items:
@@ -202,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--shared", default=None)
     c.add_argument("--cache", default=None)
-    for p in (c, sub.add_parser("table", help="the estimate and verdict against the truth, per part")):
+    t = sub.add_parser("table", help="the estimate and verdict against the truth, per part")
+    t.add_argument("--reference", choices=("sampled", "all"), default="sampled",
+                   help="judge from the rows a reference of this mode sees (tta adapt's default: sampled)")
+    t.add_argument("--all-first", type=int, default=None,
+                   help="sampled: reference every image up to this one (default: tta's REFERENCE_ALL_FIRST); "
+                        "lower it to see the sample's effect on these short runs")
+    for p in (c, t):
         p.add_argument("--out", default="runs/verdict")
     args = ap.parse_args(argv)
     if args.command == "collect":
@@ -210,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from verdict_table import print_tables
 
-        print_tables(Path(args.out))
+        import tta_cli.reference
+
+        if args.all_first is not None:
+            tta_cli.reference.REFERENCE_ALL_FIRST = args.all_first
+        print_tables(Path(args.out), args.reference)
     return 0
 
 

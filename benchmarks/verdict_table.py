@@ -20,7 +20,7 @@ HARM = -3.0
 """A run that lost this many points (or more) must be flagged; one that gained 3 must not."""
 
 
-def load_runs(out: Path) -> list[tuple[dict, Judgement, float]]:
+def load_runs(out: Path, reference: str = "sampled") -> list[tuple[dict, Judgement, float]]:
     """(index row, the label-free judgement, the true change in points) for every run."""
     rows = []
     for line in (out / "index.jsonl").read_text(encoding="utf-8").splitlines():
@@ -30,7 +30,7 @@ def load_runs(out: Path) -> list[tuple[dict, Judgement, float]]:
         labels = torch.from_numpy(data["labels"])
         correct = (adapted.argmax(1) == labels).double().mean() - (source.argmax(1) == labels).double().mean()
         truth = 100 * float(correct)
-        rows.append((row, judge(source, adapted, row["batch_size"]), truth))
+        rows.append((row, judge(source, adapted, row["batch_size"], reference), truth))
     return rows
 
 
@@ -52,8 +52,8 @@ def summary(runs: list[tuple[dict, Judgement, float]]) -> dict[str, float | int 
     }
 
 
-def print_tables(out: Path) -> None:
-    runs = load_runs(out)
+def print_tables(out: Path, reference: str = "sampled") -> None:
+    runs = load_runs(out, reference)
     by_part: dict[str, list] = defaultdict(list)
     for run in runs:
         by_part[run[0]["part"]].append(run)

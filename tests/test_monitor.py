@@ -12,8 +12,9 @@ from torch import nn
 
 from tests.helpers import csv_rows, invoke, make_images
 from tta_cli.collapse_window import Thresholds, effective_classes
-from tta_cli.monitor import CollapseMonitor, CollapseStop, SourceReference, health_verdict
+from tta_cli.monitor import CollapseMonitor, CollapseStop, health_verdict
 from tta_cli.outputs import BatchOutputs
+from tta_cli.reference import SourceReference
 from tta_cli.run import CollapseActions
 from tta_cli.sources.items import Batch, StreamItem
 
@@ -37,6 +38,21 @@ class _ByFirstPixel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), C).float() * 5
+
+
+class _Referenced(CollapseMonitor):
+    """The monitor as a run feeds it: each batch with the source reference's rows and logits, as the
+    engine adds them (``model`` None: a run without a reference)."""
+
+    def __init__(self, method: _Method, model: nn.Module | None, on_collapse: str, **kwargs: object) -> None:
+        super().__init__(method, C, model is not None, on_collapse, **kwargs)  # type: ignore[arg-type]
+        self.source = SourceReference(model, "all") if model is not None else None
+
+    def on_batch(self, out: BatchOutputs) -> None:
+        if self.source is not None:
+            passed = self.source.outputs(out.batch.images, out.batch.first_index)
+            out.source_rows, out.source_logits = passed["source_rows"], passed["source_logits"]
+        super().on_batch(out)
 
 
 def _outputs(classes: torch.Tensor, pred: torch.Tensor, entropy: float, start: int) -> BatchOutputs:
@@ -69,8 +85,7 @@ def test_effective_classes() -> None:
 @pytest.mark.parametrize("reference", [True, False])
 def test_one_class_stream_is_a_collapse_and_resets(reference: bool) -> None:
     method = _Method()
-    ref = SourceReference(_ByFirstPixel()) if reference else None
-    monitor = CollapseMonitor(method, C, ref, "reset", window=64)
+    monitor = _Referenced(method, _ByFirstPixel() if reference else None, "reset", window=64)
     _feed(monitor, collapsed=True)
     assert monitor.events and method.resets == len(monitor.events)
     assert monitor.take_event() is None  # each event is handed to the run once
@@ -86,8 +101,7 @@ def test_one_class_stream_is_a_collapse_and_resets(reference: bool) -> None:
 @pytest.mark.parametrize("reference", [True, False])
 def test_healthy_stream_has_no_event(reference: bool) -> None:
     method = _Method()
-    ref = SourceReference(_ByFirstPixel()) if reference else None
-    monitor = CollapseMonitor(method, C, ref, "reset", window=64)
+    monitor = _Referenced(method, _ByFirstPixel() if reference else None, "reset", window=64)
     _feed(monitor, collapsed=False)
     assert not monitor.events and method.resets == 0
     health = monitor.health()
@@ -96,7 +110,7 @@ def test_healthy_stream_has_no_event(reference: bool) -> None:
 
 def test_label_shift_stream_is_not_a_collapse() -> None:
     """One class for a long stretch is a collapse only if the source does not see the same."""
-    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "reset", window=64)
+    monitor = _Referenced(_Method(), _ByFirstPixel(), "reset", window=64)
     for b in range(8):
         classes = torch.full((32,), b // 4)
         monitor.on_batch(_outputs(classes, classes.clone(), 0.1, b * 32))
@@ -108,7 +122,7 @@ def test_collapse_onto_the_sources_own_favourite_class_is_flagged() -> None:
     on those 75%, so only the one-class share tells (SAR on a 10,000-image gaussian_noise stream,
     docs/METHODS.md)."""
     g = torch.Generator().manual_seed(0)
-    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    monitor = _Referenced(_Method(), _ByFirstPixel(), "warn", window=64)
     for b in range(4):
         classes = torch.where(torch.rand(32, generator=g) < 0.75, 0, torch.randint(1, C, (32,), generator=g))
         pred = torch.zeros(32, dtype=torch.long)
@@ -122,17 +136,17 @@ def test_collapse_onto_the_sources_own_favourite_class_is_flagged() -> None:
 
 def test_stop_raises_and_warn_only_records() -> None:
     with pytest.raises(CollapseStop) as stopped:
-        _feed(CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "stop", window=64), collapsed=True)
+        _feed(_Referenced(_Method(), _ByFirstPixel(), "stop", window=64), collapsed=True)
     assert stopped.value.exit_code == 4
     method = _Method()
-    monitor = CollapseMonitor(method, C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    monitor = _Referenced(method, _ByFirstPixel(), "warn", window=64)
     _feed(monitor, collapsed=True)
     assert monitor.events and method.resets == 0
     assert monitor.health()["verdict"] == "collapsed"
 
 
 def test_health_says_how_much_changed() -> None:
-    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=10_000)
+    monitor = _Referenced(_Method(), _ByFirstPixel(), "warn", window=10_000)
     classes = torch.arange(C).repeat(4)
     pred = classes.clone()
     pred[:8] = (pred[:8] + 1) % C  # 8 of 40 differ, diversity intact
@@ -151,7 +165,7 @@ def test_flips_of_the_sources_unsure_predictions_are_ok() -> None:
             runner_up = torch.nn.functional.one_hot((x[:, 0, 0, 0].long() + 1) % C, C).float() * 4.9
             return logits + unsure[:, None] * runner_up
 
-    monitor = CollapseMonitor(_Method(), C, SourceReference(Unsure()), "warn", window=10_000)
+    monitor = _Referenced(_Method(), Unsure(), "warn", window=10_000)
     classes = torch.arange(C).repeat(4)
     out = _outputs(classes, classes.clone(), 1.0, 0)
     out.batch.images[:8, 0, 0, 1] = 1.0
@@ -177,7 +191,7 @@ def test_reference_ignores_the_methods_hooks() -> None:
     with torch.no_grad():
         expected = model.eval()(x)
     create_method("norm", model, batch_size=8)  # BatchNorm hooks on the model
-    assert torch.allclose(SourceReference(model).logits(x), expected, atol=1e-5)
+    assert torch.allclose(SourceReference(model, "all").logits(x), expected, atol=1e-5)
     assert health_verdict.__name__  # the module's public helpers import cleanly
 
 
@@ -216,7 +230,7 @@ def test_on_collapse_stop_exits_non_zero_with_status(tmp_path: Path, tiny_model_
 
 def test_non_finite_predictions_are_counted_apart_and_make_the_run_suspect() -> None:
     """Issue #24.10: a pred -1 (non-finite logits) crashed the monitor in bincount."""
-    monitor = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=16)
+    monitor = _Referenced(_Method(), _ByFirstPixel(), "warn", window=16)
     classes = torch.arange(C).repeat(2)
     pred = classes.clone()
     pred[:3] = -1
@@ -232,11 +246,11 @@ def test_non_finite_predictions_are_counted_apart_and_make_the_run_suspect() -> 
 
 def test_the_monitor_state_survives_a_resume() -> None:
     """Issue #24.14: after --resume the health covered only the images after it."""
-    whole = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    whole = _Referenced(_Method(), _ByFirstPixel(), "warn", window=64)
     _feed(whole, collapsed=False, batches=6)
-    first = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    first = _Referenced(_Method(), _ByFirstPixel(), "warn", window=64)
     _feed(first, collapsed=False, batches=3)
-    resumed = CollapseMonitor(_Method(), C, SourceReference(_ByFirstPixel()), "warn", window=64)
+    resumed = _Referenced(_Method(), _ByFirstPixel(), "warn", window=64)
     resumed.load_resume_state(first.state_for_resume())
     g = torch.Generator().manual_seed(0)
     for b in range(6):  # the same batches as _feed, the last three of them

@@ -2,11 +2,12 @@
 
 Every ``--checkpoint-every`` batches (and at least every ``CHECKPOINT_SECONDS``) the state after
 the last delivered batch is written to a temporary file and renamed over the previous checkpoint,
-so a kill -9 or a power cut leaves the last complete one. It holds the method's state
-(``TTAMethod.state_for_resume``: modules, optimiser, loss scaler, generator, logs, EMAs, memory
-banks), the RNG states, the stream position (items consumed, images decoded), the running totals
-and the byte sizes of ``predictions.csv`` and ``errors.csv`` at that point. Only tensors, numbers,
-strings, lists and dicts are stored, read back with ``torch.load(weights_only=True)``.
+so a kill -9 or a power cut leaves the last complete one. It holds the method's state (gathered by
+the run through ``TTAMethod.state_for_resume``: modules, optimiser, loss scaler, generator, logs,
+EMAs, memory banks) and the collapse monitor's, the RNG states, the stream position (items consumed,
+images decoded), the running totals and the byte sizes of ``predictions.csv`` and ``errors.csv`` at
+that point. Only tensors, numbers, strings, lists and dicts are stored, read back with
+``torch.load(weights_only=True)``.
 
 A resumed run truncates the CSVs to those sizes, skips the consumed items (image items are sliced
 off, never decoded; a video is decoded up to the position, its frames dropped) and carries on: the
@@ -30,7 +31,6 @@ from tta_cli import signals
 from tta_cli.atomic import atomic_write
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
-from tta_cli.methods.base import TTAMethod
 from tta_cli.models import load_error_reason
 from tta_cli.outputs import BatchOutputs, Totals
 from tta_cli.sources.items import Batch
@@ -134,29 +134,25 @@ def load_checkpoint(out: Path) -> ResumePoint:
                        "run it again from the start, with --overwrite") from err
 
 
-class Resumable(Protocol):
-    """A sink whose state a checkpoint keeps."""
+class RunState(Protocol):
+    """What the run hands the checkpointer: the method's and the sinks' state, gathered by the run."""
 
-    def state_for_resume(self) -> dict[str, Any]: ...
-
-    def load_resume_state(self, state: dict[str, Any]) -> None: ...
+    def __call__(self) -> dict[str, Any]:
+        """``{"method": {...}, "sinks": {name: {...}}}``, tensors, numbers, strings, lists and dicts."""
+        ...
 
 
 class Checkpointer:
-    """The last sink: counts the position and writes the checkpoint when one is due."""
+    """The last sink: counts the position and writes the checkpoint when one is due.
 
-    def __init__(self, out: Path, method: TTAMethod, csv_files: tuple[Path, Path], every: int,
-                 start: ResumePoint | None = None, seconds: float = CHECKPOINT_SECONDS,
-                 sinks: dict[str, Resumable] | None = None) -> None:
-        """``sinks``: further state kept in the checkpoint by name (the collapse monitor's), loaded
-        back from ``start``."""
-        self.out, self.method, self.csv_files, self.every, self.seconds = out, method, csv_files, every, seconds
-        self.sinks = sinks or {}
-        for name, sink in self.sinks.items():
-            if start is not None and name in start.sinks:
-                sink.load_resume_state(start.sinks[name])
+    It never reads the method: ``state`` (the run's) gathers what the checkpoint keeps of the method
+    and the sinks; ``totals`` are the run's counts, updated by the engine before the sinks."""
+
+    def __init__(self, out: Path, state: RunState, csv_files: tuple[Path, Path], every: int, totals: Totals,
+                 start: ResumePoint | None = None, seconds: float = CHECKPOINT_SECONDS) -> None:
+        self.out, self.state, self.csv_files, self.every, self.seconds = out, state, csv_files, every, seconds
         self.position = start.position if start else Position()
-        self.totals = start.totals if start else Totals()
+        self.totals = totals
         self.last_save = time.monotonic()
         self.written = 0
         self._kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
@@ -164,7 +160,6 @@ class Checkpointer:
 
     def on_batch(self, outputs: BatchOutputs) -> None:
         batch = outputs.batch
-        self.totals.add(outputs)
         self.position.items += len(batch.items) + len(batch.skipped)
         self.position.images += len(batch.items)
         self.position.batches += 1
@@ -176,14 +171,15 @@ class Checkpointer:
         signals.check()  # an interrupt that something swallowed still stops the run here
 
     def save(self) -> None:
+        gathered = self.state()
         state = {
-            "method": self.method.state_for_resume(),
+            "method": gathered["method"],
             "rng": rng_states(),
             "position": asdict(self.position),
             "totals": asdict(self.totals),
             "predictions_bytes": _size(self.csv_files[0]),
             "errors_bytes": _size(self.csv_files[1]),
-            "sinks": {name: sink.state_for_resume() for name, sink in self.sinks.items()},
+            "sinks": gathered.get("sinks", {}),
         }
         atomic_write(self.out / CHECKPOINT, lambda path: _save(state, path, self.out / CHECKPOINT))
         self.last_save = time.monotonic()
@@ -259,5 +255,7 @@ def config_from_record(record: dict[str, Any], out: Path) -> AdaptConfig:
         if values.get(name) is not None:
             values[name] = Path(values[name])
     values["inputs"] = [Path(p) for p in values.get("inputs", [])]
+    if isinstance(values.get("source_reference"), bool):  # recorded before the sampled reference
+        values["source_reference"] = "all" if values["source_reference"] else "off"
     values["out"] = out
     return AdaptConfig(**values)

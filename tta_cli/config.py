@@ -59,9 +59,9 @@ class AdaptConfig:
     """Videos: which frames enter the stream (see ``tta_cli.sources.video.VideoOptions``)."""
     on_collapse: str = "reset"
     """reset, stop or warn: what a label-free collapse event does (``tta_cli.monitor``)."""
-    source_reference: bool = True
-    """Run a frozen source copy on every batch (one extra no-grad forward) for the collapse
-    signals, the health verdict and the ``source_pred`` column."""
+    source_reference: str = "sampled"
+    """sampled, all or off: the images a frozen source copy predicts beside the method, for the
+    collapse signals, the health verdict and the ``source_pred`` column (``tta_cli.reference``)."""
     max_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels are skipped (decompression bombs); 0: no limit."""
     predict_only: bool = False

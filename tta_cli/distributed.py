@@ -307,9 +307,10 @@ class GatherToMain:
     """A sink that gathers every rank's outputs of a batch to rank 0, in rank order (= stream order),
     and hands rank 0 one batch's outputs to its sinks; other ranks hand nothing on."""
 
-    def __init__(self, sinks: Sequence[Sink]) -> None:
+    def __init__(self, sinks: Sequence[Sink], totals: Totals | None = None) -> None:
+        """``totals``: the run's counts, which take the global outputs (rank 0)."""
         self.sinks = list(sinks) if is_main() else []
-        self.totals = Totals()
+        self.totals = totals if totals is not None else Totals()
         """The global totals (rank 0)."""
         self.batches = 0
         self._decoded = 0
@@ -363,11 +364,14 @@ def _merge(parts: list[dict[str, Any]], own: BatchOutputs, first_index: int) -> 
                         filtered, bool(parts[0]["reset"]), max(p["seconds"] for p in parts))
 
 
-def merged_totals(engine: Totals, gathered: Totals) -> Totals:
-    """The run's totals on rank 0: the counts of the whole stream, this rank's timings."""
-    return replace(gathered, adapt_seconds=engine.adapt_seconds, data_wait_seconds=engine.data_wait_seconds,
-                   data_waits=engine.data_waits, device_busy_seconds=engine.device_busy_seconds,
-                   device_idle_seconds=engine.device_idle_seconds, cpu_threads=engine.cpu_threads)
+TIMINGS = ("adapt_seconds", "data_wait_seconds", "data_waits", "device_busy_seconds", "device_idle_seconds",
+           "cpu_threads")
+
+
+def take_timings(engine: Totals, totals: Totals) -> None:
+    """Rank 0's timings (its engine's) into the run's totals, whose counts are the whole stream's."""
+    for name in TIMINGS:
+        setattr(totals, name, getattr(engine, name))
 
 
 @contextlib.contextmanager

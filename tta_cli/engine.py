@@ -19,6 +19,7 @@ import torch
 from tta_cli import distributed
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
 from tta_cli.outputs import BatchOutputs, Sink, Totals, empty_outputs
+from tta_cli.reference import SourceReference
 from tta_cli.sources.items import Batch
 from tta_cli.threads import ThreadTuner
 
@@ -55,7 +56,8 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return host, done
 
 
-def host_outputs(batch: Batch, host: dict[str, torch.Tensor], seconds: float) -> BatchOutputs:
+def host_outputs(batch: Batch, host: dict[str, torch.Tensor], seconds: float,
+                 reference_seconds: float = 0.0) -> BatchOutputs:
     return BatchOutputs(
         batch=batch,
         pred=host["pred"],
@@ -66,6 +68,9 @@ def host_outputs(batch: Batch, host: dict[str, torch.Tensor], seconds: float) ->
         filtered=tuple(int(n) for n in host["filtered"].tolist()),
         reset=bool(host["reset"]),
         seconds=seconds,
+        source_rows=host.get("source_rows"),
+        source_logits=host.get("source_logits"),
+        reference_seconds=reference_seconds,
     )
 
 
@@ -133,8 +138,10 @@ class _InFlight:
 
     def __init__(self, batch: Batch, host: dict[str, torch.Tensor] | None = None,
                  done: torch.cuda.Event | None = None, seconds: float = 0.0,
-                 events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None) -> None:
+                 events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None,
+                 reference_seconds: float = 0.0) -> None:
         self.batch, self.host, self.done, self.seconds, self.events = batch, host, done, seconds, events
+        self.reference_seconds = reference_seconds
 
     def outputs(self) -> BatchOutputs:
         if self.host is None:
@@ -144,10 +151,11 @@ class _InFlight:
         seconds = self.seconds
         if self.events is not None:
             seconds = self.events[0].elapsed_time(self.events[1]) / 1000
-        return host_outputs(self.batch, self.host, seconds)
+        return host_outputs(self.batch, self.host, seconds, self.reference_seconds)
 
 
-def _step(method: TTAMethod, loaded: _Loaded) -> _InFlight:
+def _step(method: TTAMethod, loaded: _Loaded, reference: SourceReference | None = None) -> _InFlight:
+    """The method's step on a batch, then the source reference's pass on its referenced rows."""
     if loaded.x is None:
         return _InFlight(loaded.batch)
     timed = loaded.x.device.type == "cuda"
@@ -155,11 +163,15 @@ def _step(method: TTAMethod, loaded: _Loaded) -> _InFlight:
     start = time.perf_counter()
     if events is not None:
         events[0].record()
-    result = method.step(loaded.x)
-    host, done = to_host(device_outputs(result))
+    outputs = device_outputs(method.step(loaded.x))
+    stepped = time.perf_counter()
+    if reference is not None:
+        outputs |= reference.outputs(loaded.x, loaded.batch.first_index, method)
+    host, done = to_host(outputs)
     if events is not None:
         events[1].record()
-    return _InFlight(loaded.batch, host, done, time.perf_counter() - start, events)
+    end = time.perf_counter()
+    return _InFlight(loaded.batch, host, done, end - start, events, end - stepped if reference else 0.0)
 
 
 class _Timeline:
@@ -180,18 +192,23 @@ class _Timeline:
 
 def run_stream(
     method: TTAMethod, batches: Iterable[Batch], device: torch.device, sinks: Sequence[Sink] = (),
-    defer: bool | None = None, tune_threads: bool = False,
+    defer: bool | None = None, tune_threads: bool = False, reference: SourceReference | None = None,
+    totals: Totals | None = None,
 ) -> Totals:
     """Adapt on every batch in order; each sink sees every batch's outputs, in order.
 
     ``defer`` (default: on CUDA) delivers a batch's outputs after the next batch has been queued,
     when their copy to the host is long finished; otherwise as soon as its step returns.
     ``tune_threads`` lets a ``ThreadTuner`` choose the CPU thread count (restored at the end).
+    ``reference``: the source model's pass after each step (its rows and logits in the outputs).
+    ``totals``: the counts to add to (a resumed run's), else new ones; updated before the sinks
+    see a batch.
     """
-    totals = Totals()
+    totals = totals if totals is not None else Totals()
     tuner = ThreadTuner() if tune_threads and device.type == "cpu" else None
     try:
-        _loop(method, batches, device, sinks, totals, defer, tuner if tuner and tuner.active else None)
+        _loop(method, batches, device, sinks, totals, defer, tuner if tuner and tuner.active else None,
+              reference)
     finally:
         if tuner is not None:
             tuner.restore()
@@ -202,14 +219,15 @@ def run_stream(
 
 
 def _loop(method: TTAMethod, batches: Iterable[Batch], device: torch.device, sinks: Sequence[Sink],
-          totals: Totals, defer: bool | None, tuner: ThreadTuner | None) -> None:
+          totals: Totals, defer: bool | None, tuner: ThreadTuner | None,
+          reference: SourceReference | None = None) -> None:
     timeline = _Timeline()
     deferred = device.type == "cuda" if defer is None else defer
     pending: _InFlight | None = None
     for loaded in device_batches(batches, device, totals):
         if tuner is not None:
             _note_threads(totals, tuner.before_step())
-        current = _step(method, loaded)
+        current = _step(method, loaded, reference)
         if tuner is not None:
             tuner.after_step(current.seconds, len(loaded.batch.items))
         if pending is not None:

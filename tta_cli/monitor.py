@@ -1,9 +1,9 @@
 """Label-free collapse detection for every method, and the end-of-run health verdict.
 
-A ``CollapseMonitor`` is a sink: it sees each batch's predictions and, when it has a
-``SourceReference`` (a frozen copy of the source model in eval mode, one no-grad forward per batch),
-the source model's predictions on the same images. Over a sliding window of recent images it
-compares:
+A ``CollapseMonitor`` is a sink: it sees each batch's predictions and, when the run has a source
+reference (``tta_cli.reference``: a frozen copy of the source model the engine runs on all or a
+sample of the rows), the source model's logits on those rows. Over a sliding window of recent
+referenced images it compares:
 
 * the *effective number of predicted classes*, ``exp(H(histogram of predicted classes))``, of the
   adapted model against the source model's on the same images (a collapse onto one class gives 1
@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
+from tta_cli.choices import ON_COLLAPSE
 from tta_cli.collapse_window import (
     CollapseWindow,
     Thresholds,
     default_window,
-    frozen_copy,
     histogram_effective_classes,
 )
 from tta_cli.errors import TTAError
@@ -39,20 +38,6 @@ from tta_cli.outputs import BatchOutputs
 from tta_cli.trust import ChangeEstimate, Judgement
 
 OnCollapse = Literal["reset", "stop", "warn"]
-ON_COLLAPSE_CHOICES: tuple[str, ...] = ("reset", "stop", "warn")
-
-
-class SourceReference:
-    """A frozen copy of the source model in eval mode (source BatchNorm statistics): its
-    predictions on each batch, one no-grad forward (the cost of a ``source`` run per batch)."""
-
-    def __init__(self, model: nn.Module, device: torch.device | None = None) -> None:
-        self.model = frozen_copy(model)  # without a method's BatchNorm hooks
-        self.device = device or next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device)).float()
 
 
 class CollapseStop(TTAError):
@@ -75,58 +60,64 @@ class CollapseEvent:
 class CollapseMonitor:
     """A sink that flags collapse without labels and resets, stops or warns (``on_collapse``).
 
-    ``window`` images (default ``max(256, 2 B)``, at least ``8 C``) are compared; after an event the
-    window starts afresh, so a reset model is judged on its own predictions only.
+    ``window`` images (default ``max(256, 2 B)``, at least ``8 C``) are compared; with a sampled
+    reference these are referenced images (the same statistics, from a longer stretch of the
+    stream). After an event the window starts afresh, so a reset model is judged on its own
+    predictions only. ``referenced``: the run has a source reference (its outputs in each batch).
     """
 
-    def __init__(self, method: Any, num_classes: int, reference: SourceReference | None = None,
+    def __init__(self, method: Any, num_classes: int, referenced: bool = True,
                  on_collapse: OnCollapse = "reset", window: int | None = None, batch_size: int = 64,
                  thresholds: Thresholds | None = None) -> None:
-        if on_collapse not in ON_COLLAPSE_CHOICES:
-            raise TTAError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE_CHOICES)}, got {on_collapse!r}")
+        if on_collapse not in ON_COLLAPSE:
+            raise TTAError(f"--on-collapse must be one of {', '.join(ON_COLLAPSE)}, got {on_collapse!r}")
         self.method = method
         self.num_classes = num_classes
-        self.reference = reference
+        self.referenced = referenced
         self.on_collapse = on_collapse
         self.window = window or default_window(batch_size, num_classes)
         self.thresholds = thresholds or Thresholds()
         self.events: list[CollapseEvent] = []
         self.pending: CollapseEvent | None = None
-        self.last_source_pred: torch.Tensor | None = None
         self._recent = CollapseWindow(num_classes, self.window, self.thresholds)
         self._batches = 0
         self._images = 0
         self.whole = _StreamCounts(num_classes)
-        self.change = ChangeEstimate(num_classes) if reference is not None else None
+        self.change = ChangeEstimate(num_classes) if referenced else None
 
     def on_batch(self, out: BatchOutputs) -> None:
-        self.last_source_pred = None
         if not len(out.batch.items):
             return
-        parts: tuple[torch.Tensor, ...] = (out.pred, out.entropy)
-        if self.reference is not None:
-            logits = self.reference.logits(out.batch.images)
-            source_pred = torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1).cpu()
-            source_entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).cpu()
-            self.last_source_pred = source_pred
-            parts = (*parts, source_pred, source_entropy)
-            if self.change is not None:
-                self.change.add(logits.cpu(), out.pred)
         finite = out.pred >= 0  # -1: a prediction from non-finite logits (no class, no entropy)
-        if len(parts) == 4:
-            finite &= parts[2] >= 0
         self.whole.non_finite += int((~finite).sum())
-        parts = tuple(part[finite] for part in parts)
-        n = len(parts[0])
-        if not n:
-            return
-        self.whole.add(*parts)
-        self._recent.add(*parts)
+        self.whole.add(out.pred[finite], out.entropy[finite])
         self._batches += 1
-        self._images += n
+        self._images += int(finite.sum())
+        columns = self._compared(out)
+        if columns is None or not len(columns[0]):
+            return
+        self._recent.add(*columns)
         signals = self._recent.collapse()
         if signals is not None:
             self._on_collapse(signals)
+
+    def _compared(self, out: BatchOutputs) -> tuple[torch.Tensor, ...] | None:
+        """The window's columns for this batch: every row without a reference; with one, the
+        referenced rows, adapted and source side by side (rows non-finite on either side left out)."""
+        if not self.referenced:
+            finite = out.pred >= 0
+            return out.pred[finite], out.entropy[finite]
+        rows, logits, source_pred = out.source_rows, out.source_logits, out.source_pred()
+        if rows is None or logits is None or source_pred is None or not len(rows):
+            return None
+        if self.change is not None:
+            self.change.add(logits, out.pred[rows], stream_images=len(out.batch.items))
+        pred, entropy = out.pred[rows], out.entropy[rows]
+        source_entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        finite = (pred >= 0) & (source_pred >= 0)
+        self.whole.non_finite += int(((pred >= 0) & (source_pred < 0)).sum())
+        self.whole.add_source(source_entropy[finite])
+        return pred[finite], entropy[finite], source_pred[finite], source_entropy[finite]
 
     def state_for_resume(self) -> dict[str, Any]:
         """The window, the whole-stream counts and the events, for ``--resume`` (tensors, numbers, lists):
@@ -135,7 +126,8 @@ class CollapseMonitor:
         return {"recent": self._recent.state(), "change": self.change.state() if self.change else None,
                 "batches": self._batches, "images": self._images, "events": [asdict(e) for e in self.events],
                 "whole": {"images": whole.images, "non_finite": whole.non_finite, "hist": whole.hist,
-                          "entropy_sum": whole.entropy_sum, "source_entropy_sum": whole.source_entropy_sum}}
+                          "entropy_sum": whole.entropy_sum, "source_images": whole.source_images,
+                          "source_entropy_sum": whole.source_entropy_sum}}
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
         self._recent.load_state(state["recent"])
@@ -189,19 +181,23 @@ class _StreamCounts:
         """Predictions from non-finite logits (of the method or the source): left out of the rest."""
         self.hist = torch.zeros(num_classes, dtype=torch.long)
         self.entropy_sum = 0.0
+        self.source_images = 0
+        """Referenced images with finite predictions on both sides."""
         self.source_entropy_sum = 0.0
 
-    def add(self, pred: torch.Tensor, entropy: torch.Tensor, source_pred: torch.Tensor | None = None,
-            source_entropy: torch.Tensor | None = None) -> None:
+    def add(self, pred: torch.Tensor, entropy: torch.Tensor) -> None:
         self.images += pred.numel()
         self.hist += torch.bincount(pred.long(), minlength=self.num_classes)[: self.num_classes]
         self.entropy_sum += float(entropy.sum())
-        if source_pred is not None and source_entropy is not None:
-            self.source_entropy_sum += float(source_entropy.sum())
+
+    def add_source(self, source_entropy: torch.Tensor) -> None:
+        self.source_images += source_entropy.numel()
+        self.source_entropy_sum += float(source_entropy.sum())
 
 
-HARM_ADVICE = ("the adapted model probably hurt here: use the source model's predictions (predictions.csv "
-               "column source_pred) or run with --method source")
+HARM_ADVICE = ("the adapted model probably hurt here: use the source model's predictions (tta predict, or "
+               "--method source; predictions.csv column source_pred has them for every image the run compared, "
+               "all of them with --source-reference all)")
 
 
 def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collapse: str,
@@ -217,7 +213,7 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
         verdict, reasons = judgement.verdict, list(judgement.reasons)
         health.update(changed_share=judgement.changed_share,
                       source_effective_classes=judgement.source_effective_classes,
-                      source_mean_entropy_nats=round(counts.source_entropy_sum / counts.images, 4),
+                      source_mean_entropy_nats=round(counts.source_entropy_sum / max(counts.source_images, 1), 4),
                       estimated_accuracy_change={"points": judgement.estimated_change, "low": judgement.low,
                                                  "high": judgement.high},
                       harm_signals=judgement.signals)
@@ -235,14 +231,6 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
     return health
 
 
-def source_reference_for(changes_predictions: bool, enabled: bool, model: nn.Module) -> SourceReference | None:
-    """The frozen source copy, made before the method wraps (and changes) ``model``; none for a
-    method whose predictions are the source's (``TTAMethod.changes_predictions``)."""
-    if not enabled or not changes_predictions:
-        return None
-    return SourceReference(model)
-
-
-def monitor_for(method: Any, num_classes: int, reference: SourceReference | None, on_collapse: str,
+def monitor_for(method: Any, num_classes: int, referenced: bool, on_collapse: str,
                 batch_size: int) -> CollapseMonitor:
-    return CollapseMonitor(method, num_classes, reference, on_collapse, batch_size=batch_size)  # type: ignore[arg-type]
+    return CollapseMonitor(method, num_classes, referenced, on_collapse, batch_size=batch_size)  # type: ignore[arg-type]

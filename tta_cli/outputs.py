@@ -23,6 +23,20 @@ class BatchOutputs:
     filtered: tuple[int, ...]
     reset: bool
     seconds: float
+    source_rows: torch.Tensor | None = None
+    """The rows the source reference predicted (``tta_cli.reference``); None without one."""
+    source_logits: torch.Tensor | None = None
+    """The source model's logits (float32) for ``source_rows``, in their order."""
+    reference_seconds: float = 0.0
+
+    def source_pred(self) -> torch.Tensor | None:
+        """The source model's class for each of ``source_rows`` (-1 from non-finite logits)."""
+        logits = self.source_logits
+        if logits is None or self.source_rows is None:
+            return None
+        if not len(self.source_rows):
+            return torch.empty(0, dtype=torch.long)
+        return torch.where(torch.isfinite(logits).all(1), logits.argmax(1), -1)
 
     @property
     def correct(self) -> torch.Tensor | None:
@@ -56,6 +70,10 @@ class Totals:
     resets: int = 0
     filter_counts: list[int] = field(default_factory=list)
     adapt_seconds: float = 0.0
+    referenced: int = 0
+    """Images the source reference predicted."""
+    reference_seconds: float = 0.0
+    """Of ``adapt_seconds``, the source reference's (host time: on a GPU, the launch only)."""
     data_wait_seconds: float = 0.0
     """Time the loop waited for the decoder to hand over a batch."""
     data_waits: int = 0
@@ -75,6 +93,8 @@ class Totals:
         self.skipped += len(out.batch.skipped)
         self.resets += int(out.reset)
         self.adapt_seconds += out.seconds
+        self.referenced += 0 if out.source_rows is None else len(out.source_rows)
+        self.reference_seconds += out.reference_seconds
         if not self.filter_counts:
             self.filter_counts = [0] * len(out.filtered)
         for i, count in enumerate(out.filtered):

@@ -9,11 +9,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from tta_cli import __version__, distributed, signals
-from tta_cli.atomic import atomic_write, refuse_symlink
+from tta_cli.atomic import refuse_symlink
 from tta_cli.checkpoint import (
     CHECKPOINT,
     Checkpointer,
@@ -25,16 +24,18 @@ from tta_cli.checkpoint import (
     skip_consumed,
     truncate_outputs,
 )
+from tta_cli.choices import EXPORT_BN, EXPORT_MODES, ON_COLLAPSE, PREDICTION_FORMATS, SOURCE_REFERENCE
 from tta_cli.config import AdaptConfig, default_workers
 from tta_cli.engine import run_stream
 from tta_cli.errors import TTAError
 from tta_cli.methods import Method, get_method_class
-from tta_cli.models import LoadedModel, export_model
-from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for, source_reference_for
+from tta_cli.models import LoadedModel
+from tta_cli.monitor import CollapseMonitor, CollapseStop, monitor_for
 from tta_cli.outcome import Outcome, after_signal, check_outcome, disk_full_as_error, failure_reason
-from tta_cli.outputs import Totals
+from tta_cli.outputs import Sink, Totals
 from tta_cli.ownership import start_manifest
 from tta_cli.record import export_folder_record, run_record, write_record
+from tta_cli.reference import source_reference_for
 from tta_cli.run_folders import RunFolders
 from tta_cli.runtime import (
     RunSetup,
@@ -44,10 +45,10 @@ from tta_cli.runtime import (
     start_run,
     uses_clean_data,
 )
-from tta_cli.sinks.export_folder import EXPORT_MODES, ExportFolder
-from tta_cli.sinks.model_export import EXPORT_BN_CHOICES, LastInputs, agreement, exported_state, track_stream_statistics
-from tta_cli.sinks.predictions import PREDICTION_FORMATS, ErrorsWriter, PredictionsWriter
-from tta_cli.sinks.progress import ProgressDisplay, summary_table
+from tta_cli.sinks.export_folder import ExportFolder
+from tta_cli.sinks.model_export import LastInputs, add_to_record, export_run_model, track_stream_statistics
+from tta_cli.sinks.predictions import ErrorsWriter, PredictionsWriter
+from tta_cli.sinks.progress import ProgressDisplay, print_plan, summary_table
 from tta_cli.sources import Stream, VideoOptions, collect_stream
 from tta_cli.sources.folder import folder_items
 from tta_cli.sources.paths import check_input
@@ -77,7 +78,7 @@ def adapt(config: AdaptConfig, console: Console | None = None, resume: bool = Fa
         if resume:
             raise TTAError("--resume is not supported under torchrun", "resume the run in one process")
         config = replace(config, device=device, quiet=config.quiet or not distributed.is_main(),
-                         source_reference=False, checkpoint_every=0)
+                         source_reference="off", checkpoint_every=0)
     try:
         return adapt_local(config, console, resume)
     finally:
@@ -111,7 +112,7 @@ def adapt_local(config: AdaptConfig, console: Console | None = None, resume: boo
             workers = default_workers() if config.workers is None else config.workers
             stream = stream_items(config, setup.loaded.class_names, setup.transform, workers)
             try:
-                return _adapt_stream(config, setup, stream, workers, folders, console, resume)
+                return Run(config, setup, stream, workers, folders, console, resume).execute()
             finally:
                 stream.close()  # removes a shuffled stream's temporary frames on every exit path
         except KeyboardInterrupt:
@@ -151,7 +152,8 @@ def resume(out: Path, console: Console | None = None) -> dict[str, Any]:
 def check_output_options(config: AdaptConfig) -> None:
     """The output choices, before the model loads (a library call has no click to check them)."""
     choices = {"format": (config.format, PREDICTION_FORMATS), "export_mode": (config.export_mode, EXPORT_MODES),
-               "export_bn": (config.export_bn, EXPORT_BN_CHOICES)}
+               "export_bn": (config.export_bn, EXPORT_BN), "on_collapse": (config.on_collapse, ON_COLLAPSE),
+               "source_reference": (config.source_reference, SOURCE_REFERENCE)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise TTAError(f"unknown --{name.replace('_', '-')} {value!r}", f"choose from {', '.join(allowed)}")
@@ -165,6 +167,175 @@ def predict(config: AdaptConfig, console: Console | None = None) -> dict[str, An
     return adapt(replace(config, method="source", hyperparameters={}, clean=None, predict_only=True), console)
 
 
+class Run:
+    """One ``tta adapt`` run, wired in one place: the stream's batches -> the engine (with the source
+    reference's pass) -> the method -> the sinks (collapse monitor, predictions, errors, export
+    folder, progress, checkpoints) -> the outputs (the model, run.json) and the outcome.
+
+    The run holds the one ``Totals`` (the engine adds each batch before the sinks see it; a resumed
+    run starts from the checkpoint's), answers the monitor's collapse events between batches
+    (``CollapseActions``) and gathers the state a checkpoint keeps.
+    """
+
+    def __init__(self, config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, folders: RunFolders,
+                 console: Console, resume: bool) -> None:
+        self.config, self.setup, self.stream, self.workers = config, setup, stream, workers
+        self.folders, self.console, self.resume = folders, console, resume
+        self.out = folders.out
+        self.csv_files = (self.out / f"predictions.{config.format}", self.out / "errors.csv")
+        changes = get_method_class(config.method).changes_predictions
+        # the frozen source copy is made before the method wraps (and changes) the model
+        self.reference = source_reference_for(config.source_reference, changes, setup.loaded.model)
+        self.method = _build_method(config, setup, console)
+        if self.reference is not None:
+            self.reference.configure(self.method.performance.channels_last)
+        self.monitor = monitor_for(self.method, setup.loaded.num_classes, self.reference is not None,
+                                   config.on_collapse, config.batch_size)
+        self.point: ResumePoint | None = None
+        self.totals = Totals()
+        self.export = _export_folder(config, setup.loaded)
+        self.last = LastInputs()
+
+    def execute(self) -> dict[str, Any]:
+        config, method = self.config, self.method
+        distributed.check_world(config.batch_size, method.name, bool(self.stream.videos))
+        distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
+        if not config.predict_only and config.export_bn == "stream":
+            track_stream_statistics(method, config.batch_size)  # on every rank: the statistics are global
+        if not distributed.is_main():
+            return _follow_stream(config, self.setup, self.stream, self.workers, method)
+        self.point = resume_point(self.out, self.csv_files) if self.resume else None
+        # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
+        # stream_batches), and the start and the final writes finish whole before the run ends as interrupted.
+        with signals.deferred():
+            checkpointer = self.start()
+            started = time.perf_counter()
+            outcome, engine_totals = self.stream_batches(checkpointer)
+            if engine_totals is not None:
+                distributed.take_timings(engine_totals, self.totals)
+            signals.test_point("export")
+            record = self.finish(after_signal(outcome), time.perf_counter() - started)
+            if after_signal(outcome).status != record["status"]:  # a signal came during the final writes
+                record |= {"status": outcome.status, "reason": outcome.reason}
+                write_record(self.out, record)
+            if outcome.status == "completed":
+                (self.out / CHECKPOINT).unlink(missing_ok=True)
+        method.close()
+        if not config.quiet:
+            self.console.print(summary_table(record))
+        if self.export is not None and self.export.failed:
+            self.console.print(f"[yellow]warning: {len(self.export.failed)} images could not be exported to "
+                               f"{self.export.directory} (listed in run.json)[/yellow]")
+        return check_outcome(config, outcome, self.totals, self.out, self.console, record)
+
+    def start(self) -> Checkpointer:
+        """The run starts whole: outputs cleared (or cut back to the checkpoint), state restored,
+        run.json says running."""
+        config, method, point = self.config, self.method, self.point
+        with disk_full_as_error(self.out):
+            self.folders.prepare()
+            if not config.quiet:
+                print_plan(self.console, self.setup.loaded, method, self.stream.describe(), self.setup.device,
+                           self.reference)
+            if point is not None:
+                truncate_outputs(self.csv_files, point)
+                method.load_resume_state(point.method)
+                if "monitor" in point.sinks:
+                    self.monitor.load_resume_state(point.sinks["monitor"])
+                set_rng_states(point.rng)
+                self.totals = point.totals
+            else:
+                method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
+            write_record(self.out, run_record(config, self.setup.loaded, method, Totals(), self.setup.device,
+                                              self.out, "running", 0.0, 0))
+            return Checkpointer(self.out, self.resume_state, self.csv_files, config.checkpoint_every,
+                                self.totals, point)
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the method and the sinks (``tta_cli.checkpoint``)."""
+        return {"method": self.method.state_for_resume(), "sinks": {"monitor": self.monitor.state_for_resume()}}
+
+    def sinks(self, checkpointer: Checkpointer) -> tuple[list[Sink], PredictionsWriter, ErrorsWriter,
+                                                         ProgressDisplay]:
+        """The sinks in order: the monitor and its collapse actions first (a reset happens before the
+        batch is written or checkpointed, so a resumed run resets where this one did)."""
+        config, append = self.config, self.point is not None
+        for path in self.csv_files:
+            refuse_symlink(path)
+        predictions = PredictionsWriter(self.csv_files[0], self.setup.loaded.class_names, config.format,
+                                        source_columns=self.reference is not None, append=append)
+        errors = ErrorsWriter(self.csv_files[1], append=append)
+        progress = ProgressDisplay(self.console, self.stream.total, self.method, quiet=config.quiet,
+                                   monitor=self.monitor, totals=self.totals)
+        extra = [*([self.export] if self.export else []),
+                 *([] if config.predict_only or distributed.active() else [self.last])]
+        sinks: list[Sink] = [self.monitor, CollapseActions(self.monitor, self.method), predictions, errors, *extra,
+                             progress, checkpointer]
+        return sinks, predictions, errors, progress
+
+    def stream_batches(self, checkpointer: Checkpointer) -> tuple[Outcome, Totals | None]:
+        """The stream through the engine; how it ended (completed, interrupted, failed) is the outcome.
+        Under torchrun, the engine's own totals (rank 0's timings) are returned beside."""
+        config, setup = self.config, self.setup
+        outcome, engine_totals = Outcome(), None
+        sinks, predictions, errors, progress = self.sinks(checkpointer)
+        batches = _batches(config, setup, self.stream, self.workers, self.point)
+        # with checkpoints, each batch is delivered before the next step, so that the state saved
+        # is that of the last written prediction (one device sync per batch on a GPU)
+        defer = False if config.checkpoint_every else None
+        try:
+            if self.point is None and config.checkpoint_every:
+                checkpointer.save()  # resumable from the first image on
+            with signals.allowed(), progress, distributed.peer_failures():
+                if distributed.active():
+                    gather = distributed.GatherToMain(sinks, self.totals)
+                    engine_totals = run_stream(self.method, batches, setup.device, [gather], defer=defer,
+                                               tune_threads=setup.tune_threads)
+                else:
+                    run_stream(self.method, batches, setup.device, sinks, defer=defer, tune_threads=setup.tune_threads,
+                               reference=self.reference, totals=self.totals)
+        except KeyboardInterrupt:
+            outcome.status = "interrupted"
+        except CollapseStop as stop:
+            outcome = Outcome("collapsed", str(stop), stop)
+        except Exception as err:  # recorded as failed, then raised again
+            outcome = Outcome("failed", failure_reason(err), err)
+        finally:
+            batches.close()  # stops the decoding workers now
+            _close_quietly(predictions, errors)
+            if self.export is not None:
+                self.export.close()
+        return outcome, engine_totals
+
+    def finish(self, outcome: Outcome, elapsed: float) -> dict[str, Any]:
+        """Write what can be written: the model, extra exports and run.json with the outcome."""
+        config, totals = self.config, self.totals
+        model_export = None
+        try:
+            if not config.predict_only:
+                model_export = export_run_model(self.setup.loaded, self.method, config.export_bn, self.out, self.last,
+                                                self.setup.device)
+        except Exception as err:  # recorded as failed (a full disk most likely), raised after run.json
+            if outcome.status != "failed":
+                outcome.status, outcome.reason, outcome.error = "failed", failure_reason(err, self.out / "model"), err
+        n_items = totals.images + totals.skipped
+        record = run_record(config, self.setup.loaded, self.method, totals, self.setup.device, self.out,
+                            outcome.status, elapsed, n_items)
+        if outcome.reason is not None:
+            record["reason"] = outcome.reason
+        record |= {"collapse_events": self.monitor.record(), "health": self.monitor.health()}
+        add_to_record(record, model_export)
+        if self.export is not None:
+            record["export_folder"] = export_folder_record(self.export)
+        try:
+            write_record(self.out, record)
+        except OSError as err:
+            if outcome.status != "failed":
+                outcome.status, outcome.reason = "failed", failure_reason(err, self.out / "run.json")
+                outcome.error = err
+        return record
+
+
 def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> Method:
     name = method_name(config.method, config.clean is not None, console)
     prepared = None
@@ -174,113 +345,6 @@ def _build_method(config: AdaptConfig, setup: RunSetup, console: Console) -> Met
         if not config.quiet:
             console.print(f"{name}: {get_method_class(name).clean_data} from {n} clean images in {config.clean}")
     return setup.build_method(name, config.hyperparameters, config.batch_size, prepared)
-
-
-def _adapt_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, folders: RunFolders,
-                  console: Console, resume: bool) -> dict[str, Any]:
-    loaded, device, out = setup.loaded, setup.device, folders.out
-    changes = get_method_class(config.method).changes_predictions
-    reference = source_reference_for(changes, config.source_reference, loaded.model)  # before the method
-    method = _build_method(config, setup, console)
-    distributed.check_world(config.batch_size, method.name, bool(stream.videos))
-    distributed.barrier()  # every rank has checked the output folder before rank 0 writes into it
-    if not config.predict_only and config.export_bn == "stream":
-        track_stream_statistics(method, config.batch_size)  # on every rank: the statistics are global
-    if not distributed.is_main():
-        return _follow_stream(config, setup, stream, workers, method)
-    monitor = monitor_for(method, loaded.num_classes, reference, config.on_collapse, config.batch_size)
-    csv_files = (out / f"predictions.{config.format}", out / "errors.csv")
-    point = resume_point(out, csv_files) if resume else None
-    # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
-    # _run_batches), and the start and the final writes finish whole before the run ends as interrupted.
-    with signals.deferred():
-        with disk_full_as_error(out):  # the run starts whole: outputs cleared, run.json
-            folders.prepare()
-            if not config.quiet:
-                _print_plan(console, loaded, method, stream.describe(), device)
-            if point is not None:
-                truncate_outputs(csv_files, point)
-                method.load_resume_state(point.method)
-                set_rng_states(point.rng)
-            else:
-                method.reseed(config.seed)  # the method's own generator, seeded just before the first batch
-            started = time.perf_counter()
-            write_record(out, run_record(config, loaded, method, Totals(), device, out, "running", 0.0, 0))
-            sinks = RunSinks(monitor, _export_folder(config, loaded), LastInputs())
-            checkpointer = Checkpointer(out, method, csv_files, config.checkpoint_every, point,
-                                        sinks={"monitor": monitor})
-        outcome, engine_totals = _run_batches(config, setup, stream, workers, method, console, csv_files,
-                                              checkpointer, point, sinks)
-        totals = _with_timing(checkpointer.totals, engine_totals)
-        signals.test_point("export")
-        record = _finish(config, loaded, method, totals, device, out, after_signal(outcome),
-                         time.perf_counter() - started, sinks)
-        if after_signal(outcome).status != record["status"]:  # a signal came during the final writes
-            record |= {"status": outcome.status, "reason": outcome.reason}
-            write_record(out, record)
-        if outcome.status == "completed":
-            (out / CHECKPOINT).unlink(missing_ok=True)
-    method.close()
-    if not config.quiet:
-        console.print(summary_table(record))
-    if sinks.export is not None and sinks.export.failed:
-        console.print(f"[yellow]warning: {len(sinks.export.failed)} images could not be exported to "
-                      f"{sinks.export.directory} (listed in run.json)[/yellow]")
-    return check_outcome(config, outcome, totals, out, console, record)
-
-
-@dataclass
-class RunSinks:
-    """The sinks beside predictions, errors and progress: the collapse monitor (first: the writer
-    reads its source predictions), the sorted export folder and the last inputs for the export check."""
-
-    monitor: CollapseMonitor
-    export: ExportFolder | None
-    last: LastInputs
-
-
-def _run_batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int, method: Method,
-                 console: Console, csv_files: tuple[Path, Path], checkpointer: Checkpointer,
-                 point: ResumePoint | None, sinks: RunSinks) -> tuple[Outcome, Totals | None]:
-    """The stream through the engine; how it ended (completed, interrupted, failed) is the outcome."""
-    outcome = Outcome()
-    engine_totals = None
-    for path in csv_files:
-        refuse_symlink(path)
-    predictions = PredictionsWriter(csv_files[0], setup.loaded.class_names, config.format, sinks.monitor,
-                                    append=point is not None)
-    errors = ErrorsWriter(csv_files[1], append=point is not None)
-    progress = ProgressDisplay(console, stream.total, method, quiet=config.quiet,  # type: ignore[arg-type]
-                               monitor=sinks.monitor)
-    batches = _batches(config, setup, stream, workers, point)
-    # with checkpoints, each batch is delivered before the next step, so that the state saved
-    # is that of the last written prediction (one device sync per batch on a GPU)
-    defer = False if config.checkpoint_every else None
-    try:
-        if point is None and config.checkpoint_every:
-            checkpointer.save()  # resumable from the first image on
-        with signals.allowed(), progress, distributed.peer_failures():
-            extra = [*([sinks.export] if sinks.export else []),
-                     *([] if config.predict_only or distributed.active() else [sinks.last])]
-            actions = CollapseActions(sinks.monitor, method)
-            outputs = [sinks.monitor, actions, predictions, errors, *extra, progress, checkpointer]
-            gather = distributed.GatherToMain(outputs) if distributed.active() else None
-            engine_totals = run_stream(method, batches, setup.device, [gather] if gather else outputs,
-                                       defer=defer, tune_threads=setup.tune_threads)
-            if gather is not None:
-                engine_totals = distributed.merged_totals(engine_totals, gather.totals)
-    except KeyboardInterrupt:
-        outcome.status = "interrupted"
-    except CollapseStop as stop:
-        outcome = Outcome("collapsed", str(stop), stop)
-    except Exception as err:  # recorded as failed, then raised again
-        outcome = Outcome("failed", failure_reason(err), err)
-    finally:
-        batches.close()  # stops the decoding workers now
-        _close_quietly(predictions, errors)
-        if sinks.export is not None:
-            sinks.export.close()
-    return outcome, engine_totals
 
 
 @dataclass
@@ -332,100 +396,8 @@ def _close_quietly(*writers: PredictionsWriter | ErrorsWriter) -> None:
             writer.close()
 
 
-def _with_timing(totals: Totals, engine: Totals | None) -> Totals:
-    """The counts over the whole run (the checkpointer's, carried over a resume) with the engine's
-    timing of this part."""
-    if engine is not None:
-        for name in ("data_wait_seconds", "data_waits", "device_busy_seconds", "device_idle_seconds", "cpu_threads"):
-            setattr(totals, name, getattr(engine, name))
-    return totals
-
-
-def _finish(config: AdaptConfig, loaded: LoadedModel, method: Method, totals: Totals, device: torch.device,
-            out: Path, outcome: Outcome, elapsed: float, sinks: RunSinks) -> dict[str, Any]:
-    """Write what can be written: the model, extra exports and run.json with the outcome."""
-    model_export = None
-    try:
-        if not config.predict_only:
-            model_export = _export_run_model(config, loaded, method, out, sinks.last, device)
-    except Exception as err:  # recorded as failed (a full disk most likely), raised after run.json
-        if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", failure_reason(err, out / "model"), err
-    n_items = totals.images + totals.skipped
-    record = run_record(config, loaded, method, totals, device, out, outcome.status, elapsed, n_items)
-    if outcome.reason is not None:
-        record["reason"] = outcome.reason
-    record |= {"collapse_events": sinks.monitor.record(), "health": sinks.monitor.health()}
-    if model_export is not None:
-        record["model_export"] = model_export
-        if "non_finite" in model_export:
-            record["health"]["reasons"].append(model_export["non_finite"])
-            if record["health"]["verdict"] in ("ok", "no-change"):
-                record["health"]["verdict"] = "suspect"
-    if sinks.export is not None:
-        record["export_folder"] = export_folder_record(sinks.export)
-    try:
-        write_record(out, record)
-    except OSError as err:
-        if outcome.status != "failed":
-            outcome.status, outcome.reason, outcome.error = "failed", failure_reason(err, out / "run.json"), err
-    return record
-
-
 def _export_folder(config: AdaptConfig, loaded: LoadedModel) -> ExportFolder | None:
     if config.export_folder is None:
         return None
     return ExportFolder(config.export_folder, loaded.class_names, config.export_mode, config.min_confidence,
                         overwrite=config.overwrite)
-
-
-def _export_run_model(config: AdaptConfig, loaded: LoadedModel, method: Method, out: Path,
-                      last: LastInputs, device: torch.device) -> dict[str, Any]:
-    """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
-    state, bn_statistics = exported_state(method, config.export_bn)
-    problem = None
-    if not _all_finite(state):
-        problem = "the exported model holds non-finite values"
-        if bn_statistics == "stream":  # the stream's statistics took in non-finite activations
-            state, bn_statistics = exported_state(method, "source")
-            problem = ("the stream's BatchNorm statistics were not finite: the model keeps the source's"
-                       if _all_finite(state) else problem)
-    export_model(loaded, state, out / "model")
-    _write_extra_exports(method, out)
-    record = {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
-    return record | ({"non_finite": problem} if problem else {})
-
-
-def _all_finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
-
-
-def _write_extra_exports(method: Method, out: Path) -> None:
-    """Further state dicts a method exports (e.g. a teacher-student method's student)."""
-    from safetensors.torch import save_file
-
-    for filename, state in method.extra_exports().items():
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        atomic_write(out / filename, lambda path, tensors=tensors: save_file(tensors, str(path)))
-
-
-def _print_plan(console: Console, loaded: LoadedModel, method: Method, stream: str,
-                device: torch.device) -> None:
-    info = method.describe()
-    console.print(f"[bold]model[/bold] {loaded.spec} -> {loaded.architecture}"
-                  f"{'.' + loaded.tag if loaded.tag else ''} ({loaded.source}), {loaded.num_classes} classes")
-    dc = loaded.data_config
-    console.print(f"[bold]preprocessing[/bold] input {tuple(dc['input_size'])}, {dc['interpolation']}, "
-                  f"crop_pct {dc['crop_pct']}, mean {tuple(round(m, 4) for m in dc['mean'])}, "
-                  f"std {tuple(round(s, 4) for s in dc['std'])}")
-    line = f"[bold]method[/bold] {info['method']}"
-    if info["lr"] is not None:
-        line += f", lr {info['lr']:.4g} ({info['lr_source']}), {info['adapted_parameters']} parameter tensors"
-    if info["bn_stats"]:
-        line += f", BatchNorm statistics: {info['bn_stats']}"
-    console.print(line)
-    if info.get("choice"):
-        console.print(f"[bold]auto chose[/bold] {info['choice']['method']}: {info['choice']['why']}", markup=True)
-    console.print(f"[bold]stream[/bold] {stream} on {device}")
-
-

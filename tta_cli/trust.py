@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tta_cli.collapse_window import effective_classes, histogram_effective_classes
+from tta_cli.reference import referenced_rows
 
 PRIOR_WINDOW = 64
-"""Images that estimate the recent class prior (the last batches holding at least this many)."""
+"""Stream images that estimate the recent class prior (the last batches covering at least this
+many; with a sampled reference, their referenced rows)."""
 CONFIDENCE_BINS = 200
 HURT_POINTS = 1.0
 """An estimated change at or below minus this many points is called ``hurt``."""
@@ -97,7 +99,8 @@ class ChangeEstimate:
         self.flips = 0
         self.source_view = 0.0
         self.prior_sum = torch.zeros(num_classes, dtype=torch.float64)
-        self.recent: deque[torch.Tensor] = deque()
+        self.recent: deque[tuple[torch.Tensor, int]] = deque()
+        """The latest batches' source probabilities, each with the stream images it covers."""
         self.flipped_hist = torch.zeros(CONFIDENCE_BINS, dtype=torch.long)
         self.kept_hist = torch.zeros(CONFIDENCE_BINS, dtype=torch.long)
         self.hist = torch.zeros(num_classes, dtype=torch.long)
@@ -105,7 +108,9 @@ class ChangeEstimate:
         self.batch_diversity = 0.0
         """Sum over batches of images * log(adapted / source effective classes in the batch)."""
 
-    def add(self, source_logits: torch.Tensor, pred: torch.Tensor) -> None:
+    def add(self, source_logits: torch.Tensor, pred: torch.Tensor, stream_images: int | None = None) -> None:
+        """One batch's referenced rows: the source logits and the adapted classes; ``stream_images``:
+        the images of the batch they were sampled from (default: these rows are all of it)."""
         n = len(pred)
         if not n:
             return
@@ -113,8 +118,8 @@ class ChangeEstimate:
         if not finite.any():
             return
         probs = source_logits.double().softmax(1)
-        self._remember(probs[finite])
-        window = torch.cat(list(self.recent))
+        self._remember(probs[finite], n if stream_images is None else stream_images)
+        window = torch.cat([p for p, _ in self.recent])
         adjusted = prior_shift(probs, window, self.prior_sum / max(self.images + int(finite.sum()), 1))
         source_pred = probs.argmax(1)
         flipped = (source_pred != pred) & finite
@@ -136,16 +141,20 @@ class ChangeEstimate:
 
     def state(self) -> dict[str, object]:
         """Everything the estimate has counted, for ``--resume``."""
-        return {name: (list(value) if isinstance(value, deque) else value) for name, value in vars(self).items()}
+        state = dict(vars(self))
+        state["recent"] = [[probs, images] for probs, images in self.recent]
+        return state
 
     def load_state(self, state: dict[str, object]) -> None:
         for name, value in state.items():
-            setattr(self, name, deque(value) if name == "recent" else value)  # type: ignore[arg-type]
+            if name == "recent":
+                value = deque((probs, int(images)) for probs, images in value)  # type: ignore[attr-defined]
+            setattr(self, name, value)
 
-    def _remember(self, probs: torch.Tensor) -> None:
+    def _remember(self, probs: torch.Tensor, stream_images: int) -> None:
         self.prior_sum += probs.sum(0)
-        self.recent.append(probs)
-        while sum(len(p) for p in self.recent) - len(self.recent[0]) >= PRIOR_WINDOW:
+        self.recent.append((probs, stream_images))
+        while sum(images for _, images in self.recent) - self.recent[0][1] >= PRIOR_WINDOW:
             self.recent.popleft()
 
     def judgement(self) -> Judgement:
@@ -189,10 +198,14 @@ def harm_verdict(judgement: Judgement) -> Judgement:
     return judgement
 
 
-def judge(source_logits: torch.Tensor, adapted_logits: torch.Tensor, batch_size: int = 64) -> Judgement:
-    """The judgement of a whole recorded run (logits in stream order), batch by batch."""
+def judge(source_logits: torch.Tensor, adapted_logits: torch.Tensor, batch_size: int = 64,
+          reference: str = "all") -> Judgement:
+    """The judgement of a whole recorded run (logits in stream order), batch by batch, from the
+    rows a ``reference`` of that mode (``tta_cli.reference``: sampled or all) would have seen."""
     estimate = ChangeEstimate(source_logits.shape[1])
     pred = torch.where(torch.isfinite(adapted_logits).all(1), adapted_logits.argmax(1), -1)
     for start in range(0, len(pred), batch_size):
-        estimate.add(source_logits[start:start + batch_size], pred[start:start + batch_size])
+        n = len(pred[start:start + batch_size])
+        rows = start + referenced_rows(reference, start, n)
+        estimate.add(source_logits[rows], pred[rows], stream_images=n)
     return estimate.judgement()

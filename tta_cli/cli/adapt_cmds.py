@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from tta_cli.choices import ON_COLLAPSE, SOURCE_REFERENCE
 from tta_cli.cli.options import (
     METHOD,
     RUN,
@@ -51,8 +52,6 @@ from tta_cli.cli.options import (
     whole,
 )
 from tta_cli.errors import TTAError
-
-ON_COLLAPSE = ("reset", "stop", "warn")
 
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, str]:
@@ -103,11 +102,13 @@ def adapt(
         "--on-collapse", metavar="ACTION", rich_help_panel=METHOD, callback=one_of(*ON_COLLAPSE),
         help="When predictions collapse (no labels needed): reset the model, stop (exit 4) or warn.",
     )] = "reset",
-    no_source_reference: Annotated[bool, typer.Option(
-        "--no-source-reference", rich_help_panel=METHOD,
-        help="No frozen source copy predicting beside the run (about 20% faster; no collapse "
-             "signals, verdict, gain or source_pred column).")] = False,
-    _source_reference: Annotated[bool, typer.Option("--source-reference", hidden=True)] = False,
+    source_reference: Annotated[str, typer.Option(
+        "--source-reference", metavar="MODE", rich_help_panel=METHOD, callback=one_of(*SOURCE_REFERENCE),
+        help="Which images a frozen source copy also predicts, for the collapse signals, the verdict and "
+             "the source_pred column: sampled (the first 512 images, then 1 in 4), all, or off (no verdict).",
+    )] = "sampled",
+    no_source_reference: Annotated[bool, typer.Option("--no-source-reference", hidden=True,
+                                                      help="Same as --source-reference off.")] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     output_format: FormatOpt = "csv",
@@ -174,7 +175,7 @@ def adapt(
         max_pixels=max_pixels, precision=precision, compile=compile_model, channels_last=channels_last,
         export_folder=export_folder, export_mode=export_mode, min_confidence=min_confidence,
         export_bn=export_bn, format=output_format,
-        on_collapse=on_collapse, source_reference=not no_source_reference,
+        on_collapse=on_collapse, source_reference="off" if no_source_reference else source_reference,
         checkpoint_every=checkpoint_every,
     )
     if per_input:

@@ -20,14 +20,8 @@ from typing import Annotated
 
 import typer
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""As ``tta_cli.methods.base.PRECISIONS`` (not imported: that module imports torch)."""
-CHANNELS_LAST = ("auto", "on", "off")
-LABELS_FROM_FOLDERS = ("auto", "names", "index", "off")
-EXPORT_MODES = ("hardlink", "symlink", "copy")
-"""As ``tta_cli.sinks.export_folder.EXPORT_MODES``."""
-EXPORT_BN = ("stream", "source")
-PREDICTION_FORMATS = ("csv", "jsonl")
+from tta_cli.choices import CHANNELS_LAST, EXPORT_BN, EXPORT_MODES, LABELS_FROM_FOLDERS, PRECISIONS, PREDICTION_FORMATS
+
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 MODEL, INPUT, METHOD, OUTPUT, SPEED, RUN = "Model", "Input", "Method", "Output", "Speed", "Run control"

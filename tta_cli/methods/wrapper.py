@@ -89,6 +89,9 @@ class WrappingMethod(nn.Module):
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self.inner.autocast()
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.prepare_input(x)
+
     def reseed(self, seed: int) -> None:
         self.inner.reseed(seed)
 

@@ -28,6 +28,7 @@ from typing import IO, Literal
 
 from PIL import Image
 
+from tta_cli.choices import EXPORT_MODES
 from tta_cli.classes import class_ids_of
 from tta_cli.errors import TTAError
 from tta_cli.outputs import BatchOutputs
@@ -36,7 +37,6 @@ from tta_cli.sinks.predictions import csv_text, utf8_text
 from tta_cli.sources.items import StreamItem
 
 ExportMode = Literal["hardlink", "symlink", "copy"]
-EXPORT_MODES: tuple[str, ...] = ("hardlink", "symlink", "copy")
 UNCERTAIN = "_uncertain"
 MANIFEST = "manifest.csv"
 CLASSES = "classes.csv"

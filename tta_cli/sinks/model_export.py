@@ -25,11 +25,12 @@ from typing import Any, Protocol
 
 import torch
 
+from tta_cli.atomic import atomic_write
+from tta_cli.models import LoadedModel, export_model
 from tta_cli.outputs import BatchOutputs
 
 STREAM_WINDOW = 256
 """Images the exported stream statistics and the agreement check are about (the late stream)."""
-EXPORT_BN_CHOICES = ("stream", "source")
 
 
 def stream_momentum(batch_size: int, window: int = STREAM_WINDOW) -> float:
@@ -46,6 +47,8 @@ class ExportedMethod(Protocol):
     def adapted_state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def stream_bn_statistics(self) -> dict[str, torch.Tensor]: ...
+
+    def extra_exports(self) -> dict[str, dict[str, torch.Tensor]]: ...
 
 
 def track_stream_statistics(method: ExportedMethod, batch_size: int) -> bool:
@@ -105,3 +108,44 @@ def agreement(model_dir: Path, last: LastInputs, device: torch.device, batch_siz
                            for i in range(0, len(images), batch_size)])
     agree = int((predicted == preds).sum())
     return {"images": len(preds), "agree": agree, "share": agree / len(preds)}
+
+
+def export_run_model(loaded: LoadedModel, method: ExportedMethod, export_bn: str, out: Path, last: LastInputs,
+                     device: torch.device) -> dict[str, Any]:
+    """Write ``model/`` (and a method's further exports); how it agrees with the late predictions."""
+    state, bn_statistics = exported_state(method, export_bn)
+    problem = None
+    if not _all_finite(state):
+        problem = "the exported model holds non-finite values"
+        if bn_statistics == "stream":  # the stream's statistics took in non-finite activations
+            state, bn_statistics = exported_state(method, "source")
+            problem = ("the stream's BatchNorm statistics were not finite: the model keeps the source's"
+                       if _all_finite(state) else problem)
+    export_model(loaded, state, out / "model")
+    _write_extra_exports(method, out)
+    record = {"bn_statistics": bn_statistics, "agreement": agreement(out / "model", last, device)}
+    return record | ({"non_finite": problem} if problem else {})
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def _write_extra_exports(method: ExportedMethod, out: Path) -> None:
+    """Further state dicts a method exports (e.g. a teacher-student method's student)."""
+    from safetensors.torch import save_file
+
+    for filename, state in method.extra_exports().items():
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write(out / filename, lambda path, tensors=tensors: save_file(tensors, str(path)))
+
+
+def add_to_record(record: dict[str, Any], model_export: dict[str, Any] | None) -> None:
+    """The export's record; a non-finite export makes an ``ok`` run ``suspect``."""
+    if model_export is None:
+        return
+    record["model_export"] = model_export
+    if "non_finite" in model_export:
+        record["health"]["reasons"].append(model_export["non_finite"])
+        if record["health"]["verdict"] in ("ok", "no-change"):
+            record["health"]["verdict"] = "suspect"

@@ -22,21 +22,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
+from tta_cli.choices import PREDICTION_FORMATS
 from tta_cli.classes import class_ids_of
 from tta_cli.outputs import BatchOutputs
 from tta_cli.ownership import record_path
-
-if TYPE_CHECKING:
-    import torch
 
 PREDICTION_COLUMNS = [
     "index", "path", "frame", "timestamp", "pred", "pred_name", "pred_id", "confidence", "entropy", "top5",
     "used_for_update", "label", "correct",
 ]
 SOURCE_COLUMNS = ["source_pred", "source_pred_name"]
-"""Written when a frozen source reference runs beside the method (``tta_cli.monitor``)."""
+"""Written when a source reference runs beside the method (``tta_cli.reference``); empty for the
+rows a sampled reference left out."""
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -73,12 +71,6 @@ def original_bytes(cell: str) -> bytes:
     return _ESCAPED_BYTE.sub(lambda match: bytes([int(match[1], 16)]), cell.encode("utf-8"))
 
 
-PREDICTION_FORMATS = ("csv", "jsonl")
-
-
-class SourcePredictions(Protocol):
-    last_source_pred: torch.Tensor | None
-    reference: object | None
 
 
 class PredictionsWriter:
@@ -86,19 +78,19 @@ class PredictionsWriter:
     row with the same fields, typed (numbers as numbers, ``top5`` a list, empty cells ``null``) and
     with no spreadsheet quoting; a name that is not UTF-8 is escaped as in the CSV (``\\xNN``).
 
-    ``source`` (a ``tta_cli.monitor.CollapseMonitor`` placed before this sink) adds the columns
-    ``source_pred`` and ``source_pred_name``: the frozen source model's prediction of each image."""
+    ``source_columns`` adds the columns ``source_pred`` and ``source_pred_name``: the source
+    reference's prediction of each image it referenced (``BatchOutputs.source_rows``)."""
 
     def __init__(self, path: Path, class_names: list[str], format: str = "csv",
-                 source: SourcePredictions | None = None, append: bool = False) -> None:
+                 source_columns: bool = False, append: bool = False) -> None:
         """``append``: continue a file cut back to a row boundary (``--resume``)."""
         if format not in PREDICTION_FORMATS:
             raise ValueError(f"format must be one of {', '.join(PREDICTION_FORMATS)}, got {format!r}")
         self.class_names = class_names
         self.class_ids = class_ids_of(class_names)
         self.format = format
-        self.source = source if source is not None and source.reference is not None else None
-        self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if self.source is not None else [])
+        self.source_columns = source_columns
+        self.columns = PREDICTION_COLUMNS + (SOURCE_COLUMNS if source_columns else [])
         record_path(path)  # tta_cli.ownership: --overwrite may remove it later
         self._file = RowFile(path, append)
         if format == "csv" and not append:
@@ -108,7 +100,7 @@ class PredictionsWriter:
     def on_batch(self, out: BatchOutputs) -> None:
         labels = out.batch.labels
         correct = out.correct
-        source = self.source.last_source_pred if self.source is not None else None
+        source = self._source_by_row(out) if self.source_columns else {}
         lines: list[str] = []
         for i, item in enumerate(out.batch.items):
             pred = int(out.pred[i])
@@ -127,7 +119,7 @@ class PredictionsWriter:
                 int(bool(out.used[i])),
                 None if labels is None else int(labels[i]),
                 None if correct is None else int(bool(correct[i])),
-                *([] if self.source is None else self._source_cells(source, i)),
+                *(self._source_cells(source.get(i)) if self.source_columns else []),
             ]
             if self.format == "jsonl":
                 lines.append(_json_line(dict(zip(self.columns, row, strict=True))) + "\n")
@@ -140,11 +132,17 @@ class PredictionsWriter:
         """Whole rows in one write: the file always ends on a row boundary."""
         self._file.write(text)
 
-    def _source_cells(self, source: torch.Tensor | None, i: int) -> list[object]:
-        if source is None:
+    @staticmethod
+    def _source_by_row(out: BatchOutputs) -> dict[int, int]:
+        source = out.source_pred()
+        if source is None or out.source_rows is None:
+            return {}
+        return dict(zip(out.source_rows.tolist(), source.tolist(), strict=True))
+
+    def _source_cells(self, pred: int | None) -> list[object]:
+        if pred is None:
             return [None, None]
-        pred = int(source[i])
-        return [pred, self.class_names[pred] if pred < len(self.class_names) else pred]
+        return [pred, self.class_names[pred] if 0 <= pred < len(self.class_names) else None]
 
     def close(self) -> None:
         self._file.close()

@@ -15,14 +15,21 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tta_cli.outputs import BatchOutputs, Totals
+from tta_cli.reference import REFERENCE_ALL_FIRST, REFERENCE_EVERY
 from tta_cli.sinks.report import VERDICTS
+
+if TYPE_CHECKING:
+    import torch
+
+    from tta_cli.models import LoadedModel
+    from tta_cli.reference import SourceReference
 
 WIDE_TERMINAL = 110
 """Columns from which the progress line has room for a bar beside its statistics."""
@@ -42,7 +49,9 @@ class ProgressDisplay:
 
     def __init__(self, console: Console, total: int | None, method: Any, quiet: bool = False,
                  interval: float = 5.0, clock: Callable[[], float] = time.perf_counter,
-                 monitor: Any = None) -> None:
+                 monitor: Any = None, totals: Totals | None = None) -> None:
+        """``totals``: the run's counts, already updated when a batch arrives (a resumed run's include
+        the images before the resume); without them the display counts for itself."""
         self.console = console
         self.monitor = monitor
         """A ``tta_cli.monitor.CollapseMonitor``: its events go on the progress line."""
@@ -52,7 +61,9 @@ class ProgressDisplay:
         self.plain = not console.is_terminal
         self.interval = interval
         self.clock = clock
-        self.totals = Totals()
+        self.counted = totals is not None
+        self.totals = totals if totals is not None else Totals()
+        self._first_images = self.totals.images
         self.start = clock()
         self._last_line = self.start
         self._line_done = 0  # images counted in the last plain line
@@ -86,7 +97,8 @@ class ProgressDisplay:
         return columns
 
     def on_batch(self, out: BatchOutputs) -> None:
-        self.totals.add(out)
+        if not self.counted:
+            self.totals.add(out)
         if not self.quiet and not self._legend_shown and len(out.batch.items):
             self._show_legend()
         if self.plain:
@@ -95,7 +107,7 @@ class ProgressDisplay:
             return
         self._progress.update(
             self._task,
-            advance=len(out.batch.items) + len(out.batch.skipped),
+            completed=self.totals.images + self.totals.skipped,
             rate=f"{self._rate():.1f} img/s",
             stats="  ".join(self._stats()),
         )
@@ -110,7 +122,7 @@ class ProgressDisplay:
                            style="dim")
 
     def _rate(self) -> float:
-        return self.totals.images / max(self.clock() - self.start, 1e-9)
+        return (self.totals.images - self._first_images) / max(self.clock() - self.start, 1e-9)
 
     def _stats(self) -> list[str]:
         t = self.totals
@@ -197,7 +209,11 @@ def accuracy_text(record: dict[str, Any], source: tuple[int, int] | None) -> str
     if source is None or record.get("config", {}).get("predict_only"):
         return f"{100 * accuracy:.1f}%"
     before = source[0] / source[1]
-    return f"{100 * before:.1f}% -> {100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f})"
+    text = f"{100 * before:.1f}% -> {100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f})"
+    labelled = record.get("counts", {}).get("labelled") or 0
+    if source[1] < labelled:  # a sampled reference: the source's accuracy is over its sample
+        text += f" (source model on {source[1]} of the {labelled} labelled images)"
+    return text
 
 
 def summary_sentence(record: dict[str, Any], source: tuple[int, int] | None) -> str:
@@ -211,7 +227,8 @@ def summary_sentence(record: dict[str, Any], source: tuple[int, int] | None) -> 
     if accuracy is not None and source is not None:
         before = source[0] / source[1]
         moved = "raised" if accuracy > before else "lowered" if accuracy < before else "kept"
-        head = (f"Adaptation {moved} accuracy from {100 * before:.1f}% (the model as it was) to "
+        sample = f", on {source[1]} of the {counts['labelled']} images" if source[1] < counts["labelled"] else ""
+        head = (f"Adaptation {moved} accuracy from {100 * before:.1f}% (the model as it was{sample}) to "
                 f"{100 * accuracy:.1f}% ({100 * (accuracy - before):+.1f} points)")
     elif accuracy is not None:
         head = f"Accuracy with adaptation {100 * accuracy:.1f}% (the source model's is unknown: no source reference)"
@@ -314,3 +331,26 @@ def _export_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
                                       f"{len(folder['failed'])} failed) in {folder['directory']}"))
     return rows
 
+
+def print_plan(console: Console, loaded: LoadedModel, method: Any, stream: str, device: torch.device,
+               reference: SourceReference | None) -> None:
+    """What the run is about to do: model, preprocessing, method, stream, device, source reference."""
+    info = method.describe()
+    console.print(f"[bold]model[/bold] {loaded.spec} -> {loaded.architecture}"
+                  f"{'.' + loaded.tag if loaded.tag else ''} ({loaded.source}), {loaded.num_classes} classes")
+    dc = loaded.data_config
+    console.print(f"[bold]preprocessing[/bold] input {tuple(dc['input_size'])}, {dc['interpolation']}, "
+                  f"crop_pct {dc['crop_pct']}, mean {tuple(round(m, 4) for m in dc['mean'])}, "
+                  f"std {tuple(round(s, 4) for s in dc['std'])}")
+    line = f"[bold]method[/bold] {info['method']}"
+    if info["lr"] is not None:
+        line += f", lr {info['lr']:.4g} ({info['lr_source']}), {info['adapted_parameters']} parameter tensors"
+    if info["bn_stats"]:
+        line += f", BatchNorm statistics: {info['bn_stats']}"
+    console.print(line)
+    if info.get("choice"):
+        console.print(f"[bold]auto chose[/bold] {info['choice']['method']}: {info['choice']['why']}", markup=True)
+    console.print(f"[bold]stream[/bold] {stream} on {device}")
+    if reference is not None and not reference.complete:
+        console.print(f"[bold]source reference[/bold] the first {REFERENCE_ALL_FIRST} images, then 1 in "
+                      f"{REFERENCE_EVERY} (--source-reference all: every image)")

@@ -149,7 +149,8 @@ def source_series(rows: list[dict[str, str]], size: int) -> Series | None:
     end = 0
     for chunk in windows(rows, size):
         end += len(chunk)
-        pairs = [(r["source_pred"], r.get("label", "")) for r in chunk if r.get("label", "") != ""]
+        pairs = [(r["source_pred"], r["label"]) for r in chunk
+                 if r.get("label", "") != "" and r["source_pred"] != ""]  # empty: not referenced
         if pairs:
             series.xs.append(end)
             series.ys.append(sum(p == y for p, y in pairs) / len(pairs))
@@ -293,7 +294,9 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
                                   "the model as it was -> adapted" if before is not None
                       else f"{100 * after:.1f}%"))
     if rows and "source_pred" in rows[0]:
-        pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {len(rows)}"))
+        compared = sum(r["source_pred"] != "" for r in rows)
+        pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {compared}"
+                      + (f" compared (a sample of the {len(rows)})" if compared < len(rows) else "")))
     pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
     return pairs
 
@@ -305,7 +308,8 @@ def accuracies(rows: list[dict[str, str]]) -> tuple[float | None, float | None]:
     after = sum(correct) / len(correct) if correct else None
     if not labelled or "source_pred" not in rows[0]:
         return None, after
-    return sum(r["source_pred"] == r["label"] for r in labelled) / len(labelled), after
+    compared = [r for r in labelled if r["source_pred"] != ""]  # a sampled reference leaves rows empty
+    return (sum(r["source_pred"] == r["label"] for r in compared) / len(compared) if compared else None), after
 
 
 def _verdict(run: dict[str, Any]) -> str:

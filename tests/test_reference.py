@@ -1,0 +1,126 @@
+"""tta_cli.reference: the source reference as a pass of the engine, on all or a sample of the rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import csv_rows, invoke, make_images, tiny_timm
+from tta_cli.engine import run_stream
+from tta_cli.methods import create_method
+from tta_cli.outputs import BatchOutputs
+from tta_cli.reference import (
+    REFERENCE_ALL_FIRST,
+    REFERENCE_EVERY,
+    SourceReference,
+    referenced_rows,
+    source_reference_for,
+)
+from tta_cli.sinks.predictions import PredictionsWriter
+from tta_cli.sources.items import Batch, StreamItem
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _stream_rows(mode: str, total: int, batch: int) -> list[int]:
+    rows: list[int] = []
+    for first in range(0, total, batch):
+        n = min(batch, total - first)
+        rows += (first + referenced_rows(mode, first, n)).tolist()
+    return rows
+
+
+def test_sampled_rows_are_the_first_images_then_one_in_every() -> None:
+    rows = _stream_rows("sampled", 1000, 64)
+    expected = [i for i in range(1000) if i < REFERENCE_ALL_FIRST or i % REFERENCE_EVERY == 0]
+    assert rows == expected
+    assert _stream_rows("all", 100, 7) == list(range(100))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 64])
+def test_the_sample_does_not_depend_on_the_batch_size(batch: int) -> None:
+    """By stream index: the same images at any batch size, and after a resume (which numbers on)."""
+    assert _stream_rows("sampled", 700, batch) == _stream_rows("sampled", 700, 32)
+
+
+def test_no_reference_when_off_or_for_a_method_that_does_not_change_predictions() -> None:
+    model = tiny_timm()
+    assert source_reference_for("off", True, model) is None
+    assert source_reference_for("sampled", False, model) is None
+    reference = source_reference_for("sampled", True, model)
+    assert reference is not None and not reference.complete and reference.model is not model
+
+
+def _batches(total: int, size: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for first in range(0, total, size):
+        n = min(size, total - first)
+        items = [StreamItem(f"{first + i}.png", Path(f"{first + i}.png")) for i in range(n)]
+        batches.append(Batch(items, torch.randn(n, 3, 32, 32, generator=g), first))
+    return batches
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.outputs: list[BatchOutputs] = []
+
+    def on_batch(self, outputs: BatchOutputs) -> None:
+        self.outputs.append(outputs)
+
+
+def test_the_engine_runs_the_reference_on_the_sampled_rows_of_the_source_model() -> None:
+    model = tiny_timm()
+    frozen = tiny_timm().eval()  # the same weights: the source model as it came
+    reference = SourceReference(model, "sampled")
+    method = create_method("tent", model, batch_size=64, lr=0.05)
+    recorder = _Recorder()
+    batches = _batches(REFERENCE_ALL_FIRST + 64, 64)
+    totals = run_stream(method, batches, torch.device("cpu"), [recorder], reference=reference)
+    assert totals.referenced == REFERENCE_ALL_FIRST + 64 // REFERENCE_EVERY
+    last = recorder.outputs[-1]
+    assert last.source_rows is not None and last.source_logits is not None
+    assert last.source_rows.tolist() == list(range(0, 64, REFERENCE_EVERY))
+    with torch.no_grad():
+        expected = frozen(batches[-1].images[last.source_rows])
+    assert torch.allclose(last.source_logits, expected, atol=1e-5)  # the source's, not the adapted model's
+    assert last.source_pred().tolist() == expected.argmax(1).tolist()
+
+
+def test_the_predictions_file_leaves_rows_without_a_reference_empty(tmp_path: Path) -> None:
+    n = 4
+    items = [StreamItem(f"{i}.png", Path(f"{i}.png")) for i in range(n)]
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0]])
+    out = BatchOutputs(Batch(items, torch.zeros(n, 3, 2, 2), 0), torch.zeros(n, dtype=torch.long), torch.ones(n),
+                       torch.zeros(n), torch.zeros(n, 2, dtype=torch.long), torch.zeros(n, dtype=torch.bool), (),
+                       False, 0.0, source_rows=torch.tensor([0, 2]), source_logits=logits)
+    writer = PredictionsWriter(tmp_path / "predictions.csv", ["cat", "dog"], source_columns=True)
+    writer.on_batch(out)
+    writer.close()
+    rows = csv_rows(tmp_path / "predictions.csv")
+    assert [r["source_pred"] for r in rows] == ["1", "", "0", ""]
+    assert [r["source_pred_name"] for r in rows] == ["dog", "", "cat", ""]
+
+
+TOTAL = REFERENCE_ALL_FIRST + 88
+
+
+@pytest.mark.parametrize(("mode", "filled"), [("all", TOTAL), ("sampled", REFERENCE_ALL_FIRST + 88 // REFERENCE_EVERY),
+                                              ("off", None)])
+def test_adapt_source_reference_modes(tmp_path: Path, tiny_model_dir: Path, mode: str, filled: int | None) -> None:
+    make_images(tmp_path / "images", TOTAL, size=8)
+    out = tmp_path / "out"
+    result = invoke("adapt", tmp_path / "images", "--model", f"local-dir:{tiny_model_dir}", "--method", "tent",
+                    "-b", "100", "--out", out, "--workers", "0", "--quiet", "--source-reference", mode)
+    assert result.exit_code == 0, result.output
+    rows = csv_rows(out / "predictions.csv")
+    record = json.loads((out / "run.json").read_text())
+    if filled is None:
+        assert "source_pred" not in rows[0] and "estimated_accuracy_change" not in record["health"]
+        return
+    assert sum(r["source_pred"] != "" for r in rows) == filled
+    assert record["counts"]["referenced"] == filled and record["config"]["source_reference"] == mode
+    assert "estimated_accuracy_change" in record["health"]
