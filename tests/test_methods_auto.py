@@ -6,15 +6,18 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
+from tta_cli.bench.online import EveryKth
 from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
-from tta_cli.methods.base import softmax_entropy
+from tta_cli.methods.auto.guard import HARM_POINTS, ChangeWindow
+from tta_cli.methods.base import StepResult, softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
 
@@ -180,6 +183,88 @@ def test_guard_resets_then_falls_back_to_source() -> None:
     assert [e["action"] for e in method.collapse_events] == ["reset", "source"]
     assert method.frozen_at == 1
     assert torch.allclose(method.step(x).logits, expected, atol=1e-5)  # the source model now
+
+
+def _confident_vit() -> torch.nn.Module:
+    """A tiny ViT whose source predictions are confident, so that flipping them costs accuracy."""
+    model = tiny_timm("test_vit")
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)
+    return model
+
+
+def _stub_step(method: Any, model: torch.nn.Module, sign: float) -> Any:
+    """Makes the inner method predict (and learn nothing) with the source logits times ``sign``:
+    1 agrees with the source, -1 predicts each image's least likely source class."""
+    reference = copy.deepcopy(model).eval()
+
+    def step(x: torch.Tensor) -> StepResult:
+        with torch.no_grad():
+            logits = reference(x)
+        return StepResult(logits=sign * logits, used=torch.ones(len(x), dtype=torch.bool))
+
+    method.inner.step = step
+    return step
+
+
+def test_change_window_estimates_harm_over_the_latest_images() -> None:
+    model = _confident_vit()
+    batches = random_inputs(6)
+    window = ChangeWindow(10, size=16)
+    with torch.no_grad():
+        logits = [model.eval()(x) for x in batches]
+    assert window.add(logits[0], logits[0].argmax(1)) is None  # 8 of 16 images
+    assert window.add(logits[1], logits[1].argmax(1)) == 0.0  # agreeing predictions change nothing
+    assert window.add(logits[2], logits[2].argmin(1)) <= -HARM_POINTS  # flipped confident predictions
+    assert window.add(logits[3], logits[3].argmin(1)) <= -HARM_POINTS
+    assert window.add(logits[4], logits[4].argmax(1)) <= -HARM_POINTS  # one harmful batch still in the window
+    assert window.add(logits[5], logits[5].argmax(1)) == 0.0  # the harmful batches have left it
+
+
+def test_guard_predicts_with_the_source_while_the_window_looks_harmful() -> None:
+    model = _confident_vit()
+    batches = random_inputs(5)
+    with torch.no_grad():
+        expected = [model.eval()(x) for x in batches]
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16)
+    method.guard.thresholds = Thresholds(diversity_ratio=0.0, entropy_drop=math.inf)  # no collapse
+    _stub_step(method, model, -1.0)
+    outputs = [method.step(x).logits for x in batches]
+    assert torch.allclose(outputs[0], -expected[0], atol=1e-5)  # the window is not full yet
+    for out, source in zip(outputs[1:], expected[1:], strict=True):
+        assert torch.allclose(out, source, atol=1e-5)
+    stats = method.stats()
+    assert stats["guard_fallbacks"] == [[1, 5]] and stats["source_share"] == 0.8
+    assert [r["batch"] for r in stats["guard_harm_resets"]] == [2, 4]  # a whole window of harm resets
+    assert method.collapse_events == [] and method.frozen_at is None
+    off = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16, harm_points=0.0)
+    _stub_step(off, model, -1.0)
+    assert all(torch.allclose(off.step(x).logits, -e, atol=1e-5) for x, e in zip(batches, expected, strict=True))
+
+
+def test_guard_hands_back_to_the_inner_method_once_the_harm_has_left_the_window() -> None:
+    model = _confident_vit()
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16)
+    method.guard.thresholds = Thresholds(diversity_ratio=0.0, entropy_drop=math.inf)
+    agreeing, flipping = _stub_step(method, model, 1.0), _stub_step(method, model, -1.0)
+    for i, x in enumerate(random_inputs(6)):
+        method.inner.step = flipping if i in (1, 2) else agreeing
+        method.step(x)
+    # batches 1-2 flip: the window of 16 images (two batches) is harmful from batch 1 until batch 2 has left it
+    assert method.stats()["guard_fallbacks"] == [[1, 4]]
+    assert [r["batch"] for r in method.stats()["guard_harm_resets"]] == [2]
+
+
+def test_auto_predicts_without_adapting_in_the_online_view() -> None:
+    model = tiny_timm("test_vit")
+    method = create_method("auto", model, batch_size=8, inner="roid")
+    online = EveryKth(method, 2)
+    for x in random_inputs(3):
+        assert online.step(x).logits.shape == (8, 10)
+    method.guard.frozen_at = 0  # once frozen, the batches in between are the source's too
+    x = random_inputs(1)[0]
+    with torch.no_grad():
+        assert torch.allclose(method.predict(x), method.guard.reference(x), atol=1e-5)
 
 
 def test_adapt_default_is_auto_and_records_the_choice(tmp_path: Path, tiny_model_dir: Path) -> None:

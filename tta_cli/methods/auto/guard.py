@@ -70,10 +70,6 @@ class ChangeWindow:
         selectivity_view = 100 * (e.flips - start.flips) / images * (2 * auc - 1)
         return (source_view + selectivity_view) / 2
 
-    def clear(self) -> None:
-        """Start the window afresh (the stream's class prior is kept)."""
-        self._marks.clear()
-
 
 class Guard:
     """Runs ``inner`` on each batch and watches it against ``reference`` (a frozen source copy)."""
@@ -169,13 +165,12 @@ class Guard:
             self.frozen_at = batch
 
     def _restart(self, inner: TTAMethod) -> None:
-        """Reset ``inner``; its windows start afresh, judging the reset model on its own predictions."""
+        """Reset ``inner``. The collapse window starts afresh (``CollapseWindow.collapse``); the
+        change window keeps the harm it saw, so the source predicts until that has left it (the
+        reset model predicts as the source does meanwhile) and the next harm reset needs a whole
+        new window of harm."""
         inner.reset()
         self._harmful_images = 0
-        if self.window is not None:
-            self.window.clear()
-        if self.change is not None:
-            self.change.clear()
 
     def stats(self) -> dict[str, Any]:
         fallback = sum(last - first for first, last in self.fallbacks)
