@@ -39,6 +39,18 @@ def test_choice_per_normalisation(arch: str, kind: str, inner: str) -> None:
     method.close()
 
 
+@pytest.mark.parametrize("arch", ["test_efficientnet_gn", "test_vit"])
+def test_batch_independent_models_run_roid_as_it_is_under_the_guard(arch: str) -> None:
+    method = create_method("auto", tiny_timm(arch), batch_size=8, judge_first=False)
+    roid = create_method("roid", tiny_timm(arch), batch_size=8)
+    assert method.describe()["inner"] == "roid" and "gained most" in method.describe()["choice"]["why"]
+    for seed, x in enumerate(random_inputs(3)):
+        for m in (method, roid):
+            m.reseed(seed)
+        assert torch.equal(method.step(x).logits, roid.step(x).logits)  # no fallback on these batches
+    assert method.stats()["guard_fallbacks"] == []
+
+
 def test_inner_can_be_chosen() -> None:
     method = create_method("auto", tiny_timm("test_vit"), batch_size=8, inner="tent")
     assert method.describe()["inner"] == "tent"
@@ -230,16 +242,30 @@ def test_guard_predicts_with_the_source_while_the_window_looks_harmful() -> None
     method.guard.thresholds = Thresholds(diversity_ratio=0.0, entropy_drop=math.inf)  # no collapse
     _stub_step(method, model, -1.0)
     outputs = [method.step(x).logits for x in batches]
-    assert torch.allclose(outputs[0], -expected[0], atol=1e-5)  # the window is not full yet
-    for out, source in zip(outputs[1:], expected[1:], strict=True):
+    for out, source in zip(outputs, expected, strict=True):  # batch 0: not judged yet; then harmful
         assert torch.allclose(out, source, atol=1e-5)
     stats = method.stats()
-    assert stats["guard_fallbacks"] == [[1, 5]] and stats["source_share"] == 0.8
+    assert stats["guard_fallbacks"] == [[0, 5]] and stats["source_share"] == 1.0
     assert [r["batch"] for r in stats["guard_harm_resets"]] == [2, 4]  # a whole window of harm resets
     assert method.collapse_events == [] and method.frozen_at is None
     off = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16, harm_points=0.0)
     _stub_step(off, model, -1.0)
     assert all(torch.allclose(off.step(x).logits, -e, atol=1e-5) for x, e in zip(batches, expected, strict=True))
+
+
+@pytest.mark.parametrize("judge_first", [True, False])
+def test_guard_predicts_with_the_source_until_its_first_window_is_judged(judge_first: bool) -> None:
+    model = _confident_vit()
+    batches = random_inputs(3)
+    with torch.no_grad():
+        expected = [model.eval()(x) for x in batches]
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16, judge_first=judge_first)
+    agreeing = _stub_step(method, model, 1.0)
+    method.inner.step = lambda x: StepResult(logits=agreeing(x).logits + 1e-3, used=torch.ones(8, dtype=torch.bool))
+    outputs = [method.step(x).logits for x in batches]
+    assert torch.allclose(outputs[0], expected[0], atol=1e-5) == judge_first  # 8 of 16 images: not judged
+    assert all(torch.allclose(o, e + 1e-3, atol=1e-5) for o, e in zip(outputs[1:], expected[1:], strict=True))
+    assert method.stats()["guard_fallbacks"] == ([[0, 1]] if judge_first else [])
 
 
 def test_guard_hands_back_to_the_inner_method_once_the_harm_has_left_the_window() -> None:
@@ -250,8 +276,9 @@ def test_guard_hands_back_to_the_inner_method_once_the_harm_has_left_the_window(
     for i, x in enumerate(random_inputs(6)):
         method.inner.step = flipping if i in (1, 2) else agreeing
         method.step(x)
-    # batches 1-2 flip: the window of 16 images (two batches) is harmful from batch 1 until batch 2 has left it
-    assert method.stats()["guard_fallbacks"] == [[1, 4]]
+    # batch 0: not judged yet; batches 1-2 flip: the window of 16 images (two batches) is harmful
+    # from batch 1 until batch 2 has left it
+    assert method.stats()["guard_fallbacks"] == [[0, 4]]
     assert [r["batch"] for r in method.stats()["guard_harm_resets"]] == [2]
 
 

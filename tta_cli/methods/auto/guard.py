@@ -10,7 +10,9 @@ the inner method's predictions over a window of recent images:
   against the source, over the window): while the window's estimate is at or below
   ``-harm_points``, the batch is predicted by the source copy (a *fallback*, per batch: the inner
   method goes on adapting and takes over again once its window no longer looks harmful); harm for
-  a whole window of batches in a row resets the inner method.
+  a whole window of batches in a row resets the inner method. With ``judge_first`` the source copy
+  also predicts until the first window is full: the inner method's predictions are used only once
+  a window of them has been judged.
 """
 
 from __future__ import annotations
@@ -75,15 +77,17 @@ class Guard:
     """Runs ``inner`` on each batch and watches it against ``reference`` (a frozen source copy)."""
 
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
-                 thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS) -> None:
+                 thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
+                 judge_first: bool = True) -> None:
         """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
-        0 turns the harm fallback off."""
+        0 turns the harm fallback off (and ``judge_first`` with it)."""
         self.reference = reference
         self.max_collapses = max_collapses
         self.size = window
         self.batch_size = batch_size
         self.thresholds = thresholds or Thresholds()
         self.harm_points = harm_points
+        self.judge_first = judge_first
         self.window: CollapseWindow | None = None
         self.change: ChangeWindow | None = None
         self.events: list[dict[str, Any]] = []
@@ -92,8 +96,8 @@ class Guard:
         self.harm_resets: list[dict[str, Any]] = []
         """The batches where a whole window of harm reset the inner method, with the estimate."""
         self.fallbacks: list[list[int]] = []
-        """The batches the source copy predicted because the window looked harmful (or collapsed,
-        on the batch that showed it), as ``[first, last + 1)`` ranges."""
+        """The batches the source copy predicted because the window looked harmful, was not judged
+        yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
         self.falling_back = False
         self._harmful_images = 0
         self.batches = 0
@@ -127,13 +131,16 @@ class Guard:
         return result
 
     def _harmful(self, inner: TTAMethod, source_logits: torch.Tensor, pred: torch.Tensor, batch: int) -> bool:
-        """Whether the window's estimated change is at or below ``-harm_points``; harm for a whole
-        window in a row resets ``inner``."""
+        """Whether the window's estimated change is at or below ``-harm_points`` (with
+        ``judge_first``: or the first window is not full yet); harm for a whole window in a row
+        resets ``inner``."""
         assert self.change is not None and self.window is not None
         if not self.harm_points:
             return False
         change = self.change.add(source_logits, pred)
-        if change is None or change > -self.harm_points:
+        if change is None:
+            return self.judge_first
+        if change > -self.harm_points:
             self._harmful_images = 0
             return False
         self._harmful_images += len(pred)

@@ -65,6 +65,9 @@ class AutoConfig(MethodConfig):
     """The guard's source fallback: batches whose window's label-free estimate of the accuracy
     change (``tta_cli.trust``) is at or below minus this many points are predicted by the source
     copy; 0: off."""
+    judge_first: bool = True
+    """With the harm fallback: the source copy predicts until the guard's first window is full, so
+    that the inner method's predictions are used only once a window of them has been judged."""
 
 
 @register_method
@@ -99,7 +102,8 @@ class Auto(WrappingMethod):
         self.bn_choice = BatchNormChoice(
             inner, stream_model, max(num_classes, 2), config.bn_choice_temperature, config.bn_choice_window,
             config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels) if batchnorm else None
-        self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points) \
+        self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
+                           judge_first=config.judge_first) \
             if reference is not None else None
 
     def step(self, x: torch.Tensor) -> StepResult:
