@@ -288,6 +288,7 @@ def test_auto_predicts_without_adapting_in_the_online_view() -> None:
     online = EveryKth(method, 2)
     for x in random_inputs(3):
         assert online.step(x).logits.shape == (8, 10)
+    assert method.guard.change.estimate.images == 24  # the predicted batch is watched too
     method.guard.frozen_at = 0  # once frozen, the batches in between are the source's too
     x = random_inputs(1)[0]
     with torch.no_grad():

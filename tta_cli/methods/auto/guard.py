@@ -98,7 +98,6 @@ class Guard:
         self.fallbacks: list[list[int]] = []
         """The batches the source copy predicted because the window looked harmful, was not judged
         yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
-        self.falling_back = False
         self._harmful_images = 0
         self.batches = 0
 
@@ -109,7 +108,21 @@ class Guard:
         if self.frozen_at is not None:
             return StepResult(logits=self._source_logits(inner, x),
                               used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-        result = inner.step(x)
+        return self._watch(inner, x, inner.step(x), batch)
+
+    @torch.no_grad()
+    def predict(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Batch number ``batch`` predicted without an update (the online view's batches in
+        between), watched as ``step``'s are: the inner model's logits, or the source copy's."""
+        self.batches = batch + 1
+        if self.frozen_at is not None:
+            return self._source_logits(inner, x)
+        used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return self._watch(inner, x, StepResult(logits=inner.run_model(x), used=used), batch).logits
+
+    def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int) -> StepResult:
+        """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
+        where a window collapsed, looks harmful or is not judged yet."""
         source_logits = self._source_logits(inner, x)
         if self.window is None or self.change is None:
             num_classes = source_logits.shape[1]
@@ -123,8 +136,7 @@ class Guard:
         if signals is not None:
             self._on_collapse(inner, signals, batch)
         finite_pred = torch.where(torch.isfinite(logits).all(1).cpu(), pred, -1)
-        self.falling_back = signals is not None or self._harmful(inner, source_logits.cpu(), finite_pred, batch)
-        if self.falling_back:
+        if signals is not None or self._harmful(inner, source_logits.cpu(), finite_pred, batch):
             if self.frozen_at is None:
                 self._record_fallback(batch)
             return StepResult(logits=source_logits, used=result.used)
@@ -154,14 +166,6 @@ class Guard:
             self.fallbacks[-1][1] = batch + 1
         else:
             self.fallbacks.append([batch, batch + 1])
-
-    @torch.no_grad()
-    def predict(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:
-        """Logits without an update: the source copy's once frozen or while falling back, else the
-        inner model's."""
-        if self.frozen_at is not None or self.falling_back:
-            return self._source_logits(inner, x)
-        return inner.run_model(x)
 
     def _on_collapse(self, inner: TTAMethod, signals: dict[str, float], batch: int) -> None:
         frozen = len(self.events) + 1 >= self.max_collapses

@@ -121,10 +121,13 @@ class Auto(WrappingMethod):
         """A batch's logits without adapting on it (the online view's batches in between): the
         BatchNorm choice (which learns nothing but its stream statistics), or the guard's model."""
         if self.bn_choice is not None:
-            return self.bn_choice.step(x).logits
-        if self.guard is not None:
-            return self.guard.predict(self.inner, x)
-        return self.inner.run_model(x)
+            logits = self.bn_choice.step(x).logits
+        elif self.guard is not None:
+            logits = self.guard.predict(self.inner, x, self.batches_seen)
+        else:
+            logits = self.inner.run_model(x)
+        self.batches_seen += 1
+        return logits
 
     @property
     def stream_model(self) -> nn.Module | None:
