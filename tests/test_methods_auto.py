@@ -282,6 +282,26 @@ def test_guard_hands_back_to_the_inner_method_once_the_harm_has_left_the_window(
     assert [r["batch"] for r in method.stats()["guard_harm_resets"]] == [2]
 
 
+def test_resume_restores_the_guard(tmp_path: Path) -> None:
+    model = _confident_vit()
+    batches = random_inputs(5)
+    uninterrupted = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    first = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    for i, x in enumerate(batches[:3]):
+        for m in (uninterrupted, first):
+            _stub_step(m, model, -1.0 if i == 1 else 1.0)
+            m.step(x)
+    torch.save(first.state_for_resume(), tmp_path / "state.pt")
+    resumed = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    resumed.load_resume_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    _stub_step(uninterrupted, model, 2.0)  # agrees with the source, with other logits
+    _stub_step(resumed, model, 2.0)
+    for x in batches[3:]:  # judged, and batch 1's harm has left the window: the inner method's
+        assert torch.equal(resumed.step(x).logits, uninterrupted.step(x).logits)
+    assert resumed.stats() == uninterrupted.stats()
+    assert resumed.stats()["guard_fallbacks"] == [[0, 3]] and resumed.batches_seen == 5
+
+
 def test_auto_predicts_without_adapting_in_the_online_view() -> None:
     model = tiny_timm("test_vit")
     method = create_method("auto", model, batch_size=8, inner="roid")

@@ -73,6 +73,14 @@ class ChangeWindow:
         return (source_view + selectivity_view) / 2
 
 
+    def state(self) -> dict[str, Any]:
+        return {"estimate": self.estimate.state(), "marks": [list(mark) for mark in self._marks]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.estimate.load_state(state["estimate"])
+        self._marks = deque(_Counts(*mark) for mark in state["marks"])
+
+
 class Guard:
     """Runs ``inner`` on each batch and watches it against ``reference`` (a frozen source copy)."""
 
@@ -188,6 +196,25 @@ class Guard:
         return {"guard_fallbacks": self.fallbacks, "guard_harm_resets": self.harm_resets,
                 "source_share": (fallback + (self.batches - self.frozen_at if self.frozen_at is not None else 0))
                 / max(self.batches, 1)}
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next batch depends on, as plain data (``--resume``)."""
+        return {"collapse": self.window.state() if self.window is not None else None,
+                "change": self.change.state() if self.change is not None else None,
+                "events": self.events, "frozen_at": self.frozen_at, "harm_resets": self.harm_resets,
+                "fallbacks": self.fallbacks, "harmful_images": self._harmful_images, "batches": self.batches}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["change"] is not None:
+            num_classes = int(state["change"]["estimate"]["num_classes"])
+            size = self.size or default_window(self.batch_size, num_classes)
+            self.window = CollapseWindow(num_classes, size, self.thresholds)
+            self.window.load_state(state["collapse"])
+            self.change = ChangeWindow(num_classes, size)
+            self.change.load_state(state["change"])
+        self.events, self.frozen_at, self.harm_resets = state["events"], state["frozen_at"], state["harm_resets"]
+        self.fallbacks, self.batches = state["fallbacks"], state["batches"]
+        self._harmful_images = state["harmful_images"]
 
     @torch.no_grad()
     def _source_logits(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,22 @@ class Auto(WrappingMethod):
         self.batches_seen += 1
         return logits
 
+    def state_for_resume(self) -> dict[str, Any]:
+        """The inner method's state, with the guard's windows and records and the batch count, so
+        that a resumed run judges and falls back as an uninterrupted one."""
+        state = self.inner.state_for_resume()
+        if self.guard is not None:
+            state["auto"] = {"guard": self.guard.state(), "batches_seen": self.batches_seen}
+        return state
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        own = state.pop("auto", None)
+        self.inner.load_resume_state(state)
+        if own is not None and self.guard is not None:
+            self.guard.load_state(own["guard"])
+            self.batches_seen = int(own["batches_seen"])
+
     @property
     def stream_model(self) -> nn.Module | None:
         """BatchNorm models: the frozen copy with the stream's statistics (None without)."""
