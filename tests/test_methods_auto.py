@@ -6,15 +6,18 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.helpers import invoke, make_images, random_inputs, tiny_timm
+from tta_cli.bench.online import EveryKth
 from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
-from tta_cli.methods.base import softmax_entropy
+from tta_cli.methods.auto.guard import HARM_POINTS, ChangeWindow
+from tta_cli.methods.base import StepResult, softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
 
@@ -34,6 +37,18 @@ def test_choice_per_normalisation(arch: str, kind: str, inner: str) -> None:
         out = method.step(x)
         assert out.logits.shape == (8, 10) and torch.isfinite(out.logits).all()
     method.close()
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet_gn", "test_vit"])
+def test_batch_independent_models_run_roid_as_it_is_under_the_guard(arch: str) -> None:
+    method = create_method("auto", tiny_timm(arch), batch_size=8, judge_first=False)
+    roid = create_method("roid", tiny_timm(arch), batch_size=8)
+    assert method.describe()["inner"] == "roid" and "gained most" in method.describe()["choice"]["why"]
+    for seed, x in enumerate(random_inputs(3)):
+        for m in (method, roid):
+            m.reseed(seed)
+        assert torch.equal(method.step(x).logits, roid.step(x).logits)  # no fallback on these batches
+    assert method.stats()["guard_fallbacks"] == []
 
 
 def test_inner_can_be_chosen() -> None:
@@ -180,6 +195,124 @@ def test_guard_resets_then_falls_back_to_source() -> None:
     assert [e["action"] for e in method.collapse_events] == ["reset", "source"]
     assert method.frozen_at == 1
     assert torch.allclose(method.step(x).logits, expected, atol=1e-5)  # the source model now
+
+
+def _confident_vit() -> torch.nn.Module:
+    """A tiny ViT whose source predictions are confident, so that flipping them costs accuracy."""
+    model = tiny_timm("test_vit")
+    with torch.no_grad():
+        model.head.weight.mul_(50.0)
+    return model
+
+
+def _stub_step(method: Any, model: torch.nn.Module, sign: float) -> Any:
+    """Makes the inner method predict (and learn nothing) with the source logits times ``sign``:
+    1 agrees with the source, -1 predicts each image's least likely source class."""
+    reference = copy.deepcopy(model).eval()
+
+    def step(x: torch.Tensor) -> StepResult:
+        with torch.no_grad():
+            logits = reference(x)
+        return StepResult(logits=sign * logits, used=torch.ones(len(x), dtype=torch.bool))
+
+    method.inner.step = step
+    return step
+
+
+def test_change_window_estimates_harm_over_the_latest_images() -> None:
+    model = _confident_vit()
+    batches = random_inputs(6)
+    window = ChangeWindow(10, size=16)
+    with torch.no_grad():
+        logits = [model.eval()(x) for x in batches]
+    assert window.add(logits[0], logits[0].argmax(1)) is None  # 8 of 16 images
+    assert window.add(logits[1], logits[1].argmax(1)) == 0.0  # agreeing predictions change nothing
+    assert window.add(logits[2], logits[2].argmin(1)) <= -HARM_POINTS  # flipped confident predictions
+    assert window.add(logits[3], logits[3].argmin(1)) <= -HARM_POINTS
+    assert window.add(logits[4], logits[4].argmax(1)) <= -HARM_POINTS  # one harmful batch still in the window
+    assert window.add(logits[5], logits[5].argmax(1)) == 0.0  # the harmful batches have left it
+
+
+def test_guard_predicts_with_the_source_while_the_window_looks_harmful() -> None:
+    model = _confident_vit()
+    batches = random_inputs(5)
+    with torch.no_grad():
+        expected = [model.eval()(x) for x in batches]
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16)
+    method.guard.thresholds = Thresholds(diversity_ratio=0.0, entropy_drop=math.inf)  # no collapse
+    _stub_step(method, model, -1.0)
+    outputs = [method.step(x).logits for x in batches]
+    for out, source in zip(outputs, expected, strict=True):  # batch 0: not judged yet; then harmful
+        assert torch.allclose(out, source, atol=1e-5)
+    stats = method.stats()
+    assert stats["guard_fallbacks"] == [[0, 5]] and stats["source_share"] == 1.0
+    assert [r["batch"] for r in stats["guard_harm_resets"]] == [2, 4]  # a whole window of harm resets
+    assert method.collapse_events == [] and method.frozen_at is None
+    off = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16, harm_points=0.0)
+    _stub_step(off, model, -1.0)
+    assert all(torch.allclose(off.step(x).logits, -e, atol=1e-5) for x, e in zip(batches, expected, strict=True))
+
+
+@pytest.mark.parametrize("judge_first", [True, False])
+def test_guard_predicts_with_the_source_until_its_first_window_is_judged(judge_first: bool) -> None:
+    model = _confident_vit()
+    batches = random_inputs(3)
+    with torch.no_grad():
+        expected = [model.eval()(x) for x in batches]
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16, judge_first=judge_first)
+    agreeing = _stub_step(method, model, 1.0)
+    method.inner.step = lambda x: StepResult(logits=agreeing(x).logits + 1e-3, used=torch.ones(8, dtype=torch.bool))
+    outputs = [method.step(x).logits for x in batches]
+    assert torch.allclose(outputs[0], expected[0], atol=1e-5) == judge_first  # 8 of 16 images: not judged
+    assert all(torch.allclose(o, e + 1e-3, atol=1e-5) for o, e in zip(outputs[1:], expected[1:], strict=True))
+    assert method.stats()["guard_fallbacks"] == ([[0, 1]] if judge_first else [])
+
+
+def test_guard_hands_back_to_the_inner_method_once_the_harm_has_left_the_window() -> None:
+    model = _confident_vit()
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16)
+    method.guard.thresholds = Thresholds(diversity_ratio=0.0, entropy_drop=math.inf)
+    agreeing, flipping = _stub_step(method, model, 1.0), _stub_step(method, model, -1.0)
+    for i, x in enumerate(random_inputs(6)):
+        method.inner.step = flipping if i in (1, 2) else agreeing
+        method.step(x)
+    # batch 0: not judged yet; batches 1-2 flip: the window of 16 images (two batches) is harmful
+    # from batch 1 until batch 2 has left it
+    assert method.stats()["guard_fallbacks"] == [[0, 4]]
+    assert [r["batch"] for r in method.stats()["guard_harm_resets"]] == [2]
+
+
+def test_resume_restores_the_guard(tmp_path: Path) -> None:
+    model = _confident_vit()
+    batches = random_inputs(5)
+    uninterrupted = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    first = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    for i, x in enumerate(batches[:3]):
+        for m in (uninterrupted, first):
+            _stub_step(m, model, -1.0 if i == 1 else 1.0)
+            m.step(x)
+    torch.save(first.state_for_resume(), tmp_path / "state.pt")
+    resumed = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16)
+    resumed.load_resume_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    _stub_step(uninterrupted, model, 2.0)  # agrees with the source, with other logits
+    _stub_step(resumed, model, 2.0)
+    for x in batches[3:]:  # judged, and batch 1's harm has left the window: the inner method's
+        assert torch.equal(resumed.step(x).logits, uninterrupted.step(x).logits)
+    assert resumed.stats() == uninterrupted.stats()
+    assert resumed.stats()["guard_fallbacks"] == [[0, 3]] and resumed.batches_seen == 5
+
+
+def test_auto_predicts_without_adapting_in_the_online_view() -> None:
+    model = tiny_timm("test_vit")
+    method = create_method("auto", model, batch_size=8, inner="roid")
+    online = EveryKth(method, 2)
+    for x in random_inputs(3):
+        assert online.step(x).logits.shape == (8, 10)
+    assert method.guard.change.estimate.images == 24  # the predicted batch is watched too
+    method.guard.frozen_at = 0  # once frozen, the batches in between are the source's too
+    x = random_inputs(1)[0]
+    with torch.no_grad():
+        assert torch.allclose(method.predict(x), method.guard.reference(x), atol=1e-5)
 
 
 def test_adapt_default_is_auto_and_records_the_choice(tmp_path: Path, tiny_model_dir: Path) -> None:

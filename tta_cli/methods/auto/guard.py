@@ -1,64 +1,220 @@
 """auto's guard on batch-independent models: "never worse than the source".
 
-A frozen source copy predicts every batch next to the inner method; over a window of recent images
-the collapse signals of ``tta_cli.collapse_window`` (the ones the run's monitor uses: diversity
-against the source's, agreement, entropy drop in units of ln C) flag a collapse; the inner method is
-then reset, and after ``max_collapses`` events the source copy predicts for the rest of the stream.
+A frozen source copy predicts every batch next to the inner method. Two label-free signals judge
+the inner method's predictions over a window of recent images:
+
+* **collapse** (``tta_cli.collapse_window``, the signals the run's monitor uses: diversity against
+  the source's, agreement, entropy drop in units of ln C): the inner method is reset, and after
+  ``max_collapses`` events the source copy predicts for the rest of the stream;
+* **harm** (``ChangeWindow``: ``tta_cli.trust.ChangeEstimate``'s estimate of the accuracy change
+  against the source, over the window): while the window's estimate is at or below
+  ``-harm_points``, the batch is predicted by the source copy (a *fallback*, per batch: the inner
+  method goes on adapting and takes over again once its window no longer looks harmful); harm for
+  a whole window of batches in a row resets the inner method. With ``judge_first`` the source copy
+  also predicts until the first window is full: the inner method's predictions are used only once
+  a window of them has been judged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tta_cli.collapse_window import CollapseWindow, Thresholds, default_window
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.trust import ChangeEstimate, flip_auc
+
+HARM_POINTS = 1.0
+"""A window whose estimated accuracy change is at or below minus this many points is harmful
+(``tta_cli.trust.HURT_POINTS`` for a whole run)."""
+
+
+class _Counts(NamedTuple):
+    """A ``ChangeEstimate``'s running sums at one moment (a window is the difference of two)."""
+
+    images: int
+    flips: int
+    source_view: float
+    flipped_hist: torch.Tensor
+    kept_hist: torch.Tensor
+
+
+class ChangeWindow:
+    """The estimated accuracy change (points, adapted minus source) over the latest ``size`` or more
+    images: the mean of ``ChangeEstimate``'s source view and selectivity view, from the difference
+    of its running sums, so that the label-shift adjustment keeps the whole stream's class prior."""
+
+    def __init__(self, num_classes: int, size: int) -> None:
+        self.estimate = ChangeEstimate(num_classes)
+        self.size = size
+        self._marks: deque[_Counts] = deque()
+
+    def _counts(self) -> _Counts:
+        e = self.estimate
+        return _Counts(e.images, e.flips, e.source_view, e.flipped_hist.clone(), e.kept_hist.clone())
+
+    def add(self, source_logits: torch.Tensor, pred: torch.Tensor) -> float | None:
+        """One batch; the window's estimate once it holds ``size`` images, else None."""
+        self._marks.append(self._counts())
+        self.estimate.add(source_logits, pred)
+        while len(self._marks) > 1 and self.estimate.images - self._marks[1].images >= self.size:
+            self._marks.popleft()
+        return self.change() if self.estimate.images - self._marks[0].images >= self.size else None
+
+    def change(self) -> float:
+        start, e = self._marks[0], self.estimate
+        images = max(e.images - start.images, 1)
+        source_view = 100 * (e.source_view - start.source_view) / images
+        auc = flip_auc(e.flipped_hist - start.flipped_hist, e.kept_hist - start.kept_hist)
+        selectivity_view = 100 * (e.flips - start.flips) / images * (2 * auc - 1)
+        return (source_view + selectivity_view) / 2
+
+
+    def state(self) -> dict[str, Any]:
+        return {"estimate": self.estimate.state(), "marks": [list(mark) for mark in self._marks]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.estimate.load_state(state["estimate"])
+        self._marks = deque(_Counts(*mark) for mark in state["marks"])
 
 
 class Guard:
     """Runs ``inner`` on each batch and watches it against ``reference`` (a frozen source copy)."""
 
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
-                 thresholds: Thresholds | None = None) -> None:
-        """``window``: images per window, 0 for ``collapse_window.default_window``."""
+                 thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
+                 judge_first: bool = True) -> None:
+        """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
+        0 turns the harm fallback off (and ``judge_first`` with it)."""
         self.reference = reference
         self.max_collapses = max_collapses
         self.size = window
         self.batch_size = batch_size
         self.thresholds = thresholds or Thresholds()
+        self.harm_points = harm_points
+        self.judge_first = judge_first
         self.window: CollapseWindow | None = None
+        self.change: ChangeWindow | None = None
         self.events: list[dict[str, Any]] = []
         self.frozen_at: int | None = None
         """The batch from which the source copy predicts (after ``max_collapses`` events)."""
+        self.harm_resets: list[dict[str, Any]] = []
+        """The batches where a whole window of harm reset the inner method, with the estimate."""
+        self.fallbacks: list[list[int]] = []
+        """The batches the source copy predicted because the window looked harmful, was not judged
+        yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
+        self._harmful_images = 0
+        self.batches = 0
 
     def step(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
-        """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen."""
+        """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen
+        or while the inner method's window looks harmful."""
+        self.batches = batch + 1
         if self.frozen_at is not None:
             return StepResult(logits=self._source_logits(inner, x),
                               used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-        result = inner.step(x)
+        return self._watch(inner, x, inner.step(x), batch)
+
+    @torch.no_grad()
+    def predict(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """Batch number ``batch`` predicted without an update (the online view's batches in
+        between), watched as ``step``'s are: the inner model's logits, or the source copy's."""
+        self.batches = batch + 1
+        if self.frozen_at is not None:
+            return self._source_logits(inner, x)
+        used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return self._watch(inner, x, StepResult(logits=inner.run_model(x), used=used), batch).logits
+
+    def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int) -> StepResult:
+        """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
+        where a window collapsed, looks harmful or is not judged yet."""
         source_logits = self._source_logits(inner, x)
-        if self.window is None:
+        if self.window is None or self.change is None:
             num_classes = source_logits.shape[1]
-            self.window = CollapseWindow(num_classes, self.size or default_window(self.batch_size, num_classes),
-                                         self.thresholds)
+            size = self.size or default_window(self.batch_size, num_classes)
+            self.window = CollapseWindow(num_classes, size, self.thresholds)
+            self.change = ChangeWindow(num_classes, size)
         logits = result.logits.detach().float()
-        self.window.add(logits.argmax(1).cpu(), softmax_entropy(logits).cpu(),
-                        source_logits.argmax(1).cpu(), softmax_entropy(source_logits).cpu())
+        pred, source_pred = logits.argmax(1).cpu(), source_logits.argmax(1).cpu()
+        self.window.add(pred, softmax_entropy(logits).cpu(), source_pred, softmax_entropy(source_logits).cpu())
         signals = self.window.collapse()
         if signals is not None:
             self._on_collapse(inner, signals, batch)
+        finite_pred = torch.where(torch.isfinite(logits).all(1).cpu(), pred, -1)
+        if signals is not None or self._harmful(inner, source_logits.cpu(), finite_pred, batch):
+            if self.frozen_at is None:
+                self._record_fallback(batch)
+            return StepResult(logits=source_logits, used=result.used)
         return result
+
+    def _harmful(self, inner: TTAMethod, source_logits: torch.Tensor, pred: torch.Tensor, batch: int) -> bool:
+        """Whether the window's estimated change is at or below ``-harm_points`` (with
+        ``judge_first``: or the first window is not full yet); harm for a whole window in a row
+        resets ``inner``."""
+        assert self.change is not None and self.window is not None
+        if not self.harm_points:
+            return False
+        change = self.change.add(source_logits, pred)
+        if change is None:
+            return self.judge_first
+        if change > -self.harm_points:
+            self._harmful_images = 0
+            return False
+        self._harmful_images += len(pred)
+        if self._harmful_images >= self.change.size:
+            self.harm_resets.append({"batch": batch, "estimated_change": round(change, 2)})
+            self._restart(inner)
+        return True
+
+    def _record_fallback(self, batch: int) -> None:
+        if self.fallbacks and self.fallbacks[-1][1] == batch:
+            self.fallbacks[-1][1] = batch + 1
+        else:
+            self.fallbacks.append([batch, batch + 1])
 
     def _on_collapse(self, inner: TTAMethod, signals: dict[str, float], batch: int) -> None:
         frozen = len(self.events) + 1 >= self.max_collapses
         self.events.append({"batch": batch, "action": "source" if frozen else "reset",
                             "signals": {k: round(v, 4) for k, v in signals.items()}})
-        inner.reset()
+        self._restart(inner)
         if frozen:
             self.frozen_at = batch
+
+    def _restart(self, inner: TTAMethod) -> None:
+        """Reset ``inner``. The collapse window starts afresh (``CollapseWindow.collapse``); the
+        change window keeps the harm it saw, so the source predicts until that has left it (the
+        reset model predicts as the source does meanwhile) and the next harm reset needs a whole
+        new window of harm."""
+        inner.reset()
+        self._harmful_images = 0
+
+    def stats(self) -> dict[str, Any]:
+        fallback = sum(last - first for first, last in self.fallbacks)
+        return {"guard_fallbacks": self.fallbacks, "guard_harm_resets": self.harm_resets,
+                "source_share": (fallback + (self.batches - self.frozen_at if self.frozen_at is not None else 0))
+                / max(self.batches, 1)}
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next batch depends on, as plain data (``--resume``)."""
+        return {"collapse": self.window.state() if self.window is not None else None,
+                "change": self.change.state() if self.change is not None else None,
+                "events": self.events, "frozen_at": self.frozen_at, "harm_resets": self.harm_resets,
+                "fallbacks": self.fallbacks, "harmful_images": self._harmful_images, "batches": self.batches}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state["change"] is not None:
+            num_classes = int(state["change"]["estimate"]["num_classes"])
+            size = self.size or default_window(self.batch_size, num_classes)
+            self.window = CollapseWindow(num_classes, size, self.thresholds)
+            self.window.load_state(state["collapse"])
+            self.change = ChangeWindow(num_classes, size)
+            self.change.load_state(state["change"])
+        self.events, self.frozen_at, self.harm_resets = state["events"], state["frozen_at"], state["harm_resets"]
+        self.fallbacks, self.batches = state["fallbacks"], state["batches"]
+        self._harmful_images = state["harmful_images"]
 
     @torch.no_grad()
     def _source_logits(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:

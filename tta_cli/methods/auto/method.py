@@ -15,13 +15,13 @@ from torch import nn
 from tta_cli.collapse_window import frozen_copy
 from tta_cli.methods._registry import create_method, register_method
 from tta_cli.methods.auto.bn_choice import BatchNormChoice
-from tta_cli.methods.auto.guard import Guard
+from tta_cli.methods.auto.guard import HARM_POINTS, Guard
 from tta_cli.methods.auto.policy import choose, model_norm_kind
 from tta_cli.methods.base import MethodConfig, StepResult
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.wrapper import WrappingMethod
 
-InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "lame"]
+InnerChoice = Literal["auto", "source", "tent", "eta", "sar", "deyo", "roid", "rdumb", "zerosiam", "come", "lame"]
 
 
 @dataclass
@@ -61,6 +61,13 @@ class AutoConfig(MethodConfig):
     """After this many collapse events, stop adapting and predict with the source model."""
     window: int = field(default=0, metadata=at_least(0))
     """Images in the guard's window; 0: max(256, 2 B, 8 C)."""
+    harm_points: float = field(default=HARM_POINTS, metadata=at_least(0.0))
+    """The guard's source fallback: batches whose window's label-free estimate of the accuracy
+    change (``tta_cli.trust``) is at or below minus this many points are predicted by the source
+    copy; 0: off."""
+    judge_first: bool = True
+    """With the harm fallback: the source copy predicts until the guard's first window is full, so
+    that the inner method's predictions are used only once a window of them has been judged."""
 
 
 @register_method
@@ -95,7 +102,8 @@ class Auto(WrappingMethod):
         self.bn_choice = BatchNormChoice(
             inner, stream_model, max(num_classes, 2), config.bn_choice_temperature, config.bn_choice_window,
             config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels) if batchnorm else None
-        self.guard = Guard(reference, config.max_collapses, config.window, batch_size) \
+        self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
+                           judge_first=config.judge_first) \
             if reference is not None else None
 
     def step(self, x: torch.Tensor) -> StepResult:
@@ -107,6 +115,35 @@ class Auto(WrappingMethod):
             result = self.inner.step(x)
         self.batches_seen += 1
         return result
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch's logits without adapting on it (the online view's batches in between): the
+        BatchNorm choice (which learns nothing but its stream statistics), or the guard's model."""
+        if self.bn_choice is not None:
+            logits = self.bn_choice.step(x).logits
+        elif self.guard is not None:
+            logits = self.guard.predict(self.inner, x, self.batches_seen)
+        else:
+            logits = self.inner.run_model(x)
+        self.batches_seen += 1
+        return logits
+
+    def state_for_resume(self) -> dict[str, Any]:
+        """The inner method's state, with the guard's windows and records and the batch count, so
+        that a resumed run judges and falls back as an uninterrupted one."""
+        state = self.inner.state_for_resume()
+        if self.guard is not None:
+            state["auto"] = {"guard": self.guard.state(), "batches_seen": self.batches_seen}
+        return state
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        own = state.pop("auto", None)
+        self.inner.load_resume_state(state)
+        if own is not None and self.guard is not None:
+            self.guard.load_state(own["guard"])
+            self.batches_seen = int(own["batches_seen"])
 
     @property
     def stream_model(self) -> nn.Module | None:
@@ -144,6 +181,8 @@ class Auto(WrappingMethod):
                                  "source_from_batch": self.frozen_at}
         if self.bn_choice is not None:
             stats.update(self.bn_choice.shares())
+        if self.guard is not None:
+            stats.update(self.guard.stats())
         return stats
 
     def describe(self) -> dict[str, Any]:
