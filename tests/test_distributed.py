@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT
-from tests.helpers import csv_rows, make_images
+from tests.helpers import csv_rows, make_images, tiny_timm
 from tta_cli import distributed
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
+from tta_cli.methods import collectives, get_method_class, list_methods
 from tta_cli.methods.fastpaths import batch_mean, masked_mean
 from tta_cli.run import adapt
 
@@ -64,18 +65,144 @@ def test_one_process_needs_no_process_group() -> None:
     assert not distributed.active()
 
 
-@pytest.mark.parametrize(("batch", "method", "video", "says"), [
-    (1, "tent", False, "below the world size"),
-    (8, "deyo", False, "cannot run data-parallel"),
-    (8, "rotta", False, "cannot run data-parallel"),
-    (8, "sar", True, "videos cannot be split"),
+@pytest.mark.parametrize(("batch", "video", "says"), [
+    (1, False, "below the world size"),
+    (8, True, "videos cannot be split"),
 ])
-def test_what_data_parallel_refuses(monkeypatch: pytest.MonkeyPatch, batch: int, method: str, video: bool,
-                                    says: str) -> None:
+def test_what_data_parallel_refuses(monkeypatch: pytest.MonkeyPatch, batch: int, video: bool, says: str) -> None:
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(TTAError, match=says):
-        distributed.check_world(batch, method, video)
+        distributed.check_world(batch, "sar", video)
     distributed.check_world(8, "eta", False)  # what it can do passes
+
+
+def test_every_method_is_data_parallel_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method that cannot run data-parallel declares why (``not_data_parallel``), and the refusal
+    says it in one line; no method name is tested outside ``tta_cli.methods``."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for name in list_methods():
+        method = get_method_class(name)
+        if method.data_parallel:
+            distributed.check_world(8, name, False)
+            continue
+        assert method.not_data_parallel, f"{name} refuses data-parallel runs without saying why"
+        with pytest.raises(TTAError) as refused:
+            distributed.check_world(8, name, False)
+        assert method.not_data_parallel in str(refused.value) and "\n" not in str(refused.value)
+    assert set(distributed.data_parallel_methods()) >= {*PARALLEL_CASES.values()}
+
+
+def test_gathering_and_spans_are_identities_in_one_process() -> None:
+    world = collectives.world()
+    rows = torch.rand(5, 3)
+    assert world.gather_rows(rows) is rows and distributed.all_gather_rows(rows) is rows
+    assert world.row_span(5) == (0, 5) == distributed.row_span(5) and world.part(9) == (0, 9)
+
+
+def test_augmentation_of_a_part_is_that_part_of_the_whole() -> None:
+    """A batch's parts augmented with their row spans equal the rows of the whole batch augmented
+    (the noise is the whole batch's), and a part with no row draws as the others do."""
+    from tta_cli.methods.augment import augment
+
+    x = torch.rand(5, 3, 16, 16)
+    whole = augment(x, torch.Generator().manual_seed(3))
+    parts = []
+    for first, stop in ((0, 3), (3, 5), (5, 5)):
+        generator = torch.Generator().manual_seed(3)
+        parts.append(augment(x[first:stop], generator, rows=(first, 5)))
+        assert torch.equal(generator.get_state(), _after_one_augmentation(x))
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def _after_one_augmentation(x: torch.Tensor) -> torch.Tensor:
+    from tta_cli.methods.augment import augment
+
+    generator = torch.Generator().manual_seed(3)
+    augment(x, generator)
+    return generator.get_state()
+
+
+# --- the methods under two ranks, through the library: one torchrun for all of them ---------------
+
+PARALLEL_CASES = {
+    # case: method; the hyperparameters in PARALLEL_CONFIGS make every filter and branch act on the
+    # random test model (which is uncertain everywhere)
+    "deyo": "deyo", "rotta": "rotta", "lame": "lame", "roid": "roid", "cotta": "cotta", "rdumb": "rdumb",
+    "come-tent": "come", "come-sar": "come", "zerosiam": "zerosiam", "foa_shift": "foa_shift",
+}
+PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
+    # SGD where the method offers it, and a small Adam step for rdumb: Adam moves a parameter whose
+    # gradient is float noise (summed in another order over the ranks) by a full step, lr, either way
+    "deyo": {"margin_factor": 1.0, "plpd_threshold": 0.0},
+    "rotta": {"memory_size": 12, "update_every": 5, "optimizer": "sgd"},  # updates in the middle of batches
+    "roid": {"optimizer": "sgd"},
+    "cotta": {"confidence_threshold": 1.0, "augmentations": 2, "optimizer": "sgd", "lr": 1e-3},  # augmented teacher
+    "rdumb": {"margin_factor": 1.0, "d_margin": 0.9, "reset_every": 2, "lr": 1e-5},
+    "come-sar": {"base": "sar", "margin_factor": 1.0},
+}
+PARALLEL_STREAM = (7, 7, 1)
+"""Global batch sizes: 4 + 3 rows on two ranks, then a batch where rank 1 has no row."""
+
+
+def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
+    """One method on this rank's rows of every batch of a fixed stream, on ``test_resnet`` (BatchNorm
+    on batch statistics): its outputs per batch and its adapted state."""
+    from tta_cli.methods import create_method
+
+    generator = torch.Generator().manual_seed(1)
+    stream = [torch.randn(n, 3, 32, 32, generator=generator) * 2 for n in PARALLEL_STREAM]
+    clean = torch.randn(6, 3, 32, 32, generator=generator)
+    name = PARALLEL_CASES[case]
+    learns = hasattr(get_method_class(name).config_class(), "lr")
+    options = {"lr": 0.01} if learns else {}
+    method = create_method(name, tiny_timm("test_resnet"), batch_size=PARALLEL_STREAM[0],
+                           **(options | PARALLEL_CONFIGS.get(case, {})))
+    method.prepare([clean])  # foa_shift's source mean (every rank: the whole clean set); nothing elsewhere
+    method.reseed(0)
+    logits, used = [], []
+    for x in stream:
+        start, stop = distributed.rank_rows(x.shape[0], ranks, rank)
+        result = method.step(x[start:stop])
+        logits.append(result.logits.detach())
+        used.append(result.used)
+    method.settle()
+    return {"logits": logits, "used": used, "state": method.adapted_state_dict(), "resets": method.resets}
+
+
+def parallel_worker(out: str) -> None:
+    """Each rank of a torchrun: every case of ``PARALLEL_CASES``, saved to ``out/CASE.RANK.pt``."""
+    distributed.start("cpu")
+    try:
+        for case in PARALLEL_CASES:
+            torch.save(_parallel_run(case, distributed.world_size(), distributed.rank()),
+                       Path(out) / f"{case}.{distributed.rank()}.pt")
+    finally:
+        distributed.stop()
+
+
+def test_the_methods_under_two_ranks_equal_one_process(tmp_path: Path, one_thread: None) -> None:
+    """deyo, rotta, lame, roid, cotta, rdumb, come, zerosiam and foa_shift on two gloo ranks give one
+    process's predictions, used samples and adapted state (parameters and BatchNorm statistics) at
+    the same global batch, on a BatchNorm model with a batch one rank has no row of."""
+    code = f"from tests.test_distributed import parallel_worker; parallel_worker({str(tmp_path)!r})"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--no-python", sys.executable, "-c", code]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case in PARALLEL_CASES:
+        one = _parallel_run(case, 1, 0)
+        two = [torch.load(tmp_path / f"{case}.{rank}.pt") for rank in range(2)]
+        for batch, logits in enumerate(one["logits"]):
+            merged = torch.cat([part["logits"][batch] for part in two])
+            assert torch.equal(merged.argmax(1), logits.argmax(1)), (case, batch)
+            assert float((merged - logits).abs().max()) < 1e-4, (case, batch)
+            assert torch.equal(torch.cat([part["used"][batch] for part in two]), one["used"][batch]), (case, batch)
+        for part in two:
+            assert part["resets"] == one["resets"], case
+            assert part["state"].keys() == one["state"].keys()
+            difference = max(float((part["state"][k].float() - v.float()).abs().max())
+                             for k, v in one["state"].items())
+            assert difference <= 1e-4, (case, difference)
 
 
 # --- two processes on gloo --------------------------------------------------------------------------
