@@ -23,7 +23,7 @@ from tests.helpers import csv_rows, make_images, tiny_timm
 from tta_cli import distributed
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
-from tta_cli.methods import collectives, get_method_class, list_methods
+from tta_cli.methods import get_method_class, list_methods
 from tta_cli.methods.fastpaths import batch_mean, masked_mean
 from tta_cli.run import adapt
 
@@ -92,34 +92,20 @@ def test_every_method_is_data_parallel_or_says_why_not(monkeypatch: pytest.Monke
     assert set(distributed.data_parallel_methods()) >= {*PARALLEL_CASES.values()}
 
 
+def test_a_refusal_gives_the_methods_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Sequential:
+        data_parallel = False
+        not_data_parallel = "each sample waits for the previous one's update; use --per-input"
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "get_method_class", lambda name: Sequential)
+    with pytest.raises(TTAError, match=r"cannot run data-parallel .*: each sample waits for the previous one's"):
+        distributed.check_world(8, "sequential", False)
+
+
 def test_gathering_and_spans_are_identities_in_one_process() -> None:
-    world = collectives.world()
     rows = torch.rand(5, 3)
-    assert world.gather_rows(rows) is rows and distributed.all_gather_rows(rows) is rows
-    assert world.row_span(5) == (0, 5) == distributed.row_span(5) and world.part(9) == (0, 9)
-
-
-def test_augmentation_of_a_part_is_that_part_of_the_whole() -> None:
-    """A batch's parts augmented with their row spans equal the rows of the whole batch augmented
-    (the noise is the whole batch's), and a part with no row draws as the others do."""
-    from tta_cli.methods.augment import augment
-
-    x = torch.rand(5, 3, 16, 16)
-    whole = augment(x, torch.Generator().manual_seed(3))
-    parts = []
-    for first, stop in ((0, 3), (3, 5), (5, 5)):
-        generator = torch.Generator().manual_seed(3)
-        parts.append(augment(x[first:stop], generator, rows=(first, 5)))
-        assert torch.equal(generator.get_state(), _after_one_augmentation(x))
-    assert torch.equal(torch.cat(parts), whole)
-
-
-def _after_one_augmentation(x: torch.Tensor) -> torch.Tensor:
-    from tta_cli.methods.augment import augment
-
-    generator = torch.Generator().manual_seed(3)
-    augment(x, generator)
-    return generator.get_state()
+    assert distributed.all_gather_rows(rows) is rows and distributed.row_span(5) == (0, 5)
 
 
 # --- the methods under two ranks, through the library: one torchrun for all of them ---------------
