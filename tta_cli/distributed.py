@@ -224,7 +224,7 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return gathered.to(tensor.dtype)
 
 
-def row_span(rows: int) -> tuple[int, int]:
+def row_span(rows: int) -> collectives.RowSpan:
     """(first, total) of this rank's ``rows`` among every rank's, in rank order."""
     if not active():
         return 0, rows
@@ -260,7 +260,7 @@ class ProcessGroup(collectives.OneProcess):
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_gather_rows(tensor)
 
-    def row_span(self, rows: int) -> tuple[int, int]:
+    def row_span(self, rows: int) -> collectives.RowSpan:
         return row_span(rows)
 
     def part(self, total: int) -> tuple[int, int]:

@@ -30,6 +30,8 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from tta_cli.methods.collectives import RowSpan
+
 Padding = Literal["edge", "reflect"]
 
 
@@ -101,10 +103,6 @@ def random_affine(img: torch.Tensor, generator: torch.Generator, spec: Augmentat
     scale = _uniform_one(generator, *spec.scale)
     return TF.affine(img, angle, [tx, ty], scale, [0.0, 0.0], interpolation=InterpolationMode.BILINEAR,
                      fill=[0.0] * img.shape[-3])
-
-
-RowSpan = tuple[int, int]
-"""(first, total): ``x`` holds rows first.. of a batch of ``total`` rows spread over processes."""
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, spec: AugmentationSpec = AUGMENTATION_A,

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+RowSpan = tuple[int, int]
+"""(first, total): a process's rows of a batch start at row ``first`` of the ``total`` rows that
+all processes hold together (``OneProcess.row_span``)."""
+
 
 class OneProcess:
     """The collectives of a single process: identities."""
@@ -50,7 +54,7 @@ class OneProcess:
         stream order), on every process, without gradient (here ``tensor`` itself)."""
         return tensor
 
-    def row_span(self, rows: int) -> tuple[int, int]:
+    def row_span(self, rows: int) -> RowSpan:
         """(first, total): where this process's ``rows`` rows start among every process's rows, in
         process order, and how many there are in all (here ``(0, rows)``)."""
         return 0, rows
@@ -74,4 +78,4 @@ def use(collectives: OneProcess | None) -> None:
     _installed[0] = collectives if collectives is not None else OneProcess()
 
 
-__all__ = ["OneProcess", "use", "world"]
+__all__ = ["OneProcess", "RowSpan", "use", "world"]

@@ -27,7 +27,7 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
-from tta_cli.methods.collectives import world
+from tta_cli.methods.collectives import RowSpan, world
 from tta_cli.methods.fastpaths import batch_mean
 from tta_cli.methods.hyperparameters import any_finite, at_least
 from tta_cli.methods.selection import affine_parameters, authors_name_rule_modules, sar_norm_modules
@@ -155,7 +155,7 @@ def occlude(images: torch.Tensor, size: int, row: int, col: int) -> torch.Tensor
 
 
 def shuffle_patches(images: torch.Tensor, grid: int, generator: torch.Generator,
-                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+                    rows: RowSpan | None = None) -> torch.Tensor:
     """Cut each image into grid x grid patches (row-major) and permute them, one permutation per
     image: new patch j = old patch perm[j], perm = argsort(U), U = rand(B, grid*grid).
 
