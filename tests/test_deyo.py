@@ -63,3 +63,11 @@ def test_reseed_reproduces_the_run() -> None:
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
+
+
+def test_shuffling_a_part_gives_that_part_of_the_whole() -> None:
+    """Data-parallel: each part draws the whole batch's permutations and takes its rows."""
+    x = torch.rand(5, 3, 8, 8)
+    whole = shuffle_patches(x, 4, torch.Generator().manual_seed(0))
+    parts = [shuffle_patches(x[a:b], 4, torch.Generator().manual_seed(0), rows=(a, 5)) for a, b in ((0, 2), (2, 5))]
+    assert torch.equal(torch.cat(parts), whole)

@@ -86,3 +86,17 @@ def test_normalisation_round_trip() -> None:
     x = _batch()
     assert torch.allclose(norm.to_unit(norm.from_unit(x)), x, atol=1e-6)
     assert norm.augment(norm.from_unit(x), torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_augmenting_a_part_gives_that_part_of_the_whole() -> None:
+    """Data-parallel: a batch's parts augmented with their row spans equal the rows of the whole
+    batch augmented (the noise is the whole batch's), and a part with no row draws as the others do."""
+    x = _batch()
+    whole_generator = torch.Generator().manual_seed(3)
+    whole = augment(x, whole_generator)
+    parts = []
+    for first, stop in ((0, 3), (3, 4), (4, 4)):
+        generator = torch.Generator().manual_seed(3)
+        parts.append(augment(x[first:stop], generator, rows=(first, 4)))
+        assert torch.equal(generator.get_state(), whole_generator.get_state())
+    assert torch.equal(torch.cat(parts), whole)

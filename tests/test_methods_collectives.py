@@ -21,6 +21,12 @@ def test_one_process_sums_are_the_local_values() -> None:
     assert torch.allclose(var, values.var((0, 2, 3), unbiased=False))
 
 
+def test_one_process_holds_the_whole_batch() -> None:
+    world = collectives.world()
+    rows = torch.rand(5, 3)
+    assert world.gather_rows(rows) is rows and world.row_span(5) == (0, 5) and world.part(9) == (0, 9)
+
+
 def test_use_installs_collectives_for_every_method() -> None:
     class Doubling(collectives.OneProcess):
         active = True

@@ -199,6 +199,39 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return mean, var, count
 
 
+def _row_counts(rows: int, device: torch.device) -> list[int]:
+    """Every rank's number of rows, in rank order."""
+    mine = torch.tensor([rows], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(counts, mine)
+    return [int(c) for c in counts]
+
+
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order, on every rank (``tensor`` itself in one
+    process). Ranks may hold different numbers of rows (padded for the collective, then cut)."""
+    if not active():
+        return tensor
+    counts = _row_counts(tensor.shape[0], tensor.device)
+    wire = tensor.detach().to(torch.uint8) if tensor.dtype == torch.bool else tensor.detach()
+    padded = wire.new_zeros((max(counts), *wire.shape[1:]))
+    padded[:wire.shape[0]] = wire
+    parts = [torch.empty_like(padded) for _ in counts]
+    if padded.numel():
+        dist.all_gather(parts, padded)
+    gathered = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+    return gathered.to(tensor.dtype)
+
+
+def row_span(rows: int) -> collectives.RowSpan:
+    """(first, total) of this rank's ``rows`` among every rank's, in rank order."""
+    if not active():
+        return 0, rows
+    counts = _row_counts(rows, _state["device"])
+    return sum(counts[:rank()]), sum(counts)
+
+
 class ProcessGroup(collectives.OneProcess):
     """The methods' collectives (``tta_cli.methods.collectives``) over this process group."""
 
@@ -224,6 +257,15 @@ class ProcessGroup(collectives.OneProcess):
     def channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return channel_stats(x) if active() else super().channel_stats(x)
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_gather_rows(tensor)
+
+    def row_span(self, rows: int) -> collectives.RowSpan:
+        return row_span(rows)
+
+    def part(self, total: int) -> tuple[int, int]:
+        return rank_rows(total, world_size(), rank())
+
 
 # --- the stream: each rank's rows -----------------------------------------------------------------
 
@@ -236,8 +278,10 @@ def check_world(batch_size: int, method: str, has_video: bool) -> None:
     if batch_size < n:
         raise TTAError(f"--batch-size {batch_size} is below the world size {n}",
                        "each rank takes at least one row of every batch: use --batch-size >= the number of ranks")
-    if not get_method_class(method).data_parallel:
-        raise TTAError(f"{method} cannot run data-parallel yet (world size {n})",
+    method_class = get_method_class(method)
+    if not method_class.data_parallel:
+        why = method_class.not_data_parallel or "it was not made data-parallel"
+        raise TTAError(f"{method} cannot run data-parallel (world size {n}): {why}",
                        "run it in one process, or use --per-input; data-parallel: "
                        f"{', '.join(data_parallel_methods())}")
     if has_video:

@@ -30,6 +30,8 @@ import torchvision.transforms.functional as TF
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from tta_cli.methods.collectives import RowSpan
+
 Padding = Literal["edge", "reflect"]
 
 
@@ -103,8 +105,16 @@ def random_affine(img: torch.Tensor, generator: torch.Generator, spec: Augmentat
                      fill=[0.0] * img.shape[-3])
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, spec: AugmentationSpec = AUGMENTATION_A) -> torch.Tensor:
-    """Augmentation A (or A-) of a batch in [0, 1]; one parameter draw for the whole batch."""
+def augment(x: torch.Tensor, generator: torch.Generator, spec: AugmentationSpec = AUGMENTATION_A,
+            rows: RowSpan | None = None) -> torch.Tensor:
+    """Augmentation A (or A-) of a batch in [0, 1]; one parameter draw for the whole batch.
+
+    ``rows``: ``x`` is part of a larger batch (data-parallel): every draw is the whole batch's (the
+    noise is drawn for ``total`` rows and ``x`` takes its rows of it), so the parts augment as the
+    whole would. A part with no row draws as one would and returns no row."""
+    if x.shape[0] == 0:
+        return augment(x.new_zeros((1, *x.shape[1:])), generator, spec, rows)[:0]
+    first, total = rows if rows is not None else (0, x.shape[0])
     height, width = x.shape[-2:]
     img = x.clamp(0.0, 1.0)
     img = colour_jitter(img, generator, spec)
@@ -118,8 +128,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, spec: AugmentationSpec 
     if torch.rand(1, generator=generator) < 0.5:
         img = TF.hflip(img)
     if spec.blur_and_noise:
-        noise = torch.randn(img.shape, generator=generator) * spec.noise_std
-        img = img + noise.to(img.device)
+        noise = torch.randn((total, *img.shape[1:]), generator=generator)[first:first + img.shape[0]]
+        img = img + (noise * spec.noise_std).to(img.device)
     return img.clamp(0.0, 1.0)
 
 
@@ -153,7 +163,8 @@ class Normalization:
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def augment(self, x: torch.Tensor, generator: torch.Generator,
-                spec: AugmentationSpec = AUGMENTATION_A) -> torch.Tensor:
-        """A(x) for a normalised batch: un-normalise, augment in [0, 1], normalise again."""
+                spec: AugmentationSpec = AUGMENTATION_A, rows: RowSpan | None = None) -> torch.Tensor:
+        """A(x) for a normalised batch: un-normalise, augment in [0, 1], normalise again (``rows``:
+        ``augment``'s)."""
         dtype = x.dtype
-        return self.from_unit(augment(self.to_unit(x.float()), generator, spec)).to(dtype)
+        return self.from_unit(augment(self.to_unit(x.float()), generator, spec, rows)).to(dtype)

@@ -125,6 +125,9 @@ class TTAMethod(nn.Module):
     data_parallel: ClassVar[bool] = False
     """Every quantity over the batch goes through ``collectives``, so the method runs data-parallel
     under torchrun with one process's results; the others refuse more than one process."""
+    not_data_parallel: ClassVar[str] = ""
+    """Where ``data_parallel`` is False: one line saying why, and what to use instead (shown when
+    the run refuses more than one process)."""
     clean_data: ClassVar[str] = ""
     """What ``prepare`` learns from clean source-domain images before the stream (EATA: "the
     Fisher regulariser"); empty for methods that take none."""

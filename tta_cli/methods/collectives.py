@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+RowSpan = tuple[int, int]
+"""(first, total): a process's rows of a batch start at row ``first`` of the ``total`` rows that
+all processes hold together (``OneProcess.row_span``)."""
+
 
 class OneProcess:
     """The collectives of a single process: identities."""
@@ -45,6 +49,21 @@ class OneProcess:
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, x.numel() // x.shape[1]
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of ``tensor``, concatenated in process order (the global batch, in
+        stream order), on every process, without gradient (here ``tensor`` itself)."""
+        return tensor
+
+    def row_span(self, rows: int) -> RowSpan:
+        """(first, total): where this process's ``rows`` rows start among every process's rows, in
+        process order, and how many there are in all (here ``(0, rows)``)."""
+        return 0, rows
+
+    def part(self, total: int) -> tuple[int, int]:
+        """(start, stop) of this process's share of ``total`` rows that every process holds alike
+        (``torch.tensor_split``'s parts, in process order; here all of them)."""
+        return 0, total
+
 
 _installed: list[OneProcess] = [OneProcess()]
 
@@ -59,4 +78,4 @@ def use(collectives: OneProcess | None) -> None:
     _installed[0] = collectives if collectives is not None else OneProcess()
 
 
-__all__ = ["OneProcess", "use", "world"]
+__all__ = ["OneProcess", "RowSpan", "use", "world"]

@@ -31,6 +31,8 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod
+from tta_cli.methods.collectives import world
+from tta_cli.methods.fastpaths import batch_mean
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import BatchNormStats, weight_bias_parameters
 from tta_cli.methods.teacher import AdamConfig, build_adam_or_sgd, ema_update
@@ -61,6 +63,7 @@ def teacher_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kin
 @register_method
 class CoTTA(TTAMethod):
     name = "cotta"
+    data_parallel = True
     resume_attributes = ("augmented_batches",)
     config_class = CoTTAConfig
     amp_aware = True
@@ -111,7 +114,7 @@ class CoTTA(TTAMethod):
         student_logits = self._forward(self.student, x)
         with torch.no_grad():
             teacher_logits = self.teacher_prediction(x)
-        loss = teacher_loss(student_logits, teacher_logits, self.config.loss).mean(0)
+        loss = batch_mean(teacher_loss(student_logits, teacher_logits, self.config.loss))
         self.backward(loss)
         self.optimizer_step()
         self.optimizer.zero_grad()
@@ -122,11 +125,12 @@ class CoTTA(TTAMethod):
 
     def teacher_prediction(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits, averaged over augmentations when the anchor is not confident."""
-        confidence = self._forward(self.anchor, x).softmax(1).max(1)[0].mean(0)
+        confidence = world().sum(batch_mean(self._forward(self.anchor, x).softmax(1).max(1)[0]))
         if confidence >= self.config.confidence_threshold:
             return self._forward(self.model, x)
         self.augmented_batches += 1
-        outputs = [self._forward(self.model, self.normalization.augment(x, self.generator, AUGMENTATION_A))
+        rows = world().row_span(x.shape[0])  # data-parallel: each process's rows of every draw
+        outputs = [self._forward(self.model, self.normalization.augment(x, self.generator, AUGMENTATION_A, rows))
                    for _ in range(self.config.augmentations)]
         return torch.stack(outputs).mean(0)
 

@@ -27,6 +27,8 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import EntropyConfig, StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.collectives import RowSpan, world
+from tta_cli.methods.fastpaths import batch_mean
 from tta_cli.methods.hyperparameters import any_finite, at_least
 from tta_cli.methods.selection import affine_parameters, authors_name_rule_modules, sar_norm_modules
 
@@ -58,6 +60,7 @@ class DeYOConfig(EntropyConfig):
 @register_method
 class DeYO(TTAMethod):
     name = "deyo"
+    data_parallel = True
     resume_attributes = ("counts",)
     config_class = DeYOConfig
     double_lr_at_bs1 = True
@@ -82,6 +85,8 @@ class DeYO(TTAMethod):
 
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
+        """Data-parallel (``collectives``), every count and decision is the global batch's, the
+        destroyed copies are those of the whole batch and the loss is a mean over its kept rows."""
         self.optimizer.zero_grad()
         logits = self.run_model(x)
         num_classes = logits.shape[1]
@@ -89,13 +94,15 @@ class DeYO(TTAMethod):
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
         reliable = (entropy < self.config.margin_factor * math.log(num_classes)).nonzero().squeeze(1)
-        if reliable.numel() == 0:
+        n_reliable = world().sum_int(reliable.numel())
+        if n_reliable == 0:
             return StepResult(logits.detach(), used, (0, 0))
 
         plpd = self.plpd(logits.detach().index_select(0, reliable), x.index_select(0, reliable))
         shape_dependent = (plpd > self.config.plpd_threshold).nonzero().squeeze(1)
-        self.counts["reliable"] += reliable.numel()
-        if shape_dependent.numel() == 0:
+        n_used = world().sum_int(shape_dependent.numel())
+        self.counts["reliable"] += n_reliable
+        if n_used == 0:
             return StepResult(logits.detach(), used, (reliable.numel(), 0))
 
         kept_entropy = entropy.index_select(0, reliable).index_select(0, shape_dependent)
@@ -104,13 +111,13 @@ class DeYO(TTAMethod):
         # exactly the authors' expression: the algebraically equal exp(E0 - E) + exp(PLPD) rounds
         # differently and flipped a threshold decision on the occlusion fixture
         weights = 1 / torch.exp(kept_entropy.detach() - e0) + 1 / torch.exp(-1.0 * kept_plpd)
-        loss = kept_entropy.mul(weights).mean(0)
+        loss = batch_mean(kept_entropy.mul(weights))
         self.backward(loss)
         self.optimizer_step()
         self.optimizer.zero_grad()
 
         used[reliable.index_select(0, shape_dependent)] = True
-        self.counts["used"] += shape_dependent.numel()
+        self.counts["used"] += n_used
         return StepResult(logits.detach(), used, (reliable.numel(), shape_dependent.numel()))
 
     @torch.no_grad()
@@ -125,13 +132,14 @@ class DeYO(TTAMethod):
 
     def destroy(self, images: torch.Tensor) -> torch.Tensor:
         """The augmentation that destroys the object's shape (on the normalised images, as the
-        authors' code receives them)."""
+        authors' code receives them); data-parallel, each process's rows of the whole batch's draw."""
         images = images.detach().clone()
         if self.config.aug == "occ":
             return occlude(images, self.config.occ_size, self.config.occ_row, self.config.occ_col)
         if self.config.aug == "pixel":
             return shuffle_pixels(images, self.generator)
-        return shuffle_patches(images, self.config.patch_len, self.generator)
+        rows = world().row_span(images.shape[0])
+        return shuffle_patches(images, self.config.patch_len, self.generator, rows)
 
     def stats(self) -> dict[str, Any]:
         return dict(self.counts)
@@ -146,17 +154,21 @@ def occlude(images: torch.Tensor, size: int, row: int, col: int) -> torch.Tensor
     return images
 
 
-def shuffle_patches(images: torch.Tensor, grid: int, generator: torch.Generator) -> torch.Tensor:
+def shuffle_patches(images: torch.Tensor, grid: int, generator: torch.Generator,
+                    rows: RowSpan | None = None) -> torch.Tensor:
     """Cut each image into grid x grid patches (row-major) and permute them, one permutation per
     image: new patch j = old patch perm[j], perm = argsort(U), U = rand(B, grid*grid).
 
     Sides that are not a multiple of ``grid`` are resized down to one and back, as the authors do
-    (an identity at 32 and 224 px with the default grid of 4)."""
+    (an identity at 32 and 224 px with the default grid of 4). ``rows`` = (first, total): the
+    images are rows first.. of a batch of ``total`` (data-parallel), U is drawn for all of them."""
     b, c, h, w = images.shape
+    first, total = rows if rows is not None else (0, b)
     ph, pw = h // grid, w // grid
     resized = _resize(images, ph * grid, pw * grid)
     patches = resized.reshape(b, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, ph, pw)
-    perm = torch.argsort(torch.rand(b, grid * grid, generator=generator), dim=-1).to(images.device)
+    draws = torch.rand(total, grid * grid, generator=generator)[first:first + b]
+    perm = torch.argsort(draws, dim=-1).to(images.device)
     patches = patches[torch.arange(b, device=images.device).unsqueeze(-1), perm]
     shuffled = patches.reshape(b, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, ph * grid, pw * grid)
     return _resize(shuffled, h, w)

@@ -30,6 +30,7 @@ from torch import nn
 
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import BNStatsChoice, MethodConfig, StepResult, TTAMethod
+from tta_cli.methods.collectives import world
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import linear_classifier
 
@@ -47,6 +48,7 @@ class FOAShiftConfig(MethodConfig):
 @register_method
 class FOAShift(TTAMethod):
     name = "foa_shift"
+    data_parallel = True
     config_class = FOAShiftConfig
     updates_parameters = False
     predicts_first_forward = False
@@ -112,7 +114,8 @@ class FOAShift(TTAMethod):
         if self.test_mean is not None and self.source_mean is not None:
             shift = self.config.shift_scale * (self.source_mean - self.test_mean)
         logits, features = self.shifted_forward(x, shift)
-        self.update_test_mean(_mean(features))
+        # data-parallel: the mean of the global batch's features (gathered, B x D), alike everywhere
+        self.update_test_mean(_mean(world().gather_rows(features)))
         return StepResult(logits=logits, used=torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
 
     def update_test_mean(self, batch_mean: torch.Tensor) -> None:

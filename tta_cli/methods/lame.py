@@ -33,6 +33,7 @@ from torch import nn
 from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.base import MethodConfig, StepResult, TTAMethod
+from tta_cli.methods.collectives import world
 from tta_cli.methods.hyperparameters import at_least
 
 Affinity = Literal["rbf", "knn", "linear"]
@@ -57,6 +58,7 @@ class LAMEConfig(MethodConfig):
 @register_method
 class LAME(TTAMethod):
     name = "lame"
+    data_parallel = True
     config_class = LAMEConfig
     updates_parameters = False
     predicts_first_forward = False
@@ -72,7 +74,11 @@ class LAME(TTAMethod):
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
-        features, logits = self.features_and_logits(x)
+        local_features, local_logits = self.features_and_logits(x)
+        # the affinity is over the whole batch: data-parallel, every process gathers the global
+        # batch's features and logits (B x D, small), solves for all rows alike and keeps its own
+        features, logits = world().gather_rows(local_features), world().gather_rows(local_logits)
+        first, _ = world().row_span(x.shape[0])
         unary = -torch.log(logits.softmax(dim=1) + 1e-10)
         features = F.normalize(features, p=2, dim=-1)
         kernel = affinity_matrix(features, self.config.affinity, self.config.knn)
@@ -80,7 +86,7 @@ class LAME(TTAMethod):
             kernel = 1 / 2 * (kernel + kernel.t())
         assignments = laplacian_optimization(unary, kernel, self.config.bound_lambda, self.config.max_steps)
         # log of an exact 0 would make the engine's entropy 0 * -inf = NaN; tiny changes nothing else
-        log_probs = assignments.clamp(min=torch.finfo(assignments.dtype).tiny).log()
+        log_probs = assignments[first:first + x.shape[0]].clamp(min=torch.finfo(assignments.dtype).tiny).log()
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         return StepResult(logits=log_probs, used=used)
 

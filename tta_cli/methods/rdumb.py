@@ -49,7 +49,6 @@ def redundancy_margin(num_classes: int) -> float:
 @register_method
 class RDumb(ETA):
     name = "rdumb"
-    data_parallel = False  # ETA is; rdumb was never checked against one process under torchrun
     resume_attributes = ("adaptation_steps",)
     config_class = RDumbConfig
     config: RDumbConfig

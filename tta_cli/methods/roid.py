@@ -34,6 +34,7 @@ from torch import nn
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A_MINUS, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.collectives import world
 from tta_cli.methods.hyperparameters import between, greater_than
 from tta_cli.methods.teacher import AdamConfig, build_adam_or_sgd, ema_update
 
@@ -79,6 +80,7 @@ def prior_correction(logits: torch.Tensor) -> torch.Tensor:
 @register_method
 class ROID(TTAMethod):
     name = "roid"
+    data_parallel = True
     resume_attributes = ("class_probs",)
     config_class = ROIDConfig
     amp_aware = True
@@ -98,14 +100,21 @@ class ROID(TTAMethod):
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         logits = self.run_model(x)
-        weights, drop = self.sample_weights(logits)
+        # the weights, the EMA and the prior are over the whole batch: data-parallel, every process
+        # computes them on the global batch's logits (B x C, gathered) and takes its own rows
+        all_logits = world().gather_rows(logits.detach())
+        first, _ = world().row_span(x.shape[0])
+        rows = slice(first, first + x.shape[0])
+        weights, drop = (t[rows] for t in self.sample_weights(all_logits))
         keep = ~drop
         loss_per_sample = soft_likelihood_ratio(logits)
         if self.config.use_weighting:
             loss_per_sample = loss_per_sample * weights
         loss = loss_per_sample[keep].sum() / self.batch_size
-        if self.config.use_consistency and bool(keep.any()):  # x[keep] synchronises anyway
-            augmented = self.normalization.augment(x[keep], self.generator, AUGMENTATION_A_MINUS)
+        if self.config.use_consistency and bool(world().sum(keep.sum()) > 0):  # x[keep] synchronises anyway
+            kept = x[keep]
+            augmented = self.normalization.augment(kept, self.generator, AUGMENTATION_A_MINUS,
+                                                   world().row_span(kept.shape[0]))
             consistency = symmetric_cross_entropy(self.run_model(augmented), logits[keep])
             if self.config.use_weighting:
                 consistency = consistency * weights[keep]
@@ -115,7 +124,7 @@ class ROID(TTAMethod):
         self.optimizer.zero_grad()
         ema_update(self.params, self.source.params, self.config.source_momentum)
         with torch.no_grad():
-            predictions = prior_correction(logits.detach()) if self.config.use_prior_correction else logits.detach()
+            predictions = prior_correction(all_logits)[rows] if self.config.use_prior_correction else logits.detach()
         return StepResult(logits=predictions, used=keep)
 
     @torch.no_grad()

@@ -32,6 +32,8 @@ from tta_cli.errors import TTAError
 from tta_cli.methods._registry import register_method
 from tta_cli.methods.augment import AUGMENTATION_A, Normalization
 from tta_cli.methods.base import StepResult, TTAMethod
+from tta_cli.methods.collectives import world
+from tta_cli.methods.fastpaths import batch_mean
 from tta_cli.methods.hyperparameters import at_least, between
 from tta_cli.methods.selection import affine_parameters
 from tta_cli.methods.teacher import AdamConfig, RobustBatchNorm, build_adam_or_sgd, ema_update
@@ -133,6 +135,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 @register_method
 class RoTTA(TTAMethod):
     name = "rotta"
+    data_parallel = True
     resume_attributes = ("samples_seen", "updates", "memory")
     config_class = RoTTAConfig
     amp_aware = True
@@ -187,25 +190,33 @@ class RoTTA(TTAMethod):
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         with torch.no_grad():
             logits = self._forward(self.model, x)
-            probs = logits.softmax(1)
+            # data-parallel: every process keeps the whole memory, filled from the global batch in
+            # stream order, so each takes the same decisions (and its share of each update)
+            images, all_logits = world().gather_rows(x), world().gather_rows(logits)
+            probs = all_logits.softmax(1)
             labels = probs.argmax(1).tolist()
             uncertainty = (-probs * torch.log(probs + 1e-6)).sum(1).tolist()
         memory = self._memory(logits.shape[1])
         used = []
-        for image, label, u in zip(x, labels, uncertainty, strict=True):
+        for image, label, u in zip(images, labels, uncertainty, strict=True):
             used.append(memory.add(image, label, u))
             self.samples_seen += 1
             if self.samples_seen % self.config.update_every == 0:
                 self.update_from_memory()
-        return StepResult(logits=logits, used=torch.tensor(used, dtype=torch.bool, device=x.device))
+        first, _ = world().row_span(x.shape[0])
+        mine = used[first:first + x.shape[0]]
+        return StepResult(logits=logits, used=torch.tensor(mine, dtype=torch.bool, device=x.device))
 
     @torch.enable_grad()
     def update_from_memory(self) -> None:
+        """One step on the memory; data-parallel, each process forwards its share of the memory
+        (robust BN on the whole memory's statistics, the loss its share of the memory's mean)."""
         images, ages = self._memory(0).contents()
         if not images:
             return
-        memory = torch.stack(images)
-        augmented = self.normalization.augment(memory, self.generator, AUGMENTATION_A)
+        start, stop = world().part(len(images))
+        memory = torch.stack(images[start:stop]) if stop > start else images[0].new_zeros((0, *images[0].shape))
+        augmented = self.normalization.augment(memory, self.generator, AUGMENTATION_A, (start, len(images)))
         self.teacher_bn.update = self.student_bn.update = True
         try:
             with torch.no_grad():
@@ -213,8 +224,8 @@ class RoTTA(TTAMethod):
             student_logits = self._forward(self.student, augmented)
         finally:
             self.teacher_bn.update = self.student_bn.update = False
-        weights = timeliness_weight(ages, memory.device)
-        loss = (soft_cross_entropy(student_logits, teacher_logits) * weights).mean()
+        weights = timeliness_weight(ages[start:stop], memory.device)
+        loss = batch_mean(soft_cross_entropy(student_logits, teacher_logits) * weights)
         self.backward(loss)
         self.optimizer_step()
         self.optimizer.zero_grad()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tta_cli.methods.base import EntropyConfig
+from tta_cli.methods.collectives import world
 from tta_cli.methods.hyperparameters import at_least, between, greater_than
 from tta_cli.methods.selection import is_batchnorm
 
@@ -53,10 +54,6 @@ def ema_update(targets: Iterable[torch.Tensor], sources: Iterable[torch.Tensor],
         target.copy_(momentum * target + (1 - momentum) * source.to(target.device))
 
 
-def _stat_dims(x: torch.Tensor) -> list[int]:
-    return [d for d in range(x.ndim) if d != 1]
-
-
 def _view(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.view(1, -1, *([1] * (x.ndim - 2)))
 
@@ -90,7 +87,7 @@ class RobustBatchNorm:
 
     def _apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.update:
-            var_b, mean_b = torch.var_mean(x, dim=_stat_dims(x), correction=0)
+            mean_b, var_b, _ = world().channel_stats(x)  # data-parallel: the global batch's
             mean = (1 - self.alpha) * module.running_mean + self.alpha * mean_b
             var = (1 - self.alpha) * module.running_var + self.alpha * var_b
             with torch.no_grad():

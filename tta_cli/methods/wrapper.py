@@ -28,6 +28,9 @@ class WrappingMethod(nn.Module):
     predicts_first_forward: ClassVar[bool] = False
     changes_predictions: ClassVar[bool] = True
     data_parallel: ClassVar[bool] = False
+    not_data_parallel: ClassVar[str] = (
+        "its choices around the method it runs would be taken on each process's rows of a batch, not "
+        "on the global batch; name one of the data-parallel methods instead")
     clean_data: ClassVar[str] = ""
     without_clean_data: ClassVar[str] = ""
 

@@ -56,6 +56,7 @@ def symmetric_kl(online: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @register_method
 class ZeroSiam(TTAMethod):
     name = "zerosiam"
+    data_parallel = True
     config_class = ZeroSiamConfig
     double_lr_at_bs1 = True
     amp_aware = True
