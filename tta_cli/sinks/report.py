@@ -295,6 +295,12 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
     if rows and "source_pred" in rows[0]:
         pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {len(rows)}"))
     pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
+    fallbacks = (run.get("method_state") or {}).get("fallback_batches")
+    if fallbacks:
+        batches = (run.get("counts") or {}).get("batches", "?")
+        pairs.append(("batches falling back towards the source", f"{len(fallbacks)} of {batches} (first: batch "
+                      f"{fallbacks[0]['batch']}, {', '.join(fallbacks[0]['left_out'])} left out: "
+                      f"{fallbacks[0]['reason']})"))
     return pairs
 
 
