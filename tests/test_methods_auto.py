@@ -14,6 +14,7 @@ from tests.helpers import invoke, make_images, random_inputs, tiny_timm
 from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
+from tta_cli.methods.auto.bn_choice import INPUT_SHIFT
 from tta_cli.methods.base import softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
 
@@ -247,7 +248,7 @@ def test_batchnorm_choice_keeps_its_predictions_where_nothing_is_ruled_out(strea
                               bn_source_check=False)
     for x in random_inputs(3, batch=16, seed=11):  # varied images of the source's own kind
         assert torch.equal(checked.step(x).logits, unchecked.step(x).logits)
-        assert checked.bn_choice.check.input_shift < math.log(2.0)
+        assert checked.bn_choice.check.input_shift < INPUT_SHIFT
     assert checked.stats()["fallback_batches"] == [] and checked.stats()["batch_statistics_share"] > 0.0
 
 
@@ -255,5 +256,5 @@ def test_source_check_trusts_no_confidence_under_a_strong_input_shift() -> None:
     x = _one_class_batch()
     method = create_method("auto", _calibrated_model(), batch_size=16, bn_stream="off")
     method.step(x * 0.2)  # a fifth of the contrast: the first layer's input variance 25 times lower
-    assert method.bn_choice.check.input_shift > math.log(2.0)
+    assert method.bn_choice.check.input_shift > INPUT_SHIFT
     assert method.stats()["fallback_batches"] == []
