@@ -32,6 +32,8 @@ STREAM_MOMENTUM_IMAGES = 64
 """``bn_stream_momentum`` is the weight of a batch of this many images (1 - (1 - m)^(B / 64) for B)."""
 CHECK_WINDOW_IMAGES = 512
 """``SourceCheck`` judges each candidate over the latest batches holding at least this many images."""
+MAX_RECORDED_FALLBACKS = 1000
+"""``stats()["fallback_batches"]`` lists at most this many batches (run.json stays small)."""
 INPUT_SHIFT = math.log(4.0)
 """``SourceCheck`` trusts the source's confidence while the variance of every channel of the first
 BatchNorm's input (which depends on no statistics) is within this factor of the source's."""
@@ -240,7 +242,9 @@ class BatchNormChoice:
         self._entropies: EntropyWindow | None = None
         self.check = SourceCheck(inner) if check else None
         self.fallbacks: list[dict[str, Any]] = []
-        """The batches where ``check`` left candidates out: index, which, and why."""
+        """The first ``MAX_RECORDED_FALLBACKS`` batches where ``check`` left candidates out: index,
+        which, and why (``fallback_count`` counts them all)."""
+        self.fallback_count = 0
         self.weights_sum: torch.Tensor | None = None
         """Each candidate's weight summed over the batches (source, batch, stream)."""
         self.batches = 0
@@ -273,7 +277,9 @@ class BatchNormChoice:
             keys = ("source", "batch_statistics", "stream_statistics")[:len(left_out)]
             names = [key for key, out in zip(keys, left_out, strict=True) if out]
             assert self.check is not None
-            self.fallbacks.append({"batch": self.batches, "left_out": names, "reason": self.check.reason(names)})
+            self.fallback_count += 1
+            if len(self.fallbacks) < MAX_RECORDED_FALLBACKS:
+                self.fallbacks.append({"batch": self.batches, "left_out": names, "reason": self.check.reason(names)})
         weights = self._weights(entropies, source.logits.shape[1])
         self.weights_sum = weights if self.weights_sum is None else self.weights_sum + weights
         self.batches += 1
@@ -349,4 +355,4 @@ class BatchNormChoice:
         if self.check is None:
             return self.shares()
         return self.shares() | {"fallback_batches": self.fallbacks,
-                                "fallback_share": len(self.fallbacks) / self.batches if self.batches else 0.0}
+                                "fallback_share": self.fallback_count / self.batches if self.batches else 0.0}
