@@ -16,6 +16,7 @@ from tta_cli.bench.online import EveryKth
 from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
+from tta_cli.methods.auto.bn_choice import INPUT_SHIFT
 from tta_cli.methods.auto.guard import HARM_POINTS, ChangeWindow
 from tta_cli.methods.base import StepResult, softmax_entropy
 from tta_cli.methods.selection import batchnorm_layers
@@ -333,3 +334,60 @@ def test_entropy_window_covers_at_least_the_window_images() -> None:
     # a third batch of 2: the first falls out, the latest 4 images remain
     assert torch.equal(window.add(torch.tensor([4.0, 4.0]), 2), torch.tensor([1.0, 1.0]))
     assert torch.equal(EntropyWindow(images=4).add(torch.tensor([8.0]), 8), torch.tensor([1.0]))
+
+
+def _calibrated_model(num_classes: int = 4, scale: float = 50.0) -> torch.nn.Module:
+    """A tiny BatchNorm model with the source statistics of ``random_inputs``' images (as a trained
+    model has its training data's) and its classifier scaled by ``scale`` (50: it predicts
+    confidently)."""
+    model = tiny_timm("test_resnet", num_classes=num_classes)
+    for layer in batchnorm_layers(model):
+        layer.reset_running_stats()
+        layer.momentum = None  # the plain mean over the batches below
+    model.train()
+    with torch.no_grad():
+        for x in random_inputs(8, batch=16, seed=7):
+            model(x)
+        model.get_classifier().weight.mul_(scale)
+    return model.eval()
+
+
+def _one_class_batch() -> torch.Tensor:
+    """16 near copies of one image: a batch of one class, whose own statistics normalise it away."""
+    image = random_inputs(1, batch=1, seed=3)[0]
+    return image + 0.3 * torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
+def test_batchnorm_choice_falls_back_to_the_source_where_batch_statistics_flip_its_sure_predictions() -> None:
+    x = _one_class_batch()
+    with torch.no_grad():
+        source = _calibrated_model().eval()(x)
+    unchecked = create_method("auto", _calibrated_model(), batch_size=16, bn_stream="off",
+                              bn_source_check=False)
+    assert not torch.equal(unchecked.step(x).logits.argmax(1), source.argmax(1))  # the batch statistics won
+    method = create_method("auto", _calibrated_model(), batch_size=16, bn_stream="off")
+    assert torch.allclose(method.step(x).logits.softmax(1), source.softmax(1), atol=1e-5)
+    stats = method.stats()
+    assert [f["batch"] for f in stats["fallback_batches"]] == [0] and stats["fallback_share"] == 1.0
+    assert stats["fallback_batches"][0]["left_out"] == ["batch_statistics"]
+    assert "flips" in stats["fallback_batches"][0]["reason"] and stats["batch_statistics_share"] == 0.0
+
+
+@pytest.mark.parametrize("stream", ["off", "balanced"])
+def test_batchnorm_choice_keeps_its_predictions_where_nothing_is_ruled_out(stream: str) -> None:
+    # a source unsure of its predictions: flips of them are within what its probabilities allow
+    checked = create_method("auto", _calibrated_model(scale=1.0), batch_size=16, bn_stream=stream)
+    unchecked = create_method("auto", _calibrated_model(scale=1.0), batch_size=16, bn_stream=stream,
+                              bn_source_check=False)
+    for x in random_inputs(3, batch=16, seed=11):  # varied images of the source's own kind
+        assert torch.equal(checked.step(x).logits, unchecked.step(x).logits)
+        assert checked.bn_choice.check.input_shift < INPUT_SHIFT
+    assert checked.stats()["fallback_batches"] == [] and checked.stats()["batch_statistics_share"] > 0.0
+
+
+def test_source_check_trusts_no_confidence_under_a_strong_input_shift() -> None:
+    x = _one_class_batch()
+    method = create_method("auto", _calibrated_model(), batch_size=16, bn_stream="off")
+    method.step(x * 0.2)  # a fifth of the contrast: the first layer's input variance 25 times lower
+    assert method.bn_choice.check.input_shift > INPUT_SHIFT
+    assert method.stats()["fallback_batches"] == []

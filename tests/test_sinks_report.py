@@ -72,6 +72,18 @@ def test_report_files_and_contents(tmp_path: Path) -> None:
     assert "&quot;batch_size&quot;: 10" in page  # the configuration from run.json
 
 
+def test_auto_falling_back_towards_the_source_is_reported(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record["counts"] = {"batches": 4}
+    record["method_state"] = {"fallback_batches": [{"batch": 1, "left_out": ["batch_statistics"],
+                                                    "reason": "flips beyond the source's errors"}]}
+    (run / "run.json").write_text(json.dumps(record))
+    page = write_report(run).html.read_text()
+    assert ("<tr><th>batches falling back towards the source</th><td>1 of 4 (first: batch 1, batch_statistics "
+            "left out: flips beyond the source&#x27;s errors)</td></tr>") in page
+
+
 def test_collapse_windows_are_counted() -> None:
     rows = [{"pred": "1", "entropy": "0.1", "used_for_update": "1", "correct": ""} for _ in range(10)]
     rows += [{"pred": str(i % 5), "entropy": "0.5", "used_for_update": "0", "correct": ""} for i in range(10)]

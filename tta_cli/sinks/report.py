@@ -298,6 +298,12 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
         pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {compared}"
                       + (f" compared (a sample of the {len(rows)})" if compared < len(rows) else "")))
     pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
+    fallbacks = (run.get("method_state") or {}).get("fallback_batches")
+    if fallbacks:
+        batches = (run.get("counts") or {}).get("batches", "?")
+        pairs.append(("batches falling back towards the source", f"{len(fallbacks)} of {batches} (first: batch "
+                      f"{fallbacks[0]['batch']}, {', '.join(fallbacks[0]['left_out'])} left out: "
+                      f"{fallbacks[0]['reason']})"))
     return pairs
 
 

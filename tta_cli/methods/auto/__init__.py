@@ -9,10 +9,16 @@ chosen method). Measurements: docs/METHODS.md ("auto") and docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-from tta_cli.methods.auto.bn_choice import STREAM_MOMENTUM_IMAGES, BatchNormChoice, ClassBalancedStats, EntropyWindow
+from tta_cli.methods.auto.bn_choice import (
+    STREAM_MOMENTUM_IMAGES,
+    BatchNormChoice,
+    ClassBalancedStats,
+    EntropyWindow,
+    SourceCheck,
+)
 from tta_cli.methods.auto.guard import Guard
 from tta_cli.methods.auto.method import Auto, AutoConfig
 from tta_cli.methods.auto.policy import BN_RULES, DEFAULT_INNER, choose, model_norm_kind
 
 __all__ = ["BN_RULES", "DEFAULT_INNER", "STREAM_MOMENTUM_IMAGES", "Auto", "AutoConfig", "BatchNormChoice",
-           "ClassBalancedStats", "EntropyWindow", "Guard", "choose", "model_norm_kind"]
+           "ClassBalancedStats", "EntropyWindow", "Guard", "SourceCheck", "choose", "model_norm_kind"]

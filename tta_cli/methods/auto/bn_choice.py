@@ -17,7 +17,9 @@ candidate.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,6 +30,20 @@ from tta_cli.methods.selection import batchnorm_layers
 
 STREAM_MOMENTUM_IMAGES = 64
 """``bn_stream_momentum`` is the weight of a batch of this many images (1 - (1 - m)^(B / 64) for B)."""
+CHECK_WINDOW_IMAGES = 512
+"""``SourceCheck`` judges each candidate over the latest batches holding at least this many images."""
+MAX_RECORDED_FALLBACKS = 1000
+"""``stats()["fallback_batches"]`` lists at most this many batches (run.json stays small)."""
+INPUT_SHIFT = math.log(4.0)
+"""``SourceCheck`` trusts the source's confidence while the variance of every channel of the first
+BatchNorm's input (which depends on no statistics) is within this factor of the source's."""
+
+
+def _masked(entropies: torch.Tensor, left_out: list[bool]) -> torch.Tensor:
+    """``entropies`` made infinite (weight 0 in the choice) where ``left_out``."""
+    if not any(left_out):
+        return entropies
+    return entropies.masked_fill(torch.tensor(left_out, device=entropies.device), math.inf)
 
 
 class ClassBalancedStats:
@@ -115,6 +131,93 @@ class EntropyWindow:
         return sum(sums for _, sums in self.batches) / self.count  # type: ignore[return-value]
 
 
+class SourceCheck:
+    """Which candidates the source model's confident predictions rule out, over the recent images.
+
+    A candidate that changes only the source's wrong predictions flips each image with probability
+    at most 1 - p (p: the source's probability of its class, if the source is calibrated). Counting
+    each flip by the source's odds p / (1 - p), such a candidate's flips add up to at most the sum of
+    p over the images; a candidate whose odds-weighted flips over the latest ``CHECK_WINDOW_IMAGES``
+    images exceed that flips predictions the source is sure of more often than the source can be
+    wrong on them, as batch statistics do on batches of one or few classes (they normalise the
+    class away), and is left out of the choice. The source's confidence is evidence only near its
+    own inputs: under a strong covariate shift (blur, contrast, fog, saturation: some channel of the
+    first BatchNorm's input 5 to 40 times off the source's variance) the source is confidently wrong,
+    so no candidate is ruled out where a channel's variance is more than ``INPUT_SHIFT`` off
+    (class-ordered and mixed streams stay within a factor 3)."""
+
+    def __init__(self, inner: TTAMethod) -> None:
+        layers = batchnorm_layers(inner.model)
+        self._source_var = layers[0].running_var.detach().clone().float() if layers else None
+        self.input_shift: float | None = None
+        """The latest batch's largest |log(variance / source variance)| over the first BatchNorm's
+        input channels."""
+        self._measure = False
+        self._handle = layers[0].register_forward_pre_hook(self._pre_hook) if layers else None
+        self._batches: collections.deque[tuple[int, float, dict[str, float]]] = collections.deque()
+        """Per batch: images, the source's summed confidence, each candidate's odds-weighted flips."""
+        self._images = 0
+        self._source_pred = self._odds = torch.zeros(0)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Meanwhile a forward measures the first BatchNorm's input shift."""
+        self._measure = True
+        try:
+            yield
+        finally:
+            self._measure = False
+
+    @torch.no_grad()
+    def _pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not self._measure or self._source_var is None:
+            return
+        x = args[0].float()
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        # a mean and a norm over each image's contiguous values: 15 times faster than var over (0, 2, 3)
+        square = (torch.linalg.vector_norm(flat, 2, dim=2) ** 2).mean(0) / flat.shape[2]
+        var = square - flat.mean(2).mean(0) ** 2
+        ratio = var.clamp_min(1e-12) / self._source_var.to(var.device).clamp_min(1e-12)
+        self.input_shift = float(ratio.log().abs().max())
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    @torch.no_grad()
+    def add_source(self, source_logits: torch.Tensor) -> None:
+        """A new batch: the source's predictions and probabilities; then ``rules_out`` per candidate."""
+        probs = source_logits.double().softmax(1)
+        confidence, self._source_pred = probs.max(1)
+        self._odds = confidence / (1.0 - confidence).clamp_min(1e-6)
+        self._batches.append((len(confidence), float(confidence.sum()), {}))
+        self._images += len(confidence)
+        while self._images - self._batches[0][0] >= CHECK_WINDOW_IMAGES:
+            self._images -= self._batches.popleft()[0]
+
+    @torch.no_grad()
+    def rules_out(self, key: str, logits: torch.Tensor) -> bool:
+        """Whether the candidate ``key`` (this batch's ``logits``) flips the source's confident
+        predictions over the recent images more than the source's probabilities allow."""
+        flipped = (logits.argmax(1) != self._source_pred).double()
+        self._batches[-1][2][key] = float(flipped @ self._odds)
+        if self.input_shift is not None and self.input_shift > INPUT_SHIFT:
+            return False
+        return self.weighted_flips(key) > self.allowed_flips()
+
+    def weighted_flips(self, key: str) -> float:
+        return sum(flips.get(key, 0.0) for _, _, flips in self._batches)
+
+    def allowed_flips(self) -> float:
+        return sum(confidence for _, confidence, _ in self._batches)
+
+    def reason(self, keys: list[str]) -> str:
+        flips = ", ".join(f"{key} {self.weighted_flips(key):.0f}" for key in keys)
+        return (f"odds-weighted flips of the source's predictions over the last {self._images} images "
+                f"({flips}) exceed the {self.allowed_flips():.0f} its probabilities allow "
+                f"(first-layer input shift {self.input_shift or 0.0:.2f})")
+
+
 class BatchNormChoice:
     """The candidates' predictions of each batch and the choice among them.
 
@@ -124,10 +227,11 @@ class BatchNormChoice:
     statistics per class); ``temperature`` and ``window`` (0: 64 images with a stream candidate,
     else each batch alone) set how the mean entropies are compared; ``labels`` says which class each
     image counts for in the stream statistics: ``choice`` (the source and batch predictions mixed as
-    they are chosen) or ``source``."""
+    they are chosen) or ``source``; ``check``: the source's confident predictions may rule candidates
+    out (``SourceCheck``)."""
 
     def __init__(self, inner: TTAMethod, stream_model: nn.Module | None, num_classes: int, temperature: float,
-                 window: int, momentum: float, prior: float, labels: str) -> None:
+                 window: int, momentum: float, prior: float, labels: str, check: bool = True) -> None:
         self.inner = inner
         self.temperature = temperature
         self.labels = labels
@@ -136,13 +240,18 @@ class BatchNormChoice:
             if stream_model is not None else None
         self.window = window or (STREAM_MOMENTUM_IMAGES if stream_model is not None else 1)
         self._entropies: EntropyWindow | None = None
+        self.check = SourceCheck(inner) if check else None
+        self.fallbacks: list[dict[str, Any]] = []
+        """The first ``MAX_RECORDED_FALLBACKS`` batches where ``check`` left candidates out: index,
+        which, and why (``fallback_count`` counts them all)."""
+        self.fallback_count = 0
         self.weights_sum: torch.Tensor | None = None
         """Each candidate's weight summed over the batches (source, batch, stream)."""
         self.batches = 0
 
     @torch.no_grad()
     def step(self, x: torch.Tensor) -> StepResult:
-        with self.inner.source_statistics():
+        with self.inner.source_statistics(), self.check.measuring() if self.check else contextlib.nullcontext():
             source = self.inner.step(x)
         # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
         # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
@@ -154,13 +263,24 @@ class BatchNormChoice:
         sums = [softmax_entropy(c.logits.float()).sum() for c in candidates]
         if alone:
             sums[1] = torch.full_like(sums[1], math.inf)  # weight 0 for the batch statistics
+        left_out = [False, self._rules_out("batch_statistics", candidates[1], source, alone)]
         if self.stream_model is not None:
-            stream = self._stream_step(x, self._class_labels(candidates, torch.stack(sums) / x.shape[0], alone))
+            means = torch.stack(sums) / x.shape[0]
+            stream = self._stream_step(x, self._class_labels(candidates, _masked(means, left_out), alone))
             candidates.append(stream)
             sums.append(softmax_entropy(stream.logits.float()).sum())
+            left_out.append(self._rules_out("stream_statistics", stream, source, False))
         if self._entropies is None:
             self._entropies = EntropyWindow(self.window)
-        weights = self._weights(self._entropies.add(torch.stack(sums), x.shape[0]), source.logits.shape[1])
+        entropies = _masked(self._entropies.add(torch.stack(sums), x.shape[0]), left_out)
+        if any(left_out):
+            keys = ("source", "batch_statistics", "stream_statistics")[:len(left_out)]
+            names = [key for key, out in zip(keys, left_out, strict=True) if out]
+            assert self.check is not None
+            self.fallback_count += 1
+            if len(self.fallbacks) < MAX_RECORDED_FALLBACKS:
+                self.fallbacks.append({"batch": self.batches, "left_out": names, "reason": self.check.reason(names)})
+        weights = self._weights(entropies, source.logits.shape[1])
         self.weights_sum = weights if self.weights_sum is None else self.weights_sum + weights
         self.batches += 1
         if self.temperature == 0.0:
@@ -168,6 +288,15 @@ class BatchNormChoice:
         mixed: torch.Tensor = sum(w * c.logits.float().softmax(1)  # type: ignore[assignment]
                                   for w, c in zip(weights, candidates, strict=True))
         return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=candidates[1].used)
+
+    def _rules_out(self, key: str, candidate: StepResult, source: StepResult, alone: bool) -> bool:
+        """Whether ``check`` leaves the candidate out of this batch's choice (never at batch size 1's
+        batch statistics, which are no candidate)."""
+        if self.check is None:
+            return False
+        if key == "batch_statistics":
+            self.check.add_source(source.logits)
+        return self.check.rules_out(key, candidate.logits) and not alone
 
     def _weights(self, entropies: torch.Tensor, num_classes: int) -> torch.Tensor:
         """One-hot on the lowest entropy, or softmax(-H / (t ln C)) with t the temperature."""
@@ -218,6 +347,12 @@ class BatchNormChoice:
     def close(self) -> None:
         if self.stream_stats is not None:
             self.stream_stats.remove()
+        if self.check is not None:
+            self.check.remove()
 
     def stats(self) -> dict[str, Any]:
-        return self.shares()
+        """The shares, and the batches where the source's confident predictions ruled candidates out."""
+        if self.check is None:
+            return self.shares()
+        return self.shares() | {"fallback_batches": self.fallbacks,
+                                "fallback_share": self.fallback_count / self.batches if self.batches else 0.0}

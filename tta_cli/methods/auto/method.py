@@ -54,6 +54,10 @@ class AutoConfig(MethodConfig):
     """BatchNorm models: the mean entropies compared are over the last batches that hold at least
     this many images, so that batches of a few images are not judged on their own few entropies;
     0: 64 with a stream candidate, 1 (each batch alone) without."""
+    bn_source_check: bool = True
+    """BatchNorm models: leave out of the choice, per batch, a candidate that flips more of the source
+    model's confident predictions over the latest 256 images than the source's probabilities allow
+    it to be wrong on (``bn_choice.SourceCheck``; recorded in ``stats()["fallback_batches"]``)."""
     guard: bool = True
     """Batch-independent models: watch for collapse against a frozen source copy (one extra no-grad
     forward per batch)."""
@@ -101,7 +105,8 @@ class Auto(WrappingMethod):
         self.num_classes, self.kind, self.choice = num_classes, kind, choice
         self.bn_choice = BatchNormChoice(
             inner, stream_model, max(num_classes, 2), config.bn_choice_temperature, config.bn_choice_window,
-            config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels) if batchnorm else None
+            config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels,
+            config.bn_source_check) if batchnorm else None
         self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
                            judge_first=config.judge_first) \
             if reference is not None else None
@@ -180,7 +185,7 @@ class Auto(WrappingMethod):
         stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
                                  "source_from_batch": self.frozen_at}
         if self.bn_choice is not None:
-            stats.update(self.bn_choice.shares())
+            stats.update(self.bn_choice.stats())
         if self.guard is not None:
             stats.update(self.guard.stats())
         return stats
