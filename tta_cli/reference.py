@@ -6,11 +6,11 @@ model's on the same images. The engine runs the copy right after each step, unde
 precision and memory format, and its logits reach the sinks in ``BatchOutputs`` like any other
 output.
 
-Those signals are statistics over many images, so by default only a sample of rows is referenced
+Those signals are statistics over many images, so by default only a sample is referenced
 (``sampled``): every image of the first ``REFERENCE_ALL_FIRST`` (short runs are judged on every
-image) and then every ``REFERENCE_EVERY``-th image of the stream, chosen by stream index (the same
-rows after ``--resume``, whatever the batch size). ``all`` references every image, for a complete
-``source_pred`` column. How the sample was chosen and what it costs: docs/TRUST.md, docs/PERFORMANCE.md.
+image) and then one whole batch in ``REFERENCE_EVERY``, chosen by stream index (the same batches
+after ``--resume``). ``all`` references every image, for a complete ``source_pred`` column. How
+the sample was chosen and what it costs: docs/TRUST.md, docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ REFERENCE_ALL_FIRST = 512
 """``sampled``: the first images of the stream that are all referenced (a short run is judged on
 every image; the sample saves time where it adds up, on long streams)."""
 REFERENCE_EVERY = 4
-"""``sampled``: after those, one image in this many is referenced."""
+"""``sampled``: after those, one batch in this many is referenced (whole: a forward of a full batch
+costs less per image than one of a quarter of each batch, and the batch-level signals see whole
+batches)."""
 
 
-def referenced_rows(mode: str, first_index: int, n: int, device: torch.device | None = None) -> torch.Tensor:
-    """The rows of a batch of ``n`` images starting at stream index ``first_index`` that ``mode``
-    (sampled or all) references."""
-    index = torch.arange(first_index, first_index + n, device=device)
-    if mode == "all":
-        return index - first_index
-    chosen = (index < REFERENCE_ALL_FIRST) | (index % REFERENCE_EVERY == 0)
-    return chosen.nonzero().flatten()
+def referenced_rows(mode: str, first_index: int, n: int, batch_size: int,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """The rows of a batch of ``n`` images starting at stream index ``first_index`` (in a run of
+    ``batch_size``) that ``mode`` (sampled or all) references: all of them or none."""
+    chosen = mode == "all" or first_index < REFERENCE_ALL_FIRST or (first_index // batch_size) % REFERENCE_EVERY == 0
+    return torch.arange(n if chosen else 0, device=device)
 
 
 class RunPrecision(Protocol):
@@ -53,11 +53,12 @@ class RunPrecision(Protocol):
 class SourceReference:
     """The frozen source copy (eval mode, source BatchNorm statistics) and which rows it predicts."""
 
-    def __init__(self, model: nn.Module, mode: ReferenceMode = "sampled") -> None:
+    def __init__(self, model: nn.Module, mode: ReferenceMode = "sampled", batch_size: int = 64) -> None:
         if mode not in ("sampled", "all"):
             raise ValueError(f"a source reference is sampled or all, not {mode!r}")
         self.model = frozen_copy(model)  # before the method adds its BatchNorm hooks
         self.mode = mode
+        self.batch_size = batch_size
 
     @property
     def complete(self) -> bool:
@@ -65,7 +66,7 @@ class SourceReference:
         return self.mode == "all"
 
     def rows(self, first_index: int, n: int, device: torch.device | None = None) -> torch.Tensor:
-        return referenced_rows(self.mode, first_index, n, device)
+        return referenced_rows(self.mode, first_index, n, self.batch_size, device)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, precision: RunPrecision | None = None) -> torch.Tensor:
@@ -90,9 +91,10 @@ class SourceReference:
         return {"source_rows": rows, "source_logits": logits}
 
 
-def source_reference_for(mode: str, changes_predictions: bool, model: nn.Module) -> SourceReference | None:
+def source_reference_for(mode: str, changes_predictions: bool, model: nn.Module,
+                         batch_size: int = 64) -> SourceReference | None:
     """The run's reference, made before the method wraps (and changes) ``model``; none when off or
     for a method whose predictions are the source's (``TTAMethod.changes_predictions``)."""
     if mode == "off" or not changes_predictions:
         return None
-    return SourceReference(model, mode)  # type: ignore[arg-type]
+    return SourceReference(model, mode, batch_size)  # type: ignore[arg-type]

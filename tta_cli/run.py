@@ -185,7 +185,8 @@ class Run:
         self.csv_files = (self.out / f"predictions.{config.format}", self.out / "errors.csv")
         changes = get_method_class(config.method).changes_predictions
         # the frozen source copy is made before the method wraps (and changes) the model
-        self.reference = source_reference_for(config.source_reference, changes, setup.loaded.model)
+        self.reference = source_reference_for(config.source_reference, changes, setup.loaded.model,
+                                              config.batch_size)
         self.method = _build_method(config, setup, console)
         if self.reference is not None:
             self.reference.configure(self.method.performance.channels_last)

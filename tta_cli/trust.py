@@ -206,6 +206,6 @@ def judge(source_logits: torch.Tensor, adapted_logits: torch.Tensor, batch_size:
     pred = torch.where(torch.isfinite(adapted_logits).all(1), adapted_logits.argmax(1), -1)
     for start in range(0, len(pred), batch_size):
         n = len(pred[start:start + batch_size])
-        rows = start + referenced_rows(reference, start, n)
+        rows = start + referenced_rows(reference, start, n, batch_size)
         estimate.add(source_logits[rows], pred[rows], stream_images=n)
     return estimate.judgement()

@@ -105,7 +105,7 @@ def adapt(
     source_reference: Annotated[str, typer.Option(
         "--source-reference", metavar="MODE", rich_help_panel=METHOD, callback=one_of(*SOURCE_REFERENCE),
         help="Which images a frozen source copy also predicts, for the collapse signals, the verdict and "
-             "the source_pred column: sampled (the first 512 images, then 1 in 4), all, or off (no verdict).",
+             "the source_pred column: sampled (the first 512 images, then 1 batch in 4), all, or off (no verdict).",
     )] = "sampled",
     no_source_reference: Annotated[bool, typer.Option("--no-source-reference", hidden=True,
                                                       help="Same as --source-reference off.")] = False,

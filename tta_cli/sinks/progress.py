@@ -352,5 +352,5 @@ def print_plan(console: Console, loaded: LoadedModel, method: Any, stream: str, 
         console.print(f"[bold]auto chose[/bold] {info['choice']['method']}: {info['choice']['why']}", markup=True)
     console.print(f"[bold]stream[/bold] {stream} on {device}")
     if reference is not None and not reference.complete:
-        console.print(f"[bold]source reference[/bold] the first {REFERENCE_ALL_FIRST} images, then 1 in "
+        console.print(f"[bold]source reference[/bold] the first {REFERENCE_ALL_FIRST} images, then 1 batch in "
                       f"{REFERENCE_EVERY} (--source-reference all: every image)")
