@@ -16,6 +16,7 @@ from PIL import Image
 
 from tta_cli.methods import create_method
 from tta_cli.methods.base import TTAMethod, softmax_entropy
+from tta_cli.outputs import BatchOutputs
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 """CIFAR-10's class names: the label names of the tiny test models."""
@@ -161,3 +162,13 @@ def run_method(name: str, arch: str, stream: list[torch.Tensor], reads_free: boo
 
 def max_param_diff(a: TTAMethod, b: TTAMethod) -> float:
     return max(float((p - q).detach().abs().max()) for p, q in zip(a.params, b.params, strict=True))
+
+
+class Recorder:
+    """A sink that keeps every batch's outputs, in order."""
+
+    def __init__(self) -> None:
+        self.outputs: list[BatchOutputs] = []
+
+    def on_batch(self, outputs: BatchOutputs) -> None:
+        self.outputs.append(outputs)

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_timm
+from tests.helpers import Recorder, tiny_timm
 from tta_cli.engine import device_outputs, host_outputs, outputs_now, run_stream, to_host
 from tta_cli.methods import create_method
-from tta_cli.outputs import BatchOutputs
 from tta_cli.sources.items import Batch, StreamItem
 from tta_cli.threads import ThreadTuner
 
@@ -35,14 +34,6 @@ def _batches(sizes: list[int], skipped_before: int | None = None) -> list[Batch]
         batches.append(Batch(items, torch.randn(size, 3, 32, 32, generator=g) * 2, first))
         first += size
     return batches
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.outputs: list[BatchOutputs] = []
-
-    def on_batch(self, outputs: BatchOutputs) -> None:
-        self.outputs.append(outputs)
 
 
 def _run(defer: bool, name: str = "sar", **hyperparameters: object) -> tuple[Recorder, object]:

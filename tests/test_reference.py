@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import csv_rows, invoke, make_images, tiny_timm
+from tests.helpers import Recorder, csv_rows, invoke, make_images, tiny_timm
 from tta_cli.engine import run_stream
 from tta_cli.methods import create_method
 from tta_cli.outputs import BatchOutputs
@@ -59,20 +59,12 @@ def _batches(total: int, size: int) -> list[Batch]:
     return batches
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.outputs: list[BatchOutputs] = []
-
-    def on_batch(self, outputs: BatchOutputs) -> None:
-        self.outputs.append(outputs)
-
-
 def test_the_engine_runs_the_reference_on_the_sampled_rows_of_the_source_model() -> None:
     model = tiny_timm()
     frozen = tiny_timm().eval()  # the same weights: the source model as it came
     reference = SourceReference(model, "sampled", batch_size=64)
     method = create_method("tent", model, batch_size=64, lr=0.05)
-    recorder = _Recorder()
+    recorder = Recorder()
     batches = _batches(REFERENCE_ALL_FIRST + 64 * REFERENCE_EVERY, 64)
     totals = run_stream(method, batches, torch.device("cpu"), [recorder], reference=reference)
     assert totals.referenced == REFERENCE_ALL_FIRST + 64
