@@ -106,3 +106,16 @@ def test_non_finite_rows_are_left_out() -> None:
 def test_effective_classes() -> None:
     assert effective_classes(torch.zeros(5, dtype=torch.long), C) == pytest.approx(1.0)
     assert effective_classes(torch.arange(C), C) == pytest.approx(C)
+
+
+def test_a_checkpoint_without_image_counts_in_the_prior_window_loads() -> None:
+    """Checkpoints written before the sampled reference kept the window's probabilities alone."""
+    estimate = ChangeEstimate(3)
+    estimate.add(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1]))
+    state = estimate.state()
+    state["recent"] = [probs for probs, _ in state["recent"]]
+    restored = ChangeEstimate(3)
+    restored.load_state(state)
+    assert [images for _, images in restored.recent] == [2]
+    restored.add(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([2]))
+    assert restored.images == 3

@@ -147,8 +147,9 @@ class ChangeEstimate:
 
     def load_state(self, state: dict[str, object]) -> None:
         for name, value in state.items():
-            if name == "recent":
-                value = deque((probs, int(images)) for probs, images in value)  # type: ignore[attr-defined]
+            if name == "recent":  # a bare tensor: a checkpoint that kept no image counts (every row referenced)
+                value = deque((entry, len(entry)) if isinstance(entry, torch.Tensor) else (entry[0], int(entry[1]))
+                              for entry in value)  # type: ignore[attr-defined]
             setattr(self, name, value)
 
     def _remember(self, probs: torch.Tensor, stream_images: int) -> None:
