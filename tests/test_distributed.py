@@ -177,7 +177,7 @@ def test_the_methods_under_two_ranks_equal_one_process(tmp_path: Path, one_threa
     assert done.returncode == 0, done.stderr[-3000:]
     for case in PARALLEL_CASES:
         one = _parallel_run(case, 1, 0)
-        two = [torch.load(tmp_path / f"{case}.{rank}.pt") for rank in range(2)]
+        two = [torch.load(tmp_path / f"{case}.{rank}.pt", weights_only=True) for rank in range(2)]
         for batch, logits in enumerate(one["logits"]):
             merged = torch.cat([part["logits"][batch] for part in two])
             assert torch.equal(merged.argmax(1), logits.argmax(1)), (case, batch)

@@ -24,17 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def policy() -> Iterator[None]:
     """The policy installed as ``tta_cli.__main__`` does, the test runner's handlers restored after."""
-    previous = {signum: signal.getsignal(signum) for signum in signals.HANDLED}
-    signals.reset()
-    signals.install()
-    try:
+    signals._state.installed = False  # an earlier test may have left tta's main policy marked installed
+    with signals.policy():
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        sys.unraisablehook = sys.__unraisablehook__
-        signals._state.installed = False
-        signals.reset()
+    signals.reset()
 
 
 def test_a_signal_inside_an_import_is_raised_after_it(policy: None, tmp_path: Path,

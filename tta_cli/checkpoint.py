@@ -20,10 +20,10 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -134,12 +134,9 @@ def load_checkpoint(out: Path) -> ResumePoint:
                        "run it again from the start, with --overwrite") from err
 
 
-class RunState(Protocol):
-    """What the run hands the checkpointer: the method's and the sinks' state, gathered by the run."""
-
-    def __call__(self) -> dict[str, Any]:
-        """``{"method": {...}, "sinks": {name: {...}}}``, tensors, numbers, strings, lists and dicts."""
-        ...
+RunState = Callable[[], dict[str, Any]]
+"""What the run hands the checkpointer: a call that gathers the method's and the sinks' state,
+``{"method": {...}, "sinks": {name: {...}}}`` in tensors, numbers, strings, lists and dicts."""
 
 
 class Checkpointer:

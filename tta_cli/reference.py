@@ -23,8 +23,8 @@ from torch import nn
 
 from tta_cli.collapse_window import frozen_copy
 
-ReferenceMode = Literal["sampled", "all", "off"]
-REFERENCE_MODES: tuple[str, ...] = ("sampled", "all", "off")
+ReferenceMode = Literal["sampled", "all"]
+"""What a reference predicts (``--source-reference off`` is no reference: ``tta_cli.choices``)."""
 REFERENCE_ALL_FIRST = 512
 """``sampled``: the first images of the stream that are all referenced (a short run is judged on
 every image; the sample saves time where it adds up, on long streams)."""
