@@ -115,7 +115,10 @@ PARALLEL_CASES = {
     # random test model (which is uncertain everywhere)
     "deyo": "deyo", "rotta": "rotta", "lame": "lame", "roid": "roid", "cotta": "cotta", "rdumb": "rdumb",
     "come-tent": "come", "come-sar": "come", "zerosiam": "zerosiam", "foa_shift": "foa_shift",
+    "auto-bn": "auto", "auto-gn": "auto",
 }
+PARALLEL_MODELS = {"auto-gn": "test_efficientnet_gn"}
+"""The cases on another model than ``test_resnet``: auto's guard runs on batch-independent models."""
 PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     # SGD where the method offers it, and a small Adam step for rdumb: Adam moves a parameter whose
     # gradient is float noise (summed in another order over the ranks) by a full step, lr, either way
@@ -125,6 +128,10 @@ PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     "cotta": {"confidence_threshold": 1.0, "augmentations": 2, "optimizer": "sgd", "lr": 1e-3},  # augmented teacher
     "rdumb": {"margin_factor": 1.0, "d_margin": 0.9, "reset_every": 2, "lr": 1e-5},
     "come-sar": {"base": "sar", "margin_factor": 1.0},
+    # the guard's first window is full after two global batches (14 images) but not after two of
+    # one rank's halves, and no judged window is harmful: judged on a rank's rows alone, the
+    # second batch would be predicted by the source copy
+    "auto-gn": {"inner": "tent", "window": 10, "harm_points": 100.0},
 }
 PARALLEL_STREAM = (7, 7, 1)
 """Global batch sizes: 4 + 3 rows on two ranks, then a batch where rank 1 has no row."""
@@ -141,9 +148,10 @@ def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
     name = PARALLEL_CASES[case]
     learns = hasattr(get_method_class(name).config_class(), "lr")
     options = {"lr": 0.01} if learns else {}
-    method = create_method(name, tiny_timm("test_resnet"), batch_size=PARALLEL_STREAM[0],
+    method = create_method(name, tiny_timm(PARALLEL_MODELS.get(case, "test_resnet")), batch_size=PARALLEL_STREAM[0],
                            **(options | PARALLEL_CONFIGS.get(case, {})))
-    method.prepare([clean])  # foa_shift's source mean (every rank: the whole clean set); nothing elsewhere
+    if get_method_class(name).clean_data:
+        method.prepare([clean])  # foa_shift's source mean (every rank: the whole clean set)
     method.reseed(0)
     logits, used = [], []
     for x in stream:
@@ -152,7 +160,22 @@ def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
         logits.append(result.logits.detach())
         used.append(result.used)
     method.settle()
-    return {"logits": logits, "used": used, "state": method.adapted_state_dict(), "resets": method.resets}
+    return {"logits": logits, "used": used, "state": method.adapted_state_dict() | _stream_state(method),
+            "resets": method.resets, "decisions": _decisions(method) if name == "auto" else []}
+
+
+def _stream_state(method: object) -> dict[str, torch.Tensor]:
+    """auto's stream statistics on BatchNorm models (a frozen copy's buffers), as ``stream.*``."""
+    stream = getattr(method, "stream_model", None)
+    return {f"stream.{k}": v.clone() for k, v in stream.state_dict().items()} if stream is not None else {}
+
+
+def _decisions(method: object) -> list[object]:
+    """auto's decisions on the whole batch: where its source check left candidates out, and where
+    its guard fell back to the source, reset or froze."""
+    stats = method.stats()  # type: ignore[attr-defined]
+    return [[(f["batch"], f["left_out"]) for f in stats.get("fallback_batches", [])],
+            stats.get("guard_fallbacks"), stats.get("guard_harm_resets"), stats.get("guard_events")]
 
 
 def parallel_worker(out: str) -> None:
@@ -167,9 +190,10 @@ def parallel_worker(out: str) -> None:
 
 
 def test_the_methods_under_two_ranks_equal_one_process(tmp_path: Path, one_thread: None) -> None:
-    """deyo, rotta, lame, roid, cotta, rdumb, come, zerosiam and foa_shift on two gloo ranks give one
-    process's predictions, used samples and adapted state (parameters and BatchNorm statistics) at
-    the same global batch, on a BatchNorm model with a batch one rank has no row of."""
+    """deyo, rotta, lame, roid, cotta, rdumb, come, zerosiam, foa_shift and auto on two gloo ranks
+    give one process's predictions, used samples, adapted state (parameters and BatchNorm statistics,
+    auto's stream statistics) and auto's decisions at the same global batch, on a BatchNorm model
+    (auto: also a GroupNorm one) with a batch one rank has no row of."""
     code = f"from tests.test_distributed import parallel_worker; parallel_worker({str(tmp_path)!r})"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--no-python", sys.executable, "-c", code]
@@ -185,6 +209,7 @@ def test_the_methods_under_two_ranks_equal_one_process(tmp_path: Path, one_threa
             assert torch.equal(torch.cat([part["used"][batch] for part in two]), one["used"][batch]), (case, batch)
         for part in two:
             assert part["resets"] == one["resets"], case
+            assert part["decisions"] == one["decisions"], case
             assert part["state"].keys() == one["state"].keys()
             difference = max(float((part["state"][k].float() - v.float()).abs().max())
                              for k, v in one["state"].items())

@@ -139,6 +139,6 @@ def test_methods_declare_what_the_set_up_layer_needs() -> None:
     assert get_method_class("foa_shift").without_clean_data == "source"
     parallel = {n for n in list_methods() if get_method_class(n).data_parallel}
     assert parallel == {"source", "norm", "tent", "sar", "eta", "eata", "come", "deyo", "rotta", "lame", "roid",
-                        "cotta", "rdumb", "zerosiam", "foa_shift"}
+                        "cotta", "rdumb", "zerosiam", "foa_shift", "auto"}
     assert all(get_method_class(n).not_data_parallel for n in list_methods() if n not in parallel)
     assert [n for n in list_methods() if not get_method_class(n).changes_predictions] == ["source"]

@@ -12,6 +12,11 @@ a new corruption at once; the stream's keep what batches of few classes (label s
 labels, small batches) lack, and being balanced over the classes they do not become the statistics
 of the classes seen last, as a plain running mean does. At batch size 1 the batch statistics are no
 candidate.
+
+Data-parallel (``torchrun``), each process holds some rows of the batch and every choice is the
+global batch's, alike on every process: the entropy sums, the source check's sums and the stream's
+per-class moments are summed over the processes (the helpers under "the global batch" below; the
+inner ``norm`` normalises with the global batch's statistics itself).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.collectives import world
 from tta_cli.methods.selection import batchnorm_layers
 
 STREAM_MOMENTUM_IMAGES = 64
@@ -37,6 +43,48 @@ MAX_RECORDED_FALLBACKS = 1000
 INPUT_SHIFT = math.log(4.0)
 """``SourceCheck`` trusts the source's confidence while the variance of every channel of the first
 BatchNorm's input (which depends on no statistics) is within this factor of the source's."""
+
+
+# --- the global batch: sums over every process's rows (in one process, the local values) ----------
+
+
+def _global_images(x: torch.Tensor) -> int:
+    """The images of the global batch ``x`` holds this process's rows of."""
+    return world().sum_int(x.shape[0])
+
+
+def _global_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (sums over this process's rows) summed over the processes."""
+    return world().sum(values)
+
+
+def _global_means(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor's mean over its rows, over the global batch (data-parallel: one sum)."""
+    if not world().active:
+        return [v.mean(0) for v in values]
+    rows = values[0].new_tensor([float(values[0].shape[0])])
+    sums = world().sum(torch.cat([*(v.sum(0) for v in values), rows]))
+    return [part / sums[-1].clamp_min(1) for part in sums[:-1].split([v.shape[1] for v in values])]
+
+
+def _global_sum_and_count(values: torch.Tensor) -> tuple[float, int]:
+    """The sum of ``values`` (one per image) and the images, over the global batch."""
+    if not world().active:
+        return float(values.sum()), len(values)
+    total = world().sum(torch.stack([values.sum(), values.new_tensor(float(len(values)))]))
+    return float(total[0]), int(total[1])
+
+
+def _global_class_sums(onehot: torch.Tensor, means: torch.Tensor,
+                       squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class (``onehot``: each image's): the sums of the images' channel means and mean squares,
+    and the images, over the global batch (data-parallel: one sum)."""
+    sums = onehot.T @ means, onehot.T @ squares, onehot.sum(0)
+    if not world().active:
+        return sums
+    channels = means.shape[1]
+    total = world().sum(torch.cat([sums[0], sums[1], sums[2][:, None]], 1))
+    return total[:, :channels], total[:, channels:2 * channels], total[:, -1]
 
 
 def _masked(entropies: torch.Tensor, left_out: list[bool]) -> torch.Tensor:
@@ -77,15 +125,15 @@ class ClassBalancedStats:
         if self.labels is None:
             return
         x = args[0].float()
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        flat = x.flatten(2)  # (B, channels, values); also for a process with no row
         # (B, channels); a sum and a norm are vectorised reductions, ten times faster than var_mean here
         means = flat.mean(2)
         squares = torch.linalg.vector_norm(flat, 2, dim=2) ** 2 / flat.shape[2]
         onehot = torch.nn.functional.one_hot(self.labels, self.num_classes).to(x)  # (B, C)
-        counts = onehot.sum(0)
+        mean_sums, square_sums, counts = _global_class_sums(onehot, means, squares)
         present = counts > 0
-        batch_means = (onehot.T @ means) / counts.clamp_min(1)[:, None]
-        batch_squares = (onehot.T @ squares) / counts.clamp_min(1)[:, None]
+        batch_means = mean_sums / counts.clamp_min(1)[:, None]
+        batch_squares = square_sums / counts.clamp_min(1)[:, None]
         key = id(module)
         if key not in self._moments:
             self._moments[key] = (torch.zeros_like(batch_means), torch.zeros_like(batch_squares),
@@ -173,10 +221,10 @@ class SourceCheck:
         if not self._measure or self._source_var is None:
             return
         x = args[0].float()
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        flat = x.flatten(2)  # (B, channels, values); also for a process with no row
         # a mean and a norm over each image's contiguous values: 15 times faster than var over (0, 2, 3)
-        square = (torch.linalg.vector_norm(flat, 2, dim=2) ** 2).mean(0) / flat.shape[2]
-        var = square - flat.mean(2).mean(0) ** 2
+        squares, means = _global_means(torch.linalg.vector_norm(flat, 2, dim=2) ** 2, flat.mean(2))
+        var = squares / flat.shape[2] - means**2
         ratio = var.clamp_min(1e-12) / self._source_var.to(var.device).clamp_min(1e-12)
         self.input_shift = float(ratio.log().abs().max())
 
@@ -190,8 +238,9 @@ class SourceCheck:
         probs = source_logits.double().softmax(1)
         confidence, self._source_pred = probs.max(1)
         self._odds = confidence / (1.0 - confidence).clamp_min(1e-6)
-        self._batches.append((len(confidence), float(confidence.sum()), {}))
-        self._images += len(confidence)
+        confidence_sum, images = _global_sum_and_count(confidence)
+        self._batches.append((images, confidence_sum, {}))
+        self._images += images
         while self._images - self._batches[0][0] >= CHECK_WINDOW_IMAGES:
             self._images -= self._batches.popleft()[0]
 
@@ -200,7 +249,7 @@ class SourceCheck:
         """Whether the candidate ``key`` (this batch's ``logits``) flips the source's confident
         predictions over the recent images more than the source's probabilities allow."""
         flipped = (logits.argmax(1) != self._source_pred).double()
-        self._batches[-1][2][key] = float(flipped @ self._odds)
+        self._batches[-1][2][key] = float(_global_sum(flipped @ self._odds))
         if self.input_shift is not None and self.input_shift > INPUT_SHIFT:
             return False
         return self.weighted_flips(key) > self.allowed_flips()
@@ -255,31 +304,26 @@ class BatchNormChoice:
             source = self.inner.step(x)
         # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
         # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
-        alone = x.shape[0] == 1
+        images = _global_images(x)
+        alone = images == 1
         if alone and self.stream_model is None:
             self.batches += 1  # all the weight on the source statistics
             return source
         candidates = [source, source if alone else self.inner.step(x)]
-        sums = [softmax_entropy(c.logits.float()).sum() for c in candidates]
+        sums = _global_sum(torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates]))
         if alone:
-            sums[1] = torch.full_like(sums[1], math.inf)  # weight 0 for the batch statistics
+            sums[1] = math.inf  # weight 0 for the batch statistics
         left_out = [False, self._rules_out("batch_statistics", candidates[1], source, alone)]
         if self.stream_model is not None:
-            means = torch.stack(sums) / x.shape[0]
-            stream = self._stream_step(x, self._class_labels(candidates, _masked(means, left_out), alone))
+            stream = self._stream_step(x, self._class_labels(candidates, _masked(sums / images, left_out), alone))
             candidates.append(stream)
-            sums.append(softmax_entropy(stream.logits.float()).sum())
+            sums = torch.cat([sums, _global_sum(softmax_entropy(stream.logits.float()).sum())[None]])
             left_out.append(self._rules_out("stream_statistics", stream, source, False))
         if self._entropies is None:
             self._entropies = EntropyWindow(self.window)
-        entropies = _masked(self._entropies.add(torch.stack(sums), x.shape[0]), left_out)
+        entropies = _masked(self._entropies.add(sums, images), left_out)
         if any(left_out):
-            keys = ("source", "batch_statistics", "stream_statistics")[:len(left_out)]
-            names = [key for key, out in zip(keys, left_out, strict=True) if out]
-            assert self.check is not None
-            self.fallback_count += 1
-            if len(self.fallbacks) < MAX_RECORDED_FALLBACKS:
-                self.fallbacks.append({"batch": self.batches, "left_out": names, "reason": self.check.reason(names)})
+            self._record_fallback(left_out)
         weights = self._weights(entropies, source.logits.shape[1])
         self.weights_sum = weights if self.weights_sum is None else self.weights_sum + weights
         self.batches += 1
@@ -288,6 +332,14 @@ class BatchNormChoice:
         mixed: torch.Tensor = sum(w * c.logits.float().softmax(1)  # type: ignore[assignment]
                                   for w, c in zip(weights, candidates, strict=True))
         return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=candidates[1].used)
+
+    def _record_fallback(self, left_out: list[bool]) -> None:
+        keys = ("source", "batch_statistics", "stream_statistics")[:len(left_out)]
+        names = [key for key, out in zip(keys, left_out, strict=True) if out]
+        assert self.check is not None
+        self.fallback_count += 1
+        if len(self.fallbacks) < MAX_RECORDED_FALLBACKS:
+            self.fallbacks.append({"batch": self.batches, "left_out": names, "reason": self.check.reason(names)})
 
     def _rules_out(self, key: str, candidate: StepResult, source: StepResult, alone: bool) -> bool:
         """Whether ``check`` leaves the candidate out of this batch's choice (never at batch size 1's

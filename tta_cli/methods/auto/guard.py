@@ -25,11 +25,21 @@ from torch import nn
 
 from tta_cli.collapse_window import CollapseWindow, Thresholds, default_window
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
+from tta_cli.methods.collectives import world
 from tta_cli.trust import ChangeEstimate, flip_auc
 
 HARM_POINTS = 1.0
 """A window whose estimated accuracy change is at or below minus this many points is harmful
 (``tta_cli.trust.HURT_POINTS`` for a whole run)."""
+
+
+def _global_rows(logits: torch.Tensor, source_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's rows of both (data-parallel: every process's, in stream order, on every
+    process, so that the guard judges the global batch and decides alike everywhere; one gather)."""
+    if not world().active:
+        return logits, source_logits
+    both = world().gather_rows(torch.cat([logits, source_logits.to(logits.dtype)], 1))
+    return both[:, :logits.shape[1]], both[:, logits.shape[1]:]
 
 
 class _Counts(NamedTuple):
@@ -130,21 +140,22 @@ class Guard:
 
     def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int) -> StepResult:
         """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
-        where a window collapsed, looks harmful or is not judged yet."""
+        where a window collapsed, looks harmful or is not judged yet. Data-parallel, the windows
+        take the global batch's rows and every process returns its own."""
         source_logits = self._source_logits(inner, x)
         if self.window is None or self.change is None:
             num_classes = source_logits.shape[1]
             size = self.size or default_window(self.batch_size, num_classes)
             self.window = CollapseWindow(num_classes, size, self.thresholds)
             self.change = ChangeWindow(num_classes, size)
-        logits = result.logits.detach().float()
-        pred, source_pred = logits.argmax(1).cpu(), source_logits.argmax(1).cpu()
-        self.window.add(pred, softmax_entropy(logits).cpu(), source_pred, softmax_entropy(source_logits).cpu())
+        logits, seen_source = _global_rows(result.logits.detach().float(), source_logits)
+        pred, source_pred = logits.argmax(1).cpu(), seen_source.argmax(1).cpu()
+        self.window.add(pred, softmax_entropy(logits).cpu(), source_pred, softmax_entropy(seen_source).cpu())
         signals = self.window.collapse()
         if signals is not None:
             self._on_collapse(inner, signals, batch)
         finite_pred = torch.where(torch.isfinite(logits).all(1).cpu(), pred, -1)
-        if signals is not None or self._harmful(inner, source_logits.cpu(), finite_pred, batch):
+        if signals is not None or self._harmful(inner, seen_source.cpu(), finite_pred, batch):
             if self.frozen_at is None:
                 self._record_fallback(batch)
             return StepResult(logits=source_logits, used=result.used)

@@ -82,10 +82,15 @@ class Auto(WrappingMethod):
     wild benchmark (``docs/METHODS.md``, "auto"; ``docs/BENCHMARKS.md``). BatchNorm models: a
     ``norm`` method whose predictions are chosen per batch among BatchNorm statistics
     (``bn_choice``); others: the inner method (``AutoConfig.inner``) under the ``guard``.
-    ``describe()["choice"]`` records what was chosen and why; ``tta adapt`` prints it."""
+    ``describe()["choice"]`` records what was chosen and why; ``tta adapt`` prints it.
+
+    Data-parallel: the inner methods are; the choice among BatchNorm statistics sums its entropies,
+    checks and stream moments over the processes, and the guard judges the gathered global batch
+    (docs/DISTRIBUTED.md)."""
 
     name = "auto"
     config_class = AutoConfig
+    data_parallel = True
     config: AutoConfig
 
     def __init__(self, model: nn.Module, config: AutoConfig | None = None, batch_size: int = 64) -> None:
