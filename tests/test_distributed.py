@@ -253,6 +253,10 @@ def assert_same_run(one: Path, two: Path, adam: bool = False) -> str:
     assert [r["path"] for r in rows1] == [r["path"] for r in rows2]
     assert [r["index"] for r in rows1] == [r["index"] for r in rows2]
     same = sum(a["pred"] == b["pred"] for a, b in zip(rows1, rows2, strict=True))
+    # the source reference: each rank predicts its rows of the same batches, rank 0 writes them all
+    assert "source_pred" in rows2[0]
+    same_source = sum(a["source_pred"] == b["source_pred"] for a, b in zip(rows1, rows2, strict=True))
+    assert same_source >= 0.995 * len(rows1)
     entropy = max(abs(float(a["entropy"]) - float(b["entropy"])) for a, b in zip(rows1, rows2, strict=True))
     p1, p2 = _params(one), _params(two)
     assert p1.keys() == p2.keys()
@@ -271,6 +275,7 @@ def assert_same_run(one: Path, two: Path, adam: bool = False) -> str:
     for key in ("images", "used_for_update", "after_each_filter", "batches"):
         assert r1["counts"][key] == r2["counts"][key], key
     assert r1["resets_at_batch"] == r2["resets_at_batch"]
+    assert r1["health"]["verdict"] == r2["health"]["verdict"], (r1["health"], r2["health"])
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     return measured
 
@@ -315,6 +320,8 @@ CASES: dict[str, tuple[str, str, int, str, dict]] = {
     "come-sar-gn": ("cifar10-resnet18-gn", "come", 16, "s128", {"lr": "0.001", "set": {"base": "sar"}}),
     "zerosiam-gn": ("cifar10-resnet18-gn", "zerosiam", 16, "s128", {"lr": "0.001"}),
     "foa_shift-bn": ("cifar10-resnet18-bn", "foa_shift", 32, "s129", {"clean": True}),
+    "auto-bn": ("cifar10-resnet18-bn", "auto", 32, "s129", {}),
+    "auto-gn": ("cifar10-resnet18-gn", "auto", 16, "s128", {}),
 }
 
 

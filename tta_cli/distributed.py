@@ -328,7 +328,7 @@ def rank_batches(stream: Stream, transform: Transform, batch_size: int, image_sh
     decoded = decoded_stream(Stream([ImagePart(flat)], stream.cache), transform, workers, min(batch_size, 32),
                              max_pixels)
     shape = tuple(image_shape)
-    for batch_items in mine:
+    for number, batch_items in enumerate(mine):
         kept: list[StreamItem] = []
         images: list[torch.Tensor] = []
         skipped: list[tuple[StreamItem, str]] = []
@@ -341,7 +341,9 @@ def rank_batches(stream: Stream, transform: Transform, batch_size: int, image_sh
             images.append(image)
             shape = tuple(image.shape)
         tensor = torch.stack(images) if images else torch.empty((0, *shape))
-        yield Batch(kept, tensor.pin_memory() if pin_memory else tensor, 0, skipped)
+        # the global batch's first stream index, alike on every rank: the source reference's choice
+        # of batches (``tta_cli.reference``) is then the global batch's, as in one process
+        yield Batch(kept, tensor.pin_memory() if pin_memory else tensor, number * batch_size, skipped)
 
 
 # --- outputs: gathered to rank 0 ------------------------------------------------------------------
@@ -387,7 +389,8 @@ def _fault_after() -> int | None:
 def _payload(out: BatchOutputs) -> dict[str, Any]:
     return {"items": out.batch.items, "skipped": out.batch.skipped, "pred": out.pred, "confidence": out.confidence,
             "entropy": out.entropy, "top5": out.top5, "used": out.used, "filtered": out.filtered,
-            "reset": out.reset, "seconds": out.seconds}
+            "reset": out.reset, "seconds": out.seconds, "source_rows": out.source_rows,
+            "source_logits": out.source_logits, "reference_seconds": out.reference_seconds}
 
 
 def _merge(parts: list[dict[str, Any]], own: BatchOutputs, first_index: int) -> BatchOutputs:
@@ -404,8 +407,26 @@ def _merge(parts: list[dict[str, Any]], own: BatchOutputs, first_index: int) -> 
     def cat(key: str) -> torch.Tensor:
         return torch.cat([p[key] for p in with_rows])
 
+    source_rows, source_logits = _merged_reference(parts)
     return BatchOutputs(batch, cat("pred"), cat("confidence"), cat("entropy"), cat("top5"), cat("used"),
-                        filtered, bool(parts[0]["reset"]), max(p["seconds"] for p in parts))
+                        filtered, bool(parts[0]["reset"]), max(p["seconds"] for p in parts),
+                        source_rows, source_logits, max(p["reference_seconds"] for p in parts))
+
+
+def _merged_reference(parts: list[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The source reference's rows of the global batch (each rank's, shifted by the rows of the
+    ranks before it) and their logits; None without a reference."""
+    if all(part["source_rows"] is None for part in parts):
+        return None, None
+    rows, logits, offset = [], [], 0
+    for part in parts:  # a rank with no row of the batch made no reference pass (None)
+        if part["source_rows"] is not None and len(part["source_rows"]):
+            rows.append(part["source_rows"].cpu() + offset)
+            logits.append(part["source_logits"].cpu())
+        offset += len(part["pred"])
+    if not rows:
+        return torch.empty(0, dtype=torch.long), torch.empty((0, 0))
+    return torch.cat(rows), torch.cat(logits)
 
 
 TIMINGS = ("adapt_seconds", "data_wait_seconds", "data_waits", "device_busy_seconds", "device_idle_seconds",

@@ -35,7 +35,7 @@ from tta_cli.outcome import Outcome, after_signal, check_outcome, disk_full_as_e
 from tta_cli.outputs import Sink, Totals
 from tta_cli.ownership import start_manifest
 from tta_cli.record import export_folder_record, run_record, write_record
-from tta_cli.reference import source_reference_for
+from tta_cli.reference import SourceReference, source_reference_for
 from tta_cli.run_folders import RunFolders
 from tta_cli.runtime import (
     RunSetup,
@@ -69,16 +69,17 @@ def adapt(config: AdaptConfig, console: Console | None = None, resume: bool = Fa
     ``tta_cli.checkpoint``). SIGTERM is handled as Ctrl-C while the run is on.
 
     Launched by ``torchrun`` with several ranks, the ranks adapt one model data-parallel and rank 0
-    writes the outputs (``tta_cli.distributed``, docs/DISTRIBUTED.md). The per-image sinks that need
-    the images themselves (source reference, export folder, export check) and checkpoints are off
-    there: rank 0 sees the gathered outputs, not every rank's images.
+    writes the outputs (``tta_cli.distributed``, docs/DISTRIBUTED.md). The source reference predicts
+    each rank's rows and rank 0 gathers them with the outputs; the per-image sinks that need the
+    images themselves (export folder, export check) and checkpoints are off there: rank 0 sees the
+    gathered outputs, not every rank's images.
     """
     device = distributed.start(config.device)
     if distributed.active():
         if resume:
             raise TTAError("--resume is not supported under torchrun", "resume the run in one process")
         config = replace(config, device=device, quiet=config.quiet or not distributed.is_main(),
-                         source_reference="off", checkpoint_every=0)
+                         checkpoint_every=0)
     try:
         return adapt_local(config, console, resume)
     finally:
@@ -204,7 +205,7 @@ class Run:
         if not config.predict_only and config.export_bn == "stream":
             track_stream_statistics(method, config.batch_size)  # on every rank: the statistics are global
         if not distributed.is_main():
-            return _follow_stream(config, self.setup, self.stream, self.workers, method)
+            return _follow_stream(config, self.setup, self.stream, self.workers, method, self.reference)
         self.point = resume_point(self.out, self.csv_files) if self.resume else None
         # From here to the last write, a signal is only noted: the stream takes it (signals.allowed in
         # stream_batches), and the start and the final writes finish whole before the run ends as interrupted.
@@ -291,7 +292,7 @@ class Run:
                 if distributed.active():
                     gather = distributed.GatherToMain(sinks, self.totals)
                     engine_totals = run_stream(self.method, batches, setup.device, [gather], defer=defer,
-                                               tune_threads=setup.tune_threads)
+                                               tune_threads=setup.tune_threads, reference=self.reference)
                 else:
                     run_stream(self.method, batches, setup.device, sinks, defer=defer, tune_threads=setup.tune_threads,
                                reference=self.reference, totals=self.totals)
@@ -381,12 +382,13 @@ def _batches(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
 
 
 def _follow_stream(config: AdaptConfig, setup: RunSetup, stream: Stream, workers: int,
-                   method: Method) -> dict[str, Any]:
-    """A rank other than 0: adapt on its rows, send its outputs to rank 0, write nothing."""
+                   method: Method, reference: SourceReference | None) -> dict[str, Any]:
+    """A rank other than 0: adapt on its rows (and the source reference's pass on them), send its
+    outputs to rank 0, write nothing."""
     method.reseed(config.seed)
     with distributed.peer_failures():
         run_stream(method, _batches(config, setup, stream, workers), setup.device,
-                   [distributed.GatherToMain([])], tune_threads=setup.tune_threads)
+                   [distributed.GatherToMain([])], tune_threads=setup.tune_threads, reference=reference)
     method.close()
     return {"status": "completed", "rank": distributed.rank(), "world_size": distributed.world_size()}
 
