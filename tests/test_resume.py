@@ -92,7 +92,7 @@ def _assert_same_run(got: Path, want: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "kill_after"), [
-    ("tent", 2), ("tent", 7),
+    ("tent", 2), ("tent", 7), ("source", 3),
     pytest.param("tent", 4, marks=pytest.mark.slow), pytest.param("tent", 10, marks=pytest.mark.slow),
     pytest.param("sar", 5, marks=pytest.mark.slow),
 ])
@@ -106,6 +106,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "running"  # never looks complete
     assert (out / CHECKPOINT).is_file()  # one from the start: resumable before the first --checkpoint-every
+    modules = torch.load(out / CHECKPOINT, weights_only=True)["method"]["modules"]
+    assert (modules is None) == (method == "source")  # a fixed model is rebuilt, not saved per checkpoint
     (out / ".checkpoint.pt.tmp-99999").write_bytes(b"half")  # as a kill during a write leaves them
     record_output(out, "model")  # as a run killed while writing model/ listed it first
     (out / "model.tmp-99999").mkdir()

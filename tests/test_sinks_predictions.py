@@ -84,3 +84,26 @@ def test_a_full_disk_cuts_back_to_whole_rows_and_names_the_file(tmp_path: Path, 
     assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(path)
     assert path.read_bytes() == whole  # the half-written rows are gone
     writer.close()
+
+
+def test_a_csv_batch_is_written_byte_for_byte(tmp_path: Path) -> None:
+    """Every kind of cell at once, against the exact text: a frame and timestamp, a -1 prediction
+    (non-finite logits), labels and correctness, a sampled source reference, float rounding."""
+    items = [StreamItem("v.mp4#0", Path("v.mp4"), label=1, frame=0, timestamp=0.0),
+             StreamItem("=x.png", Path("=x.png"), label=2, frame=None, timestamp=None),
+             StreamItem("c.png", Path("c.png"), label=0, frame=7, timestamp=1.23456)]
+    out = BatchOutputs(Batch(items, torch.zeros(3, 3, 4, 4), 5), torch.tensor([1, -1, 2]),
+                       torch.tensor([0.123456789, 1.0, 1e-7]), torch.tensor([2.0, float("nan"), 0.5]),
+                       torch.tensor([[1, 0, 2, 3, 4], [0, 1, 2, 3, 4], [2, 1, 0, 3, 4]]),
+                       torch.tensor([True, False, True]), (), False, 0.0,
+                       source_rows=torch.tensor([0, 2]), source_logits=torch.tensor([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]]))
+    writer = PredictionsWriter(tmp_path / "p.csv", ["a", "b", "=c"], source_columns=True)
+    writer.on_batch(out)
+    writer.close()
+    assert writer.rows == 3
+    assert (tmp_path / "p.csv").read_bytes() == (
+        b"index,path,frame,timestamp,pred,pred_name,pred_id,confidence,entropy,top5,used_for_update,label,correct,"
+        b"source_pred,source_pred_name\r\n"
+        b"5,v.mp4#0,0,0.000,1,b,b,0.123457,2.000000,1 0 2 3 4,1,1,1,1,b\r\n"
+        b"6,'=x.png,,,-1,,,1.000000,nan,0 1 2 3 4,0,2,0,,\r\n"
+        b"7,c.png,7,1.235,2,'=c,'=c,0.000000,0.500000,2 1 0 3 4,1,0,0,0,a\r\n")

@@ -429,16 +429,6 @@ def _merged_reference(parts: list[dict[str, Any]]) -> tuple[torch.Tensor | None,
     return torch.cat(rows), torch.cat(logits)
 
 
-TIMINGS = ("adapt_seconds", "data_wait_seconds", "data_waits", "device_busy_seconds", "device_idle_seconds",
-           "cpu_threads")
-
-
-def take_timings(engine: Totals, totals: Totals) -> None:
-    """Rank 0's timings (its engine's) into the run's totals, whose counts are the whole stream's."""
-    for name in TIMINGS:
-        setattr(totals, name, getattr(engine, name))
-
-
 @contextlib.contextmanager
 def peer_failures() -> Iterator[None]:
     """A collective that fails because another rank stopped (crashed, killed, timed out) becomes one

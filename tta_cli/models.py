@@ -53,10 +53,13 @@ class LoadedModel:
         return int(self.model.num_classes)
 
     def transform(self) -> Any:
-        """The evaluation preprocessing of the model's ``pretrained_cfg`` (timm's create_transform)."""
+        """The evaluation preprocessing of the model's ``pretrained_cfg`` (timm's create_transform),
+        its tensor steps done per chunk of images where it allows (``sources.preprocess``)."""
         import timm.data
 
-        return timm.data.create_transform(**self.data_config, is_training=False)
+        from tta_cli.sources.preprocess import chunked
+
+        return chunked(timm.data.create_transform(**self.data_config, is_training=False))
 
     def describe(self) -> dict[str, Any]:
         return {

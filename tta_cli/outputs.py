@@ -56,6 +56,11 @@ class Sink(Protocol):
     def on_batch(self, outputs: BatchOutputs) -> None: ...
 
 
+TIMINGS = ("adapt_seconds", "reference_seconds", "data_wait_seconds", "data_waits", "device_busy_seconds",
+           "device_idle_seconds", "cpu_threads")
+"""The ``Totals`` fields that are one process's timings, not counts."""
+
+
 @dataclass
 class Totals:
     """Running counts over the stream, for the progress display and the run record."""
@@ -103,6 +108,12 @@ class Totals:
         if correct is not None and n:
             self.labelled += n
             self.correct += int(correct.sum())
+
+    def take_timings(self, engine: Totals) -> None:
+        """An engine's timings (under torchrun, rank 0's) into these totals, whose counts are the
+        whole stream's."""
+        for name in TIMINGS:
+            setattr(self, name, getattr(engine, name))
 
     @property
     def accuracy(self) -> float | None:

@@ -214,7 +214,7 @@ class Run:
             started = time.perf_counter()
             outcome, engine_totals = self.stream_batches(checkpointer)
             if engine_totals is not None:
-                distributed.take_timings(engine_totals, self.totals)
+                self.totals.take_timings(engine_totals)
             signals.test_point("export")
             record = self.finish(after_signal(outcome), time.perf_counter() - started)
             if after_signal(outcome).status != record["status"]:  # a signal came during the final writes

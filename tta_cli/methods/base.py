@@ -340,6 +340,12 @@ class TTAMethod(nn.Module):
     """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
 
+    @property
+    def model_is_fixed(self) -> bool:
+        """Whether the run never changes the model's parameters and buffers: a checkpoint then
+        leaves them out (the model is rebuilt from its source on resume)."""
+        return False
+
     def state_for_resume(self) -> dict[str, Any]:
         """Everything the next batch depends on (``resume.method_state``)."""
         self.settle()

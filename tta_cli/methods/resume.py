@@ -22,7 +22,8 @@ def method_state(method: TTAMethod) -> dict[str, Any]:
     """The state of ``method`` (settled: no value left on the device unread)."""
     hooks = method._bn_hooks
     return {
-        "modules": {k: v.detach().clone() for k, v in method.state_dict().items()},
+        # a fixed model is rebuilt from its source on resume: copying it would cost a model's size per save
+        "modules": None if method.model_is_fixed else {k: v.detach().clone() for k, v in method.state_dict().items()},
         "optimizer": method.optimizer.state_dict() if method.optimizer is not None else None,
         "scaler": method.scaler.state_dict() if method.scaler is not None else None,
         "generator": method.generator.get_state(),
@@ -37,8 +38,9 @@ def method_state(method: TTAMethod) -> dict[str, Any]:
 @torch.no_grad()
 def load_method_state(method: TTAMethod, state: dict[str, Any]) -> None:
     """The inverse of ``method_state``, on a freshly built method of the same run."""
-    for name, tensor in method.state_dict().items():
-        tensor.copy_(state["modules"][name])
+    if state["modules"] is not None:
+        for name, tensor in method.state_dict().items():
+            tensor.copy_(state["modules"][name])
     if method.optimizer is not None and state["optimizer"] is not None:
         method.optimizer.load_state_dict(state["optimizer"])
     if method.scaler is not None and state["scaler"] is not None:

@@ -25,6 +25,12 @@ class Source(TTAMethod):
     changes_predictions = False
     data_parallel = True
 
+    config: SourceConfig
+
+    @property
+    def model_is_fixed(self) -> bool:
+        return self.bn_mode in (None, "source")  # eval mode: no statistic moves either
+
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
         logits = self.model(x)

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tta_cli.config import MAX_IMAGE_PIXELS
 from tta_cli.sources.items import Batch, StreamItem
+from tta_cli.sources.preprocess import ChunkedTransform
 from tta_cli.sources.stream import ImagePart, Stream, VideoPart
 from tta_cli.sources.video import FrameCache, FrameError, iter_frames
 
@@ -149,13 +150,21 @@ class _ImageDecoder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Packed:
         start = index * self.chunk
-        return pack([self.decode(item) for item in self.items[start:start + self.chunk]])
+        decoded = [self.decode(item) for item in self.items[start:start + self.chunk]]
+        if isinstance(self.transform, ChunkedTransform):
+            return pack_finished(decoded, self.transform)
+        return pack(decoded)
 
     def decode(self, item: StreamItem) -> Decoded:
+        """The item's image transformed (with a ``ChunkedTransform``: its 8-bit pixels, finished
+        with the chunk's), or the reason it could not be read."""
         try:
             if self.cache is not None and item in self.cache:
                 return item, self.cache.read(item), None
-            return item, self.transform(read_image(item.path, self.max_pixels, self.draft_side)), None
+            image = read_image(item.path, self.max_pixels, self.draft_side)
+            if isinstance(self.transform, ChunkedTransform):
+                return item, self.transform.pixels(image), None
+            return item, self.transform(image), None
         except Exception as err:  # any unreadable file is skipped, not fatal
             return item, None, describe_error(err, item.path, self.max_pixels)
 
@@ -195,6 +204,16 @@ def pack(decoded: list[Decoded]) -> Packed:
     shapes = {tuple(image.shape) for image in images}
     stacked = torch.stack(images) if images and len(shapes) == 1 else images
     return [(item, error) for item, image, error in decoded], stacked
+
+
+def pack_finished(decoded: list[Decoded], transform: ChunkedTransform) -> Packed:
+    """``pack`` for a chunk of 8-bit pixels (and finished tensors: cached frames, images that were
+    not 8-bit RGB): the pixels are finished together when they share a shape, else one by one."""
+    images = [image for _, image, _ in decoded if image is not None]
+    if images and all(image.dtype == torch.uint8 for image in images) and len({i.shape for i in images}) == 1:
+        return [(item, error) for item, _, error in decoded], transform.finish(torch.stack(images))
+    return pack([(item, transform.finish(image[None])[0] if image is not None and image.dtype == torch.uint8
+                  else image, error) for item, image, error in decoded])
 
 
 def unpack(packed: Packed) -> Iterator[Decoded]:
