@@ -16,7 +16,10 @@ the true change.
 Data (cached under ~/.cache/tta-cli/bench or $TTA_BENCH_CACHE, from ../shared or $TTA_SHARED):
 CIFAR-10 test images, corrupted at severity 5 with CIFAR-10-C's parameters ("cifar") or ImageNet-C's
 ("imagenet", much harsher on 32 px images), for the three shared CIFAR-10 models (BatchNorm,
-GroupNorm, LayerNorm).
+GroupNorm, LayerNorm); and the 1,000-image ImageNet sample ("inet/...", 224 px centre crops, ImageNet-C
+corruptions) for EfficientNet-Lite0 with its real ImageNet weights (``imagenet_wild.py`` builds both).
+The held-out part also holds the *second wave* (``second_wave``): EfficientNet-Lite0, batch sizes
+1-8, and the methods cotta, eata, zerosiam, come and foa_shift, which ``table`` reports apart too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from _common import REPO, cache_dir, shared_dir
 
 sys.path.insert(0, str(REPO))
 
-MODELS = {"bn": "cifar10-resnet18-bn", "gn": "cifar10-resnet18-gn", "ln": "cifar10-convnext-atto-ln"}
+MODELS = {"bn": "cifar10-resnet18-bn", "gn": "cifar10-resnet18-gn", "ln": "cifar10-convnext-atto-ln",
+          "lite0": "tf_efficientnet_lite0 (ImageNet weights, imagenet_wild.model_folder)"}
 FIT_CORRUPTIONS = ("gaussian_noise", "fog")
 HELD_OUT_CORRUPTIONS = ("shot_noise", "speckle_noise", "snow")
 MIXED = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -46,6 +50,20 @@ METHODS = ("auto", "norm", "tent", "eta", "sar", "deyo", "rotta", "lame", "roid"
 (norm and rotta change nothing there but BatchNorm layers)."""
 BATCH_FREE_METHODS = ("auto", "tent", "eta", "sar", "deyo", "lame", "roid", "rdumb")
 STREAM_IMAGES = 512
+NEW_METHODS = ("cotta", "eata", "zerosiam", "come", "foa_shift")
+"""Methods of the second wave; eata and foa_shift learn from clean images (``CLEAN_IMAGES``)."""
+CLEAN_IMAGES = 128
+"""Clean images, never in a stream, for eata's Fisher and foa_shift's source feature mean."""
+SMALL_BATCH_METHODS = ("auto", "norm", "tent", "eta", "sar", "lame", "rotta")
+INET_STREAM_IMAGES = 256
+"""EfficientNet-Lite0 at 224 px costs about 20 ms per image forward on one core pair: short streams."""
+INET_CORRUPTIONS = ("gaussian_noise", "fog", "contrast")
+INET_MIXED = ("gaussian_noise", "shot_noise", "defocus_blur", "fog", "brightness", "contrast", "jpeg_compression",
+              "pixelate")
+"""inet/mixed: 32 classes x these 8 corrupted versions of their image (the sample has one image per
+class, so a class-ordered ImageNet stream needs several versions of each)."""
+INET_METHODS = ("auto", "norm", "tent", "eta", "eata", "sar", "deyo", "lame", "roid", "rotta", "zerosiam", "come",
+                "foa_shift")
 
 
 @dataclass(frozen=True)
@@ -75,11 +93,43 @@ def grid(part: str) -> Iterator[RunSpec]:
     else:
         datas = [*(f"cifar/{c}" for c in HELD_OUT_CORRUPTIONS), "imagenet/mixed"]
         seed, size = 1, 16
-    for model in MODELS:
+    for model in ("bn", "gn", "ln"):
         for data in datas if model == "bn" else datas[::2] if part == "fit" else datas[-1:]:
             for order in ("shuffled", "classes"):
                 for method in METHODS if model == "bn" else BATCH_FREE_METHODS:
                     yield RunSpec(part, model, data, order, method, size, seed)
+    if part == "held-out":
+        yield from second_wave()
+
+
+def second_wave() -> Iterator[RunSpec]:
+    """Held-out cells added after the rule was chosen: EfficientNet-Lite0 on ImageNet photos, batch
+    sizes 1, 4 and 8, and the methods cotta, eata, zerosiam, come and foa_shift."""
+    for order, datas in (("shuffled", ["inet/clean", *(f"inet/{c}" for c in INET_CORRUPTIONS), "inet/mixed"]),
+                         ("classes", ["inet/mixed"])):
+        for data in datas:
+            for method in INET_METHODS:
+                yield RunSpec("held-out", "lite0", data, order, method, 16, 1)
+    for order in ("shuffled", "classes"):  # cotta: 32 augmented forwards per uncertain batch
+        yield RunSpec("held-out", "lite0", "inet/mixed", order, "cotta", 16, 1)
+    for model, datas in (("bn", ("cifar/shot_noise", "imagenet/mixed")), ("gn", ("imagenet/mixed",)),
+                         ("ln", ("imagenet/mixed",))):
+        for data in datas:
+            for order in ("shuffled", "classes"):
+                for method in NEW_METHODS:
+                    yield RunSpec("held-out", model, data, order, method, 16, 1)
+    few = ("auto", "tent", "sar", "lame")
+    for model, sizes, methods in (("bn", (1, 4, 8), SMALL_BATCH_METHODS), ("gn", (1, 4), few), ("ln", (4,), few)):
+        data = "cifar/snow" if model == "bn" else "imagenet/mixed"
+        for size in sizes:
+            for order in ("shuffled", "classes"):
+                for method in methods:
+                    yield RunSpec("held-out", model, data, order, method, size, 1)
+
+
+def is_second_wave(row: dict) -> bool:
+    """The index row (or ``RunSpec`` fields) is one of ``second_wave``'s cells."""
+    return row["model"] == "lite0" or row["batch_size"] < 16 or row["method"] in NEW_METHODS
 
 
 def stream_items(spec: RunSpec, class_names: list[str], test: Path, cache: Path) -> list:
@@ -88,6 +138,8 @@ def stream_items(spec: RunSpec, class_names: list[str], test: Path, cache: Path)
     from tta_cli.sources.folder import folder_items
 
     preset, data = spec.data.split("/")
+    if preset == "inet":
+        return inet_items(spec, class_names, cache)
     if data == "clean":
         items = folder_items(test, class_names)
     else:
@@ -99,6 +151,49 @@ def stream_items(spec: RunSpec, class_names: list[str], test: Path, cache: Path)
     if spec.order == "classes":
         items = class_by_class(items, class_order(items, spec.seed))
     return items
+
+
+def inet_items(spec: RunSpec, class_names: list[str], cache: Path) -> list:
+    """The ImageNet sample's 224 px crops (``imagenet_wild``'s seeded 256 images, one per class):
+    one corruption shuffled, or ``inet/mixed``: 32 of those classes x the ``INET_MIXED`` versions."""
+    from tta_cli.bench.settings import class_by_class, class_order
+    from tta_cli.sources.folder import folder_items
+
+    root = inet_corrupted(cache)
+    data = spec.data.split("/")[1]
+    rng = random.Random(f"{spec.seed}/{spec.data}")
+    if data != "mixed":
+        items = folder_items(root / data / "5", class_names)
+        rng.shuffle(items)
+        return items[:INET_STREAM_IMAGES]
+    by_name = {name: folder_items(root / name / "5", class_names) for name in INET_MIXED}
+    classes = set(rng.sample(sorted({item.label for item in by_name[INET_MIXED[0]]}),
+                             INET_STREAM_IMAGES // len(INET_MIXED)))
+    items = [item for name in INET_MIXED for item in by_name[name] if item.label in classes]
+    rng.shuffle(items)
+    return class_by_class(items, class_order(items, spec.seed)) if spec.order == "classes" else items
+
+
+def inet_paths(shared: Path, cache: Path) -> tuple[Path, Path]:
+    """EfficientNet-Lite0's model folder and the clean crops not in any stream (``imagenet_wild``)."""
+    from imagenet_wild import clean_accuracy, corrupted, extract_sample, fisher_images, model_folder
+
+    sample, wnids = extract_sample(shared / "data" / "imagenet-sample-256.tar.gz", cache)
+    model = model_folder(cache, wnids)
+    clean = corrupted(sample, cache, "clean", None) / "clean" / "5"
+    print(f"EfficientNet-Lite0 clean top-1: {100 * clean_accuracy(model, clean, None)['top1']:.1f}%")
+    inet_corrupted(cache, sample)
+    return model, fisher_images(sample, cache, INET_STREAM_IMAGES, clean)
+
+
+def inet_corrupted(cache: Path, sample: Path | None = None) -> Path:
+    """The ``INET_STREAM_IMAGES`` seeded crops under every corruption used (made when ``sample`` is given)."""
+    from imagenet_wild import corrupted
+
+    names = ",".join(dict.fromkeys(("clean", *INET_CORRUPTIONS, *INET_MIXED)))
+    if sample is not None:
+        return corrupted(sample, cache, names, INET_STREAM_IMAGES)
+    return cache / f"imagenet-sample-c-{INET_STREAM_IMAGES}"
 
 
 def corrupted_root(test: Path, cache: Path, preset: str) -> Path:
@@ -132,13 +227,14 @@ def decoded_stream(setup, items: list, batch_size: int) -> Stream:
     return Stream(images, torch.cat(labels).numpy(), torch.cat(source).numpy().astype(np.float32))
 
 
-def run_one(spec: RunSpec, setup, stream: Stream) -> np.ndarray:
-    """The method's own step on every batch, in order: the adapted model's logits."""
+def run_one(spec: RunSpec, setup, stream: Stream, prepared: dict | None = None) -> np.ndarray:
+    """The method's own step on every batch, in order (with what it learnt from clean images, if
+    it learns any): the adapted model's logits."""
     import torch
 
     from tta_cli.runtime import seed_everything
 
-    method = setup.build_method(spec.method, {}, spec.batch_size, fresh_copy=True)
+    method = setup.build_method(spec.method, {}, spec.batch_size, prepared=prepared, fresh_copy=True)
     seed_everything(spec.seed)
     method.reseed(spec.seed)
     adapted = [method.step(images).logits.detach().float() for images in stream.images]
@@ -150,22 +246,31 @@ def collect(args: argparse.Namespace) -> None:
     import torch
     from cifar10_wild import extract_cifar
 
-    from tta_cli.runtime import start_run
+    from tta_cli.runtime import start_run, uses_clean_data
 
     shared = shared_dir(args.shared, "data/cifar10-jpeg.tar.gz")
     cache = cache_dir(args.cache)
-    test, _ = extract_cifar(shared / "data" / "cifar10-jpeg.tar.gz", cache, 500)
+    test, fisher = extract_cifar(shared / "data" / "cifar10-jpeg.tar.gz", cache, 500)
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["name"] for line in _lines(out / "index.jsonl")}
     torch.set_num_threads(args.threads)
-    specs = [s for s in grid(args.part) if s.name not in done and (not args.only or s.model in args.only.split(","))]
+    specs = [s for s in grid(args.part) if s.name not in done and (not args.only or s.model in args.only.split(","))
+             and (not args.methods or s.method in args.methods.split(","))]
     setups: dict[str, object] = {}
+    clean: dict[str, Path] = {}
+    prepared: dict[tuple, dict] = {}
     streams: dict[tuple, Stream] = {}
     for i, spec in enumerate(specs):
         if spec.model not in setups:
-            setups[spec.model] = start_run(f"local-dir:{shared / 'models' / MODELS[spec.model]}", device="cpu")
+            if spec.model == "lite0":
+                folder, clean["lite0"] = inet_paths(shared_dir(args.shared, "data/imagenet-sample-256.tar.gz"), cache)
+            else:
+                folder, clean[spec.model] = shared / "models" / MODELS[spec.model], fisher
+            setups[spec.model] = start_run(f"local-dir:{folder}", device="cpu")
         setup = setups[spec.model]
+        if uses_clean_data(spec.method) and (spec.model, spec.method, spec.batch_size) not in prepared:
+            prepared[spec.model, spec.method, spec.batch_size] = clean_preparation(setup, spec, clean[spec.model])
         key = (spec.model, spec.data, spec.order, spec.batch_size, spec.seed)
         if key not in streams:
             streams.clear()
@@ -173,7 +278,8 @@ def collect(args: argparse.Namespace) -> None:
                                           spec.batch_size)
         stream = streams[key]
         started = time.perf_counter()
-        arrays = {"labels": stream.labels, "source": stream.source, "adapted": run_one(spec, setup, stream)}
+        adapted = run_one(spec, setup, stream, prepared.get((spec.model, spec.method, spec.batch_size)))
+        arrays = {"labels": stream.labels, "source": stream.source, "adapted": adapted}
         np.savez_compressed(out / "runs" / f"{spec.name}.npz", **arrays)
         row = {"name": spec.name, **asdict(spec), "images": len(arrays["labels"]),
                "source_accuracy": accuracy(arrays["source"], stream.labels),
@@ -183,6 +289,57 @@ def collect(args: argparse.Namespace) -> None:
             f.write(json.dumps(row) + "\n")
         print(f"[{i + 1}/{len(specs)}] {spec.name}: {100 * row['source_accuracy']:.1f} -> "
               f"{100 * row['accuracy']:.1f} ({row['seconds']:.1f} s)", flush=True)
+
+
+def clean_preparation(setup, spec: RunSpec, folder: Path) -> dict:
+    """What eata or foa_shift learns from ``CLEAN_IMAGES`` seeded clean images of ``folder``."""
+    from tta_cli.sources.folder import folder_items
+
+    items = random.Random(f"{spec.seed}/clean").sample(folder_items(folder, setup.loaded.class_names), CLEAN_IMAGES)
+    prepared, _ = setup.prepare(spec.method, items, spec.batch_size)
+    return prepared
+
+
+def input_shift(args: argparse.Namespace) -> None:
+    """Per ImageNet-C corruption, EfficientNet-Lite0's first BatchNorm input: the largest
+    |log(channel variance / the source's running variance)| per batch of ``--batch-size`` (the
+    quantity auto's input-shift gate compares with ln 4), median and range over the batches."""
+    import torch
+
+    from tta_cli.methods.selection import batchnorm_layers
+    from tta_cli.runtime import start_run
+    from tta_cli.sources.folder import folder_items
+
+    torch.set_num_threads(args.threads)
+    cache = cache_dir(args.cache)
+    folder, _ = inet_paths(shared_dir(args.shared, "data/imagenet-sample-256.tar.gz"), cache)
+    setup = start_run(f"local-dir:{folder}", device="cpu")
+    first = batchnorm_layers(setup.loaded.model)[0]
+    source_var = first.running_var.detach().float()
+    shifts: list[float] = []
+
+    def hook(module, inputs) -> None:
+        flat = inputs[0].float().flatten(2)
+        var = (flat.pow(2).mean(2).mean(0) - flat.mean(2).mean(0) ** 2).clamp_min(1e-12)
+        shifts.append(float((var / source_var.clamp_min(1e-12)).log().abs().max()))
+        raise StopIteration  # the rest of the forward is not needed
+
+    first.register_forward_pre_hook(hook)
+    print(f"| corruption | batches of {args.batch_size} | median | min | max | share above ln 4 |")
+    print("|---|---|---|---|---|---|")
+    for name in dict.fromkeys(("clean", *INET_CORRUPTIONS, *INET_MIXED)):
+        shifts.clear()
+        items = folder_items(inet_corrupted(cache) / name / "5", setup.loaded.class_names)
+        random.Random(name).shuffle(items)
+        for batch in setup.batches(items, args.batch_size):
+            try:
+                with torch.no_grad():
+                    setup.loaded.model(batch.images)
+            except StopIteration:
+                pass
+        values = np.array(shifts)
+        print(f"| {name} | {len(values)} | {np.median(values):.2f} | {values.min():.2f} | {values.max():.2f} | "
+              f"{(values > np.log(4)).mean():.2f} |")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -198,10 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="run the grid (skips runs already in OUT)")
     c.add_argument("--part", choices=("fit", "held-out"), default="fit")
-    c.add_argument("--only", default=None, help="models, comma-separated (bn,gn,ln)")
+    c.add_argument("--only", default=None, help="models, comma-separated (bn,gn,ln,lite0)")
+    c.add_argument("--methods", default=None, help="methods, comma-separated (default: the grid's)")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--shared", default=None)
     c.add_argument("--cache", default=None)
+    s = sub.add_parser("input-shift", help="EfficientNet-Lite0's first-BatchNorm input shift per corruption")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--shared", default=None)
+    s.add_argument("--cache", default=None)
     t = sub.add_parser("table", help="the estimate and verdict against the truth, per part")
     t.add_argument("--reference", choices=("sampled", "all"), default="sampled",
                    help="judge from the rows a reference of this mode sees (tta adapt's default: sampled)")
@@ -213,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "collect":
         collect(args)
+    elif args.command == "input-shift":
+        input_shift(args)
     else:
         from verdict_table import print_tables
 

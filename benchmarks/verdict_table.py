@@ -14,6 +14,8 @@ from _common import REPO
 
 sys.path.insert(0, str(REPO))
 
+from verdict import NEW_METHODS, is_second_wave
+
 from tta_cli.trust import Judgement, judge
 
 HARM = -3.0
@@ -52,18 +54,43 @@ def summary(runs: list[tuple[dict, Judgement, float]]) -> dict[str, float | int 
     }
 
 
+def groups(row: dict) -> list[str]:
+    """The held-out part's subsets reported apart: the first wave, and the second wave by what it adds."""
+    if row["part"] != "held-out":
+        return []
+    if not is_second_wave(row):
+        return ["held-out: first wave"]
+    names = ["held-out: second wave"]
+    names += ["  EfficientNet-Lite0 (ImageNet)"] if row["model"] == "lite0" else []
+    names += ["  batch size 1-8"] if row["batch_size"] < 16 else []
+    names += ["  cotta, eata, zerosiam, come, foa_shift"] if row["method"] in NEW_METHODS else []
+    return names
+
+
+def print_auto(runs: list[tuple[dict, Judgement, float]]) -> None:
+    """auto's true change against the source on every second-wave cell (its target: never below -0.5)."""
+    autos = sorted((t, row["name"]) for row, _, t in runs if row["method"] == "auto" and is_second_wave(row))
+    if autos:
+        print(f"auto on the second wave's {len(autos)} cells: worst {autos[0][0]:+.1f} points ({autos[0][1]}); "
+              + ", ".join(f"{name} {t:+.1f}" for t, name in autos))
+        print()
+
+
 def print_tables(out: Path, reference: str = "sampled") -> None:
     runs = load_runs(out, reference)
     by_part: dict[str, list] = defaultdict(list)
     for run in runs:
         by_part[run[0]["part"]].append(run)
+        for group in groups(run[0]):
+            by_part[group].append(run)
     keys = list(summary(runs))
     print("| part | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
-    for part, part_runs in sorted(by_part.items()):
+    for part, part_runs in by_part.items():
         s = summary(part_runs)
         print(f"| {part} | " + " | ".join(str(s[k]) for k in keys) + " |")
     print()
+    print_auto(runs)
     print("| run | source | adapted | true change | estimate | interval | verdict |")
     print("|---|---|---|---|---|---|---|")
     for row, j, truth in sorted(runs, key=lambda r: r[2]):
