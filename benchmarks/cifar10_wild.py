@@ -31,8 +31,9 @@ from _common import REPO, cache_dir, shared_dir
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODELS = {"gn": "cifar10-resnet18-gn", "ln": "cifar10-convnext-atto-ln", "bn": "cifar10-resnet18-bn"}
-METHODS = "source,norm,tent,eata,sar"
-"""The first wave's methods (v1); v2 runs every registered method ("all")."""
+METHODS = "source,norm,tent,eata,sar,foa_shift"
+"""The first wave's methods (v1), with the forward-only foa_shift; v2 runs every registered method
+("all", foa_shift included)."""
 
 
 @dataclass

@@ -38,7 +38,9 @@ from pathlib import Path
 from _common import REPO, cache_dir, shared_dir
 
 ARCH = "tf_efficientnet_lite0"
-METHODS = "source,norm,tent,eata,sar"
+METHODS = "source,norm,tent,eata,sar,foa_shift"
+"""The first wave's methods (v1), with the forward-only foa_shift; v2 runs every registered method
+("all", foa_shift included)."""
 
 
 @dataclass
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the quick version (limits; see docs/BENCHMARKS.md)")
     ap.add_argument("--protocol", choices=("v1", "v2"), default="v2", help="v2 (default) or the first wave's v1")
     ap.add_argument("--only", default=None, help="comma-separated part names")
+    ap.add_argument("--methods", default=None, help="override the methods of every part, e.g. source,foa_shift")
     ap.add_argument("--out", default=None, help="default runs/bench/imagenet-wild (v1) or imagenet-wild-v2")
     ap.add_argument("--shared", default=None)
     ap.add_argument("--cache", default=None)
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = protocol_parts(args.protocol, args.quick)
     if args.only:
         parts = [p for p in parts if p.name in args.only.split(",")]
+    for part in parts:
+        part.methods = args.methods or part.methods
     for part in parts:
         data = corrupted(sample, cache, part.corruptions, part.limit)
         run_part(part, args, model, data, fisher_images(sample, cache, part.limit, clean))
