@@ -77,6 +77,32 @@ def test_the_engine_runs_the_reference_on_the_sampled_rows_of_the_source_model()
     assert last.source_pred().tolist() == expected.argmax(1).tolist()
 
 
+@pytest.mark.parametrize("architecture", ["test_resnet", "test_efficientnet_gn"], ids=["batchnorm", "groupnorm"])
+def test_the_reference_takes_the_source_logits_a_step_made(monkeypatch: pytest.MonkeyPatch,
+                                                            architecture: str) -> None:
+    """auto computes the source model's logits in its step (BatchNorm: the source-statistics
+    candidate; others: its guard's copy): the reference takes those, with the same outputs as a
+    forward of its own."""
+    def run(share: bool) -> tuple[list[BatchOutputs], object]:
+        model = tiny_timm(architecture)
+        reference = SourceReference(model, "all", batch_size=8)
+        method = create_method("auto", model, batch_size=8)
+        if not share:
+            monkeypatch.setattr(method, "last_source_logits", lambda: None)
+        recorder = Recorder()
+        totals = run_stream(method, _batches(32, 8), torch.device("cpu"), [recorder], reference=reference)
+        if share:  # the step's own source logits, one row per image of the last batch
+            assert method.last_source_logits() is not None and len(method.last_source_logits()) == 8
+        return recorder.outputs, totals
+
+    (shared, shared_totals), (own, own_totals) = run(True), run(False)
+    for a, b in zip(shared, own, strict=True):
+        assert a.source_logits is not None and b.source_logits is not None
+        assert torch.equal(a.source_rows, b.source_rows) and torch.allclose(a.source_logits, b.source_logits, atol=1e-5)
+        assert torch.equal(a.source_pred(), b.source_pred()) and torch.equal(a.pred, b.pred)
+    assert shared_totals.referenced == own_totals.referenced == 32
+
+
 def test_the_predictions_file_leaves_rows_without_a_reference_empty(tmp_path: Path) -> None:
     n = 4
     items = [StreamItem(f"{i}.png", Path(f"{i}.png")) for i in range(n)]

@@ -166,7 +166,7 @@ def _step(method: TTAMethod, loaded: _Loaded, reference: SourceReference | None 
     outputs = device_outputs(method.step(loaded.x))
     stepped = time.perf_counter()
     if reference is not None:
-        outputs |= reference.outputs(loaded.x, loaded.batch.first_index, method)
+        outputs |= reference.outputs(loaded.x, loaded.batch.first_index, method, method.last_source_logits())
     host, done = to_host(outputs)
     if events is not None:
         events[1].record()

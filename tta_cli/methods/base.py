@@ -340,6 +340,12 @@ class TTAMethod(nn.Module):
     """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
 
+    def last_source_logits(self) -> torch.Tensor | None:
+        """The source model's logits (eval mode, source statistics, the run's precision) for every
+        row of the last ``step``'s batch, where the step computed them anyway; else None. The run's
+        source reference takes them instead of a forward of its own (``tta_cli.reference``)."""
+        return None
+
     @property
     def model_is_fixed(self) -> bool:
         """Whether the run never changes the model's parameters and buffers: a checkpoint then

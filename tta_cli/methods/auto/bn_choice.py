@@ -294,6 +294,8 @@ class BatchNormChoice:
         """The first ``MAX_RECORDED_FALLBACKS`` batches where ``check`` left candidates out: index,
         which, and why (``fallback_count`` counts them all)."""
         self.fallback_count = 0
+        self.last_source_logits: torch.Tensor | None = None
+        """The source-statistics candidate's logits of the last batch (this process's rows)."""
         self.weights_sum: torch.Tensor | None = None
         """Each candidate's weight summed over the batches (source, batch, stream)."""
         self.batches = 0
@@ -302,6 +304,7 @@ class BatchNormChoice:
     def step(self, x: torch.Tensor) -> StepResult:
         with self.inner.source_statistics(), self.check.measuring() if self.check else contextlib.nullcontext():
             source = self.inner.step(x)
+        self.last_source_logits = source.logits.float()
         # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
         # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
         images = _global_images(x)

@@ -118,6 +118,8 @@ class Guard:
         yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
         self._harmful_images = 0
         self.batches = 0
+        self.last_source_logits: torch.Tensor | None = None
+        """The source copy's logits of the last batch (this process's rows)."""
 
     def step(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
         """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen
@@ -230,4 +232,5 @@ class Guard:
     @torch.no_grad()
     def _source_logits(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:
         with inner.autocast():
-            return self.reference(inner.prepare_input(x)).float()
+            self.last_source_logits = self.reference(inner.prepare_input(x)).float()
+        return self.last_source_logits
