@@ -341,16 +341,11 @@ class TTAMethod(nn.Module):
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
 
     def last_source_logits(self) -> torch.Tensor | None:
-        """The source model's logits (eval mode, source statistics, the run's precision) for every
-        row of the last ``step``'s batch, where the step computed them anyway; else None. The run's
-        source reference takes them instead of a forward of its own (``tta_cli.reference``)."""
+        """The source's logits of the last step's rows, where it made them anyway (the reference's then)."""
         return None
 
-    @property
-    def model_is_fixed(self) -> bool:
-        """Whether the run never changes the model's parameters and buffers: a checkpoint then
-        leaves them out (the model is rebuilt from its source on resume)."""
-        return False
+    model_is_fixed: bool = False
+    """The run never changes the model's parameters and buffers: checkpoints leave them out."""
 
     def state_for_resume(self) -> dict[str, Any]:
         """Everything the next batch depends on (``resume.method_state``)."""

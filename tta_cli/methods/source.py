@@ -25,11 +25,9 @@ class Source(TTAMethod):
     changes_predictions = False
     data_parallel = True
 
-    config: SourceConfig
-
-    @property
-    def model_is_fixed(self) -> bool:
-        return self.bn_mode in (None, "source")  # eval mode: no statistic moves either
+    def __init__(self, model: torch.nn.Module, config: SourceConfig | None = None, batch_size: int = 64) -> None:
+        super().__init__(model, config, batch_size)
+        self.model_is_fixed = self.bn_mode in (None, "source")  # eval mode: no statistic moves either
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> StepResult:
