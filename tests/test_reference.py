@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from tests.helpers import Recorder, csv_rows, invoke, make_images, tiny_timm
 from tta_cli.engine import run_stream
 from tta_cli.methods import create_method
+from tta_cli.methods.base import StepResult
 from tta_cli.outputs import BatchOutputs
 from tta_cli.reference import (
     REFERENCE_ALL_FIRST,
@@ -87,12 +89,17 @@ def test_the_reference_takes_the_source_logits_a_step_made(monkeypatch: pytest.M
         model = tiny_timm(architecture)
         reference = SourceReference(model, "all", batch_size=8)
         method = create_method("auto", model, batch_size=8)
-        if not share:
-            monkeypatch.setattr(method, "last_source_logits", lambda: None)
+        step, shared = method.step, []
+
+        def stepped(x: torch.Tensor) -> StepResult:
+            result = step(x)
+            shared.append(result.source_logits is not None and len(result.source_logits) == len(x))
+            return result if share else dataclasses.replace(result, source_logits=None)
+
+        monkeypatch.setattr(method, "step", stepped)
         recorder = Recorder()
         totals = run_stream(method, _batches(32, 8), torch.device("cpu"), [recorder], reference=reference)
-        if share:  # the step's own source logits, one row per image of the last batch
-            assert method.last_source_logits() is not None and len(method.last_source_logits()) == 8
+        assert shared == [True] * 4  # every step made the source logits of each of its rows
         return recorder.outputs, totals
 
     (shared, shared_totals), (own, own_totals) = run(True), run(False)

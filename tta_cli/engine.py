@@ -163,10 +163,11 @@ def _step(method: TTAMethod, loaded: _Loaded, reference: SourceReference | None 
     start = time.perf_counter()
     if events is not None:
         events[0].record()
-    outputs = device_outputs(method.step(loaded.x))
+    result = method.step(loaded.x)
+    outputs = device_outputs(result)
     stepped = time.perf_counter()
     if reference is not None:
-        outputs |= reference.outputs(loaded.x, loaded.batch.first_index, method, method.last_source_logits())
+        outputs |= reference.outputs(loaded.x, loaded.batch.first_index, method, result.source_logits)
     host, done = to_host(outputs)
     if events is not None:
         events[1].record()

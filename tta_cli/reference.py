@@ -86,10 +86,10 @@ class SourceReference:
     def outputs(self, images: torch.Tensor, first_index: int, precision: RunPrecision | None = None,
                 computed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The engine's pass: the referenced rows of a batch and their source logits; ``computed``:
-        the source logits of every row, where the method's step made them (``last_source_logits``),
+        the source logits of every row, where the step made them (``StepResult.source_logits``),
         taken instead of a forward."""
         rows = self.rows(first_index, images.shape[0], images.device)
-        if computed is not None and len(computed) == images.shape[0]:
+        if computed is not None:
             logits = computed.detach()[rows].float()
         else:
             logits = self.logits(images[rows], precision) if len(rows) else images.new_zeros((0, 0))

@@ -65,6 +65,9 @@ class StepResult:
     filtered: tuple[torch.Tensor | int, ...] = ()
     reset: bool | torch.Tensor = False
     """A 0-dim bool tensor when the method decided on the device (read it when convenient)."""
+    source_logits: torch.Tensor | None = None
+    """The source model's logits of every row, where the step made them anyway (auto): the run's
+    source reference takes them instead of a forward of its own (``tta_cli.reference``)."""
 
 
 @dataclass
@@ -339,10 +342,6 @@ class TTAMethod(nn.Module):
     resume_attributes: ClassVar[tuple[str, ...]] = ()
     """Further attributes that are run state (EMAs, counters, memory banks), saved for ``--resume``;
     values are tensors, numbers, strings, None, or lists/dicts/dataclasses of them."""
-
-    def last_source_logits(self) -> torch.Tensor | None:
-        """The source's logits of the last step's rows, where it made them anyway (the reference's then)."""
-        return None
 
     model_is_fixed: bool = False
     """The run never changes the model's parameters and buffers: checkpoints leave them out."""

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -294,8 +295,6 @@ class BatchNormChoice:
         """The first ``MAX_RECORDED_FALLBACKS`` batches where ``check`` left candidates out: index,
         which, and why (``fallback_count`` counts them all)."""
         self.fallback_count = 0
-        self.last_source_logits: torch.Tensor | None = None
-        """The source-statistics candidate's logits of the last batch (this process's rows)."""
         self.weights_sum: torch.Tensor | None = None
         """Each candidate's weight summed over the batches (source, batch, stream)."""
         self.batches = 0
@@ -304,14 +303,13 @@ class BatchNormChoice:
     def step(self, x: torch.Tensor) -> StepResult:
         with self.inner.source_statistics(), self.check.measuring() if self.check else contextlib.nullcontext():
             source = self.inner.step(x)
-        self.last_source_logits = source.logits.float()
         # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
         # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
         images = _global_images(x)
         alone = images == 1
         if alone and self.stream_model is None:
             self.batches += 1  # all the weight on the source statistics
-            return source
+            return replace(source, source_logits=source.logits)
         candidates = [source, source if alone else self.inner.step(x)]
         sums = _global_sum(torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates]))
         if alone:
@@ -334,7 +332,8 @@ class BatchNormChoice:
             return candidates[int(weights.argmax())]
         mixed: torch.Tensor = sum(w * c.logits.float().softmax(1)  # type: ignore[assignment]
                                   for w, c in zip(weights, candidates, strict=True))
-        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=candidates[1].used)
+        return StepResult(logits=mixed.clamp_min(torch.finfo(mixed.dtype).tiny).log(), used=candidates[1].used,
+                          source_logits=source.logits)
 
     def _record_fallback(self, left_out: list[bool]) -> None:
         keys = ("source", "batch_statistics", "stream_statistics")[:len(left_out)]

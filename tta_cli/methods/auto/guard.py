@@ -18,6 +18,7 @@ the inner method's predictions over a window of recent images:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -118,16 +119,15 @@ class Guard:
         yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
         self._harmful_images = 0
         self.batches = 0
-        self.last_source_logits: torch.Tensor | None = None
-        """The source copy's logits of the last batch (this process's rows)."""
 
     def step(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
         """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen
         or while the inner method's window looks harmful."""
         self.batches = batch + 1
         if self.frozen_at is not None:
-            return StepResult(logits=self._source_logits(inner, x),
-                              used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+            source_logits = self._source_logits(inner, x)
+            return StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
+                              source_logits=source_logits)
         return self._watch(inner, x, inner.step(x), batch)
 
     @torch.no_grad()
@@ -160,8 +160,8 @@ class Guard:
         if signals is not None or self._harmful(inner, seen_source.cpu(), finite_pred, batch):
             if self.frozen_at is None:
                 self._record_fallback(batch)
-            return StepResult(logits=source_logits, used=result.used)
-        return result
+            return StepResult(logits=source_logits, used=result.used, source_logits=source_logits)
+        return replace(result, source_logits=source_logits)
 
     def _harmful(self, inner: TTAMethod, source_logits: torch.Tensor, pred: torch.Tensor, batch: int) -> bool:
         """Whether the window's estimated change is at or below ``-harm_points`` (with
@@ -232,5 +232,4 @@ class Guard:
     @torch.no_grad()
     def _source_logits(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:
         with inner.autocast():
-            self.last_source_logits = self.reference(inner.prepare_input(x)).float()
-        return self.last_source_logits
+            return self.reference(inner.prepare_input(x)).float()

@@ -155,12 +155,6 @@ class Auto(WrappingMethod):
             self.guard.load_state(own["guard"])
             self.batches_seen = int(own["batches_seen"])
 
-    def last_source_logits(self) -> torch.Tensor | None:
-        """BatchNorm models: the source-statistics candidate's; others: the guard's source copy's."""
-        if self.bn_choice is not None:
-            return self.bn_choice.last_source_logits
-        return self.guard.last_source_logits if self.guard is not None else None
-
     @property
     def stream_model(self) -> nn.Module | None:
         """BatchNorm models: the frozen copy with the stream's statistics (None without)."""
