@@ -100,10 +100,12 @@ def full_parts_v2() -> list[Part]:
 def quick_parts_v2() -> list[Part]:
     """Protocol v2, quick: continual (the field's headline protocol) and correlated labels on 5
     corruptions x 200 images, 3 stream seeds, every method, each model; mild, gradual and
-    mixed-correlated on the GroupNorm model with one seed. See docs/BENCHMARKS.md for its time."""
+    mixed-correlated on the GroupNorm and LayerNorm models with one seed. See docs/BENCHMARKS.md for its time."""
     parts = [Part(key, model, "continual,correlated", 200, QUICK_CORRUPTIONS, methods="all",
                   seeds="0,1,2", preset="cifar") for key, model in MODELS.items()]
     parts.append(Part("gn-more", MODELS["gn"], "mild,gradual,mixed-correlated", 200, QUICK_CORRUPTIONS,
+                      methods="all", preset="cifar"))
+    parts.append(Part("ln-more", MODELS["ln"], "mild,gradual,mixed-correlated", 200, QUICK_CORRUPTIONS,
                       methods="all", preset="cifar"))
     return parts
 
