@@ -87,6 +87,9 @@ class RunSpec:
 def grid(part: str) -> Iterator[RunSpec]:
     """fit: seed 0, three corruptions, clean and mixed; held-out: seed 1, other corruptions, the
     harsher ImageNet-C parameters, batch size 16 and the class-ordered streams of both."""
+    if part == "third":
+        yield from third_wave()
+        return
     if part == "fit":
         datas = ["cifar/clean", *(f"cifar/{c}" for c in FIT_CORRUPTIONS), "cifar/mixed"]
         seed, size = 0, 64
@@ -127,9 +130,30 @@ def second_wave() -> Iterator[RunSpec]:
                     yield RunSpec("held-out", model, data, order, method, size, 1)
 
 
+THIRD_INET = ("defocus_blur", "brightness", "jpeg_compression", "shot_noise", "pixelate")
+"""Third wave, EfficientNet-Lite0: single corruptions no earlier wave streamed alone."""
+THIRD_CIFAR = ("defocus_blur", "contrast", "pixelate")
+"""Third wave, the CIFAR-10 models: corruptions no earlier wave streamed alone."""
+
+
+def third_wave() -> Iterator[RunSpec]:
+    """Held-out cells added to test label-free signals found on the second wave's misses: seed 2,
+    batch size 32 (no earlier wave's), corruptions no earlier wave streamed alone."""
+    for data in [*(f"inet/{c}" for c in THIRD_INET), "inet/mixed"]:
+        for order in ("shuffled", "classes") if data == "inet/mixed" else ("shuffled",):
+            for method in INET_METHODS:
+                yield RunSpec("third", "lite0", data, order, method, 32, 2)
+    for model in ("bn", "gn", "ln"):
+        for corruption in THIRD_CIFAR if model == "bn" else THIRD_CIFAR[1:2]:
+            for order in ("shuffled", "classes"):
+                for method in METHODS if model == "bn" else BATCH_FREE_METHODS:
+                    yield RunSpec("third", model, f"cifar/{corruption}", order, method, 32, 2)
+
+
 def is_second_wave(row: dict) -> bool:
     """The index row (or ``RunSpec`` fields) is one of ``second_wave``'s cells."""
-    return row["model"] == "lite0" or row["batch_size"] < 16 or row["method"] in NEW_METHODS
+    return row["part"] == "held-out" and (row["model"] == "lite0" or row["batch_size"] < 16
+                                          or row["method"] in NEW_METHODS)
 
 
 def stream_items(spec: RunSpec, class_names: list[str], test: Path, cache: Path) -> list:
@@ -354,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="run the grid (skips runs already in OUT)")
-    c.add_argument("--part", choices=("fit", "held-out"), default="fit")
+    c.add_argument("--part", choices=("fit", "held-out", "third"), default="fit")
     c.add_argument("--only", default=None, help="models, comma-separated (bn,gn,ln,lite0)")
     c.add_argument("--methods", default=None, help="methods, comma-separated (default: the grid's)")
     c.add_argument("--threads", type=int, default=2)

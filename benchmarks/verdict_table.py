@@ -55,7 +55,10 @@ def summary(runs: list[tuple[dict, Judgement, float]]) -> dict[str, float | int 
 
 
 def groups(row: dict) -> list[str]:
-    """The held-out part's subsets reported apart: the first wave, and the second wave by what it adds."""
+    """The held-out parts' subsets reported apart: the first wave, the second wave by what it adds, the
+    third wave by model."""
+    if row["part"] == "third":
+        return ["  third: EfficientNet-Lite0 (ImageNet)" if row["model"] == "lite0" else "  third: CIFAR-10 models"]
     if row["part"] != "held-out":
         return []
     if not is_second_wave(row):
@@ -68,12 +71,14 @@ def groups(row: dict) -> list[str]:
 
 
 def print_auto(runs: list[tuple[dict, Judgement, float]]) -> None:
-    """auto's true change against the source on every second-wave cell (its target: never below -0.5)."""
-    autos = sorted((t, row["name"]) for row, _, t in runs if row["method"] == "auto" and is_second_wave(row))
-    if autos:
-        print(f"auto on the second wave's {len(autos)} cells: worst {autos[0][0]:+.1f} points ({autos[0][1]}); "
-              + ", ".join(f"{name} {t:+.1f}" for t, name in autos))
-        print()
+    """auto's true change against the source on every cell of the second and third waves (its
+    target: never below -0.5)."""
+    for wave, in_wave in (("second", is_second_wave), ("third", lambda row: row["part"] == "third")):
+        autos = sorted((t, row["name"]) for row, _, t in runs if row["method"] == "auto" and in_wave(row))
+        if autos:
+            print(f"auto on the {wave} wave's {len(autos)} cells: worst {autos[0][0]:+.1f} points ({autos[0][1]}); "
+                  + ", ".join(f"{name} {t:+.1f}" for t, name in autos))
+            print()
 
 
 def print_tables(out: Path, reference: str = "sampled") -> None:
