@@ -4,7 +4,8 @@ estimate and verdict (docs/TRUST.md).
 
     python benchmarks/verdict.py collect --part fit        # the runs the rule is chosen on
     python benchmarks/verdict.py collect --part held-out   # other corruptions, seeds and orders
-    python benchmarks/verdict.py table                     # both parts, separately
+    python benchmarks/verdict.py collect --part third      # seed 2, B = 32, still other corruptions
+    python benchmarks/verdict.py table                     # every part, separately
 
 ``collect`` runs every method of the grid on a fresh copy of each model, with the run's own set-up
 (``tta_cli.runtime``) and the method's own step, and keeps per image the label, the adapted model's
@@ -20,6 +21,8 @@ GroupNorm, LayerNorm); and the 1,000-image ImageNet sample ("inet/...", 224 px c
 corruptions) for EfficientNet-Lite0 with its real ImageNet weights (``imagenet_wild.py`` builds both).
 The held-out part also holds the *second wave* (``second_wave``): EfficientNet-Lite0, batch sizes
 1-8, and the methods cotta, eata, zerosiam, come and foa_shift, which ``table`` reports apart too.
+The *third wave* (``--part third``) was collected to test signals found on the second wave's misses
+before adopting them (docs/TRUST.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from torch import nn
 
 from tests.helpers import csv_rows, invoke, make_images
 from tta_cli.collapse_window import Thresholds, effective_classes
-from tta_cli.monitor import CollapseMonitor, CollapseStop, health_verdict
+from tta_cli.monitor import UNVALIDATED_ADVICE, CollapseMonitor, CollapseStop, health_verdict
 from tta_cli.outputs import BatchOutputs
 from tta_cli.reference import SourceReference
 from tta_cli.run import CollapseActions
@@ -173,6 +173,22 @@ def test_flips_of_the_sources_unsure_predictions_are_ok() -> None:
     monitor.on_batch(out)
     health = monitor.health()
     assert health["verdict"] == "ok" and health["estimated_accuracy_change"]["points"] > 0
+
+
+def test_an_ok_on_a_model_beyond_the_validated_classes_comes_with_advice() -> None:
+    classes = 100
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (256,), generator=g)
+    source = torch.nn.functional.one_hot(labels, classes).float() * (0.6 + torch.rand(256, generator=g)[:, None] * 4)
+    source[torch.arange(256), (labels + 1) % classes] = 0.5
+    unsure = source.max(1).values < 1.4
+    pred = torch.where(unsure, (labels + 1) % classes, labels)  # only the source's least sure move
+    monitor = CollapseMonitor(_Method(), classes, True, "warn")  # type: ignore[arg-type]
+    monitor.whole.add(pred, torch.ones(256))
+    monitor.change.add(source, pred)  # type: ignore[union-attr]
+    health = monitor.health()
+    assert health["verdict"] == "ok" and health["advice"] == UNVALIDATED_ADVICE
+    assert "validated on 10-class models" in health["reasons"][-1]
 
 
 def test_unknown_action_is_a_user_error() -> None:

@@ -46,6 +46,26 @@ def test_flipping_the_least_confident_predictions_reads_as_a_gain() -> None:
     assert j.estimated_change > 0 and j.verdict == "ok"
 
 
+def _least_confident_flipped(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source logits over ``classes`` and adapted logits that move the least confident fifth of the
+    source's predictions to its runner-up class (a gain as the estimate reads it)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (512,), generator=g)
+    margin = 0.6 + torch.rand(512, generator=g) * 4
+    source = torch.zeros(512, classes)
+    source[torch.arange(512), labels] = margin
+    source[torch.arange(512), (labels + 1) % classes] = 0.5
+    pred = torch.where(margin < 1.4, (labels + 1) % classes, labels)
+    return source, torch.nn.functional.one_hot(pred, classes).float() * 10
+
+
+def test_an_ok_beyond_the_validated_classes_says_it_is_weak_evidence() -> None:
+    for classes, validated in ((C, True), (100, False)):
+        j = judge(*_least_confident_flipped(classes))
+        assert j.verdict == "ok" and j.validated is validated
+        assert any("validated on 10-class models" in r for r in j.reasons) is not validated
+
+
 def test_random_flips_of_confident_predictions_read_as_harm() -> None:
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, C, (512,), generator=g)

@@ -48,6 +48,11 @@ SCRAMBLE = math.log(1.25)
 """Batch-scale diversity this much (log ratio) above the stream-scale one, against the source: suspect."""
 LOW_DIVERSITY = math.log(0.7)
 """Stream diversity this far (log ratio) below the source's: suspect."""
+VALIDATED_CLASSES = 10
+"""The estimate and the verdict hold on models of this many classes (docs/TRUST.md); with more an
+``ok`` says so, since on a 1,000-class ImageNet model they missed most losses."""
+MANY_CLASSES = ("the estimate is validated on 10-class models; on a 1,000-class ImageNet model it missed most "
+                "losses of test-batch statistics (docs/TRUST.md), so ok is weak evidence here")
 
 
 def prior_shift(probs: torch.Tensor, window: torch.Tensor, stream_prior: torch.Tensor,
@@ -84,6 +89,8 @@ class Judgement:
     signals: dict[str, float] = field(default_factory=dict)
     verdict: str = "ok"
     reasons: list[str] = field(default_factory=list)
+    validated: bool = True
+    """The model has the classes the verdict was validated on (``VALIDATED_CLASSES``)."""
 
     @property
     def flags_harm(self) -> bool:
@@ -172,7 +179,8 @@ class ChangeEstimate:
                    "scramble": round(self.batch_diversity / self.images - stream_diversity, 4)}
         low, high = sorted((source_view, selectivity_view))
         judgement = Judgement(round((source_view + selectivity_view) / 2, 2), round(low, 2), round(high, 2),
-                              round(share, 4), round(histogram_effective_classes(self.source_hist), 3), signals)
+                              round(share, 4), round(histogram_effective_classes(self.source_hist), 3), signals,
+                              validated=self.num_classes <= VALIDATED_CLASSES)
         return harm_verdict(judgement)
 
 
@@ -196,6 +204,8 @@ def harm_verdict(judgement: Judgement) -> Judgement:
     elif signals["stream_diversity_log_ratio"] <= LOW_DIVERSITY:
         judgement.verdict = "suspect"
         reasons.append("fewer classes predicted than the source model predicts")
+    if judgement.verdict == "ok" and not judgement.validated:
+        reasons.append(MANY_CLASSES)
     return judgement
 
 
