@@ -195,9 +195,9 @@ class _StreamCounts:
         self.source_entropy_sum += float(source_entropy.sum())
 
 
-UNVALIDATED_ADVICE = ("check a few hundred labelled images (--labels) before trusting this ok, or keep the "
-                      "default --method auto, which stayed within about 1 point of the source on every "
-                      "ImageNet stream measured (docs/TRUST.md)")
+UNVALIDATED_ADVICE = ("check a few hundred labelled images (--labels; a run with labels shows its accuracy) "
+                      "before trusting this ok, or keep the default --method auto, which stayed within about 1 "
+                      "point of the source on every ImageNet stream measured (docs/TRUST.md)")
 HARM_ADVICE = ("the adapted model probably hurt here: use the source model's predictions (tta predict, or "
                "--method source; predictions.csv column source_pred has them for every image the run compared, "
                "all of them with --source-reference all)")
