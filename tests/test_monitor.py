@@ -12,7 +12,14 @@ from torch import nn
 
 from tests.helpers import csv_rows, invoke, make_images
 from tta_cli.collapse_window import Thresholds, effective_classes
-from tta_cli.monitor import UNVALIDATED_ADVICE, CollapseMonitor, CollapseStop, health_verdict
+from tta_cli.monitor import (
+    HARM_ADVICE,
+    MANY_CLASSES,
+    UNVALIDATED_ADVICE,
+    CollapseMonitor,
+    CollapseStop,
+    health_verdict,
+)
 from tta_cli.outputs import BatchOutputs
 from tta_cli.reference import SourceReference
 from tta_cli.run import CollapseActions
@@ -188,7 +195,11 @@ def test_an_ok_on_a_model_beyond_the_validated_classes_comes_with_advice() -> No
     monitor.change.add(source, pred)  # type: ignore[union-attr]
     health = monitor.health()
     assert health["verdict"] == "ok" and health["advice"] == UNVALIDATED_ADVICE
-    assert "validated on 10-class models" in health["reasons"][-1]
+    assert health["reasons"][-1] == MANY_CLASSES
+    monitor.whole.non_finite += 1  # a prediction from non-finite logits: no longer ok, no weak-evidence line
+    health = monitor.health()
+    assert health["verdict"] == "suspect" and health["advice"] == HARM_ADVICE
+    assert MANY_CLASSES not in health["reasons"]
 
 
 def test_unknown_action_is_a_user_error() -> None:

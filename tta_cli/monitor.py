@@ -195,6 +195,8 @@ class _StreamCounts:
         self.source_entropy_sum += float(source_entropy.sum())
 
 
+MANY_CLASSES = ("the estimate is validated on 10-class models; on a 1,000-class ImageNet model it missed most "
+                "losses of test-batch statistics (docs/TRUST.md), so ok is weak evidence here")
 UNVALIDATED_ADVICE = ("check a few hundred labelled images (--labels; a run with labels shows its accuracy) "
                       "before trusting this ok, or keep the default --method auto, which stayed within about 1 "
                       "point of the source on every ImageNet stream measured (docs/TRUST.md)")
@@ -227,12 +229,13 @@ def health_verdict(counts: _StreamCounts, events: list[CollapseEvent], on_collap
     if events:
         reasons.append(f"{len(events)} collapse events (first at batch {events[0].batch}, action {on_collapse})")
         verdict = "collapsed" if on_collapse != "reset" else ("suspect" if verdict in ("ok", "no-change") else verdict)
+    if verdict == "ok" and judgement is not None and not judgement.validated:
+        reasons.append(MANY_CLASSES)
+        health["advice"] = UNVALIDATED_ADVICE
     health["verdict"] = verdict
     health["reasons"] = reasons
     if verdict in ("suspect", "hurt", "collapsed"):
         health["advice"] = HARM_ADVICE
-    elif verdict == "ok" and judgement is not None and not judgement.validated:
-        health["advice"] = UNVALIDATED_ADVICE
     return health
 
 
