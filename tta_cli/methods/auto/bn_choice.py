@@ -49,16 +49,6 @@ BatchNorm's input (which depends on no statistics) is within this factor of the 
 # --- the global batch: sums over every process's rows (in one process, the local values) ----------
 
 
-def _global_images(x: torch.Tensor) -> int:
-    """The images of the global batch ``x`` holds this process's rows of."""
-    return world().sum_int(x.shape[0])
-
-
-def _global_sum(values: torch.Tensor) -> torch.Tensor:
-    """``values`` (sums over this process's rows) summed over the processes."""
-    return world().sum(values)
-
-
 def _global_means(*values: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor's mean over its rows, over the global batch (data-parallel: one sum)."""
     if not world().active:
@@ -250,7 +240,7 @@ class SourceCheck:
         """Whether the candidate ``key`` (this batch's ``logits``) flips the source's confident
         predictions over the recent images more than the source's probabilities allow."""
         flipped = (logits.argmax(1) != self._source_pred).double()
-        self._batches[-1][2][key] = float(_global_sum(flipped @ self._odds))
+        self._batches[-1][2][key] = float(world().sum(flipped @ self._odds))
         if self.input_shift is not None and self.input_shift > INPUT_SHIFT:
             return False
         return self.weighted_flips(key) > self.allowed_flips()
@@ -305,20 +295,20 @@ class BatchNormChoice:
             source = self.inner.step(x)
         # one image's own statistics normalise each image alone, not the domain: at batch size 1 the
         # batch statistics are no candidate, and the class-balanced stream's (per-image moments) are
-        images = _global_images(x)
+        images = world().sum_int(x.shape[0])  # the global batch's
         alone = images == 1
         if alone and self.stream_model is None:
             self.batches += 1  # all the weight on the source statistics
             return replace(source, source_logits=source.logits)
         candidates = [source, source if alone else self.inner.step(x)]
-        sums = _global_sum(torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates]))
+        sums = world().sum(torch.stack([softmax_entropy(c.logits.float()).sum() for c in candidates]))
         if alone:
             sums[1] = math.inf  # weight 0 for the batch statistics
         left_out = [False, self._rules_out("batch_statistics", candidates[1], source, alone)]
         if self.stream_model is not None:
             stream = self._stream_step(x, self._class_labels(candidates, _masked(sums / images, left_out), alone))
             candidates.append(stream)
-            sums = torch.cat([sums, _global_sum(softmax_entropy(stream.logits.float()).sum())[None]])
+            sums = torch.cat([sums, world().sum(softmax_entropy(stream.logits.float()).sum())[None]])
             left_out.append(self._rules_out("stream_statistics", stream, source, False))
         if self._entropies is None:
             self._entropies = EntropyWindow(self.window)
