@@ -7,12 +7,14 @@ process at the same global batch size, run in this process through the library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from tta_cli import distributed
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
 from tta_cli.methods import get_method_class, list_methods
+from tta_cli.methods.auto.few_classes import FewClasses
 from tta_cli.methods.fastpaths import batch_mean, masked_mean
 from tta_cli.run import adapt
 
@@ -115,9 +118,9 @@ PARALLEL_CASES = {
     # random test model (which is uncertain everywhere)
     "deyo": "deyo", "rotta": "rotta", "lame": "lame", "roid": "roid", "cotta": "cotta", "rdumb": "rdumb",
     "come-tent": "come", "come-sar": "come", "zerosiam": "zerosiam", "foa_shift": "foa_shift",
-    "auto-bn": "auto", "auto-gn": "auto",
+    "auto-bn": "auto", "auto-gn": "auto", "auto-gn-lame": "auto",
 }
-PARALLEL_MODELS = {"auto-gn": "test_efficientnet_gn"}
+PARALLEL_MODELS = {"auto-gn": "test_efficientnet_gn", "auto-gn-lame": "test_efficientnet_gn"}
 """The cases on another model than ``test_resnet``: auto's guard runs on batch-independent models."""
 PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     # SGD where the method offers it, and a small Adam step for rdumb: Adam moves a parameter whose
@@ -132,7 +135,9 @@ PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     # one rank's halves, and no judged window is harmful: judged on a rank's rows alone, the
     # second batch would be predicted by the source copy
     "auto-gn": {"inner": "tent", "window": 10, "harm_points": 100.0},
+    "auto-gn-lame": {"inner": "tent", "window": 10, "harm_points": 100.0},  # every batch given to LAME
 }
+_few_classes_add = FewClasses.add
 PARALLEL_STREAM = (7, 7, 1)
 """Global batch sizes: 4 + 3 rows on two ranks, then a batch where rank 1 has no row."""
 
@@ -154,11 +159,14 @@ def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
         method.prepare([clean])  # foa_shift's source mean (every rank: the whole clean set)
     method.reseed(0)
     logits, used = [], []
-    for x in stream:
-        start, stop = distributed.rank_rows(x.shape[0], ranks, rank)
-        result = method.step(x[start:stop])
-        logits.append(result.logits.detach())
-        used.append(result.used)
+    every_batch = mock.patch.object(FewClasses, "add", lambda self, pred, batch: _few_classes_add(self, pred, batch)
+                                    or True) if case == "auto-gn-lame" else contextlib.nullcontext()
+    with every_batch:
+        for x in stream:
+            start, stop = distributed.rank_rows(x.shape[0], ranks, rank)
+            result = method.step(x[start:stop])
+            logits.append(result.logits.detach())
+            used.append(result.used)
     method.settle()
     return {"logits": logits, "used": used, "state": method.adapted_state_dict() | _stream_state(method),
             "resets": method.resets, "decisions": _decisions(method) if name == "auto" else []}
@@ -175,7 +183,8 @@ def _decisions(method: object) -> list[object]:
     its guard fell back to the source, reset or froze."""
     stats = method.stats()  # type: ignore[attr-defined]
     return [[(f["batch"], f["left_out"]) for f in stats.get("fallback_batches", [])],
-            stats.get("guard_fallbacks"), stats.get("guard_harm_resets"), stats.get("guard_events")]
+            stats.get("guard_fallbacks"), stats.get("guard_harm_resets"), stats.get("guard_events"),
+            stats.get("lame_batches")]
 
 
 def parallel_worker(out: str) -> None:

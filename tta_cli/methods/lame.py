@@ -79,14 +79,7 @@ class LAME(TTAMethod):
         # batch's features and logits (B x D, small), solves for all rows alike and keeps its own
         features, logits = world().gather_rows(local_features), world().gather_rows(local_logits)
         first, _ = world().row_span(x.shape[0])
-        unary = -torch.log(logits.softmax(dim=1) + 1e-10)
-        features = F.normalize(features, p=2, dim=-1)
-        kernel = affinity_matrix(features, self.config.affinity, self.config.knn)
-        if self.config.force_symmetry:
-            kernel = 1 / 2 * (kernel + kernel.t())
-        assignments = laplacian_optimization(unary, kernel, self.config.bound_lambda, self.config.max_steps)
-        # log of an exact 0 would make the engine's entropy 0 * -inf = NaN; tiny changes nothing else
-        log_probs = assignments[first:first + x.shape[0]].clamp(min=torch.finfo(assignments.dtype).tiny).log()
+        log_probs = lame_log_probs(features, logits, self.config)[first:first + x.shape[0]]
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         return StepResult(logits=log_probs, used=used)
 
@@ -95,6 +88,17 @@ class LAME(TTAMethod):
         feature_map = self.model.forward_features(x)
         features = self.model.forward_head(feature_map, pre_logits=True)
         return features.float(), self.model.get_classifier()(features).float()
+
+
+def lame_log_probs(features: torch.Tensor, logits: torch.Tensor, config: LAMEConfig) -> torch.Tensor:
+    """LAME's assignments for a batch's pooled features and logits, as log-probabilities."""
+    unary = -torch.log(logits.softmax(dim=1) + 1e-10)
+    kernel = affinity_matrix(F.normalize(features, p=2, dim=-1), config.affinity, config.knn)
+    if config.force_symmetry:
+        kernel = 1 / 2 * (kernel + kernel.t())
+    assignments = laplacian_optimization(unary, kernel, config.bound_lambda, config.max_steps)
+    # log of an exact 0 would make the engine's entropy 0 * -inf = NaN; tiny changes nothing else
+    return assignments.clamp(min=torch.finfo(assignments.dtype).tiny).log()
 
 
 def affinity_matrix(features: torch.Tensor, kind: str, knn: int) -> torch.Tensor:

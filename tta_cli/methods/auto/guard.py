@@ -13,6 +13,10 @@ the inner method's predictions over a window of recent images:
   a whole window of batches in a row resets the inner method. With ``judge_first`` the source copy
   also predicts until the first window is full: the inner method's predictions are used only once
   a window of them has been judged.
+
+With ``few_classes``, the batches that the source's predictions show to hold few classes compared
+with the stream are predicted by LAME on the source copy's features (``few_classes``), whichever
+model the guard chose for them; the inner method goes on adapting.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from tta_cli.collapse_window import CollapseWindow, Thresholds, default_window
+from tta_cli.methods.auto.few_classes import FewClasses, lame_predictions
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.collectives import world
 from tta_cli.trust import ChangeEstimate, flip_auc
@@ -97,9 +102,10 @@ class Guard:
 
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
                  thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
-                 judge_first: bool = True) -> None:
+                 judge_first: bool = True, few_classes: bool = True) -> None:
         """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
-        0 turns the harm fallback off (and ``judge_first`` with it)."""
+        0 turns the harm fallback off (and ``judge_first`` with it); ``few_classes``: LAME predicts
+        the batches of few classes (where the model has timm's feature and head split)."""
         self.reference = reference
         self.max_collapses = max_collapses
         self.size = window
@@ -119,15 +125,15 @@ class Guard:
         yet (``judge_first``) or collapsed (the batch that showed it), as ``[first, last + 1)`` ranges."""
         self._harmful_images = 0
         self.batches = 0
+        self.with_features = few_classes and _splits_head(reference)
+        self.few_classes: FewClasses | None = None
 
     def step(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
         """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen
         or while the inner method's window looks harmful."""
         self.batches = batch + 1
         if self.frozen_at is not None:
-            source_logits = self._source_logits(inner, x)
-            return StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
-                              source_logits=source_logits)
+            return self._frozen(inner, x, batch)
         return self._watch(inner, x, inner.step(x), batch)
 
     @torch.no_grad()
@@ -136,7 +142,7 @@ class Guard:
         between), watched as ``step``'s are: the inner model's logits, or the source copy's."""
         self.batches = batch + 1
         if self.frozen_at is not None:
-            return self._source_logits(inner, x)
+            return self._frozen(inner, x, batch).logits
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         return self._watch(inner, x, StepResult(logits=inner.run_model(x), used=used), batch).logits
 
@@ -144,12 +150,13 @@ class Guard:
         """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
         where a window collapsed, looks harmful or is not judged yet. Data-parallel, the windows
         take the global batch's rows and every process returns its own."""
-        source_logits = self._source_logits(inner, x)
+        features, source_logits = self._source_outputs(inner, x)
         if self.window is None or self.change is None:
             num_classes = source_logits.shape[1]
             size = self.size or default_window(self.batch_size, num_classes)
             self.window = CollapseWindow(num_classes, size, self.thresholds)
             self.change = ChangeWindow(num_classes, size)
+            self.few_classes = FewClasses(num_classes, size) if self.with_features else None
         logits, seen_source = _global_rows(result.logits.detach().float(), source_logits)
         pred, source_pred = logits.argmax(1).cpu(), seen_source.argmax(1).cpu()
         self.window.add(pred, softmax_entropy(logits).cpu(), source_pred, softmax_entropy(seen_source).cpu())
@@ -160,8 +167,33 @@ class Guard:
         if signals is not None or self._harmful(inner, seen_source.cpu(), finite_pred, batch):
             if self.frozen_at is None:
                 self._record_fallback(batch)
-            return StepResult(logits=source_logits, used=result.used, source_logits=source_logits)
-        return replace(result, source_logits=source_logits)
+            result = StepResult(logits=source_logits, used=result.used, source_logits=source_logits)
+        else:
+            result = replace(result, source_logits=source_logits)
+        return self._few_classes_lame(result, features, source_pred, batch)
+
+    def _frozen(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
+        """The source copy's prediction of a batch once frozen (LAME's for a batch of few classes)."""
+        features, source_logits = self._source_outputs(inner, x)
+        result = StepResult(logits=source_logits, used=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
+                            source_logits=source_logits)
+        if self.few_classes is None:
+            return result
+        seen_source = _global_rows(source_logits, source_logits)[0]
+        return self._few_classes_lame(result, features, seen_source.argmax(1).cpu(), batch)
+
+    def _few_classes_lame(self, result: StepResult, features: torch.Tensor | None, source_pred: torch.Tensor,
+                          batch: int) -> StepResult:
+        """``result``, or LAME's prediction (on the source copy's features and logits) where the
+        global batch's source predictions show few classes (``few_classes.FewClasses``)."""
+        source_logits = result.source_logits
+        if self.few_classes is None or features is None or source_logits is None:
+            return result
+        if not self.few_classes.add(source_pred, batch):
+            return result
+        every_feature, every_logit = world().gather_rows(features), world().gather_rows(source_logits)
+        first, _ = world().row_span(features.shape[0])
+        return replace(result, logits=lame_predictions(every_feature, every_logit)[first:first + features.shape[0]])
 
     def _harmful(self, inner: TTAMethod, source_logits: torch.Tensor, pred: torch.Tensor, batch: int) -> bool:
         """Whether the window's estimated change is at or below ``-harm_points`` (with
@@ -206,16 +238,19 @@ class Guard:
 
     def stats(self) -> dict[str, Any]:
         fallback = sum(last - first for first, last in self.fallbacks)
+        lame = self.few_classes.batches if self.few_classes is not None else []
         return {"guard_fallbacks": self.fallbacks, "guard_harm_resets": self.harm_resets,
                 "source_share": (fallback + (self.batches - self.frozen_at if self.frozen_at is not None else 0))
-                / max(self.batches, 1)}
+                / max(self.batches, 1),
+                "lame_batches": lame, "lame_share": sum(last - first for first, last in lame) / max(self.batches, 1)}
 
     def state(self) -> dict[str, Any]:
         """Everything the next batch depends on, as plain data (``--resume``)."""
         return {"collapse": self.window.state() if self.window is not None else None,
                 "change": self.change.state() if self.change is not None else None,
                 "events": self.events, "frozen_at": self.frozen_at, "harm_resets": self.harm_resets,
-                "fallbacks": self.fallbacks, "harmful_images": self._harmful_images, "batches": self.batches}
+                "fallbacks": self.fallbacks, "harmful_images": self._harmful_images, "batches": self.batches,
+                "few_classes": self.few_classes.state() if self.few_classes is not None else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state["change"] is not None:
@@ -225,11 +260,26 @@ class Guard:
             self.window.load_state(state["collapse"])
             self.change = ChangeWindow(num_classes, size)
             self.change.load_state(state["change"])
+            if self.with_features and state.get("few_classes") is not None:
+                self.few_classes = FewClasses(num_classes, size)
+                self.few_classes.load_state(state["few_classes"])
         self.events, self.frozen_at, self.harm_resets = state["events"], state["frozen_at"], state["harm_resets"]
         self.fallbacks, self.batches = state["fallbacks"], state["batches"]
         self._harmful_images = state["harmful_images"]
 
     @torch.no_grad()
-    def _source_logits(self, inner: TTAMethod, x: torch.Tensor) -> torch.Tensor:
+    def _source_outputs(self, inner: TTAMethod, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The source copy's pooled features (where ``few_classes`` needs them) and logits."""
         with inner.autocast():
-            return self.reference(inner.prepare_input(x)).float()
+            x = inner.prepare_input(x)
+            if not self.with_features:
+                return None, self.reference(x).float()
+            features = self.reference.forward_head(self.reference.forward_features(x), pre_logits=True)
+            return features.float(), self.reference.get_classifier()(features).float()
+
+
+def _splits_head(model: nn.Module) -> bool:
+    """Whether ``model`` has timm's split into pooled features and a classifier module."""
+    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head",
+                                                                 "get_classifier")) \
+        and isinstance(model.get_classifier(), nn.Module)

@@ -72,6 +72,10 @@ class AutoConfig(MethodConfig):
     judge_first: bool = True
     """With the harm fallback: the source copy predicts until the guard's first window is full, so
     that the inner method's predictions are used only once a window of them has been judged."""
+    few_classes: bool = True
+    """Batch-independent models, with the guard: LAME (on the source copy's features) predicts the
+    batches whose source predictions hold at most half the stream's effective classes
+    (``few_classes``: class-ordered and label-correlated streams); the inner method goes on adapting."""
 
 
 @register_method
@@ -113,7 +117,7 @@ class Auto(WrappingMethod):
             config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels,
             config.bn_source_check) if batchnorm else None
         self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
-                           judge_first=config.judge_first) \
+                           judge_first=config.judge_first, few_classes=config.few_classes) \
             if reference is not None else None
 
     def step(self, x: torch.Tensor) -> StepResult:
