@@ -84,6 +84,16 @@ def test_auto_falling_back_towards_the_source_is_reported(tmp_path: Path) -> Non
             "left out: flips beyond the source&#x27;s errors)</td></tr>") in page
 
 
+def test_auto_giving_batches_to_lame_is_reported(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record["counts"] = {"batches": 10}
+    record["method_state"] = {"lame_batches": [[3, 5], [7, 8]], "lame_share": 0.3}
+    (run / "run.json").write_text(json.dumps(record))
+    page = write_report(run).html.read_text()
+    assert "<tr><th>batches predicted by LAME (few classes per batch)</th><td>3 of 10 (first: batch 3)</td></tr>" in page
+
+
 def test_collapse_windows_are_counted() -> None:
     rows = [{"pred": "1", "entropy": "0.1", "used_for_update": "1", "correct": ""} for _ in range(10)]
     rows += [{"pred": str(i % 5), "entropy": "0.5", "used_for_update": "0", "correct": ""} for i in range(10)]

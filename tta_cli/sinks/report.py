@@ -304,6 +304,11 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
         pairs.append(("batches falling back towards the source", f"{len(fallbacks)} of {batches} (first: batch "
                       f"{fallbacks[0]['batch']}, {', '.join(fallbacks[0]['left_out'])} left out: "
                       f"{fallbacks[0]['reason']})"))
+    lame = (run.get("method_state") or {}).get("lame_batches")
+    if lame:
+        batches = (run.get("counts") or {}).get("batches", "?")
+        pairs.append(("batches predicted by LAME (few classes per batch)",
+                      f"{sum(last - first for first, last in lame)} of {batches} (first: batch {lame[0][0]})"))
     return pairs
 
 

@@ -101,7 +101,7 @@ class Auto(WrappingMethod):
         config = config if config is not None else AutoConfig()
         num_classes = int(getattr(model, "num_classes", 0) or 0)
         kind = model_norm_kind(model)
-        choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream)
+        choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream, config.few_classes and config.guard)
         # the frozen copies are of the source model as it comes, before the inner method wraps it
         batchnorm = kind == "batchnorm"
         reference = frozen_copy(model) if config.guard and not batchnorm else None

@@ -2,7 +2,8 @@
 
 The rule is the one measured safest on the wild benchmark (docs/BENCHMARKS.md, "auto"):
 BatchNorm models predict with the best of several BatchNorm statistics per batch (``bn_choice``);
-batch-independent models (GroupNorm, LayerNorm, no norm) run ROID under the guard (``guard``).
+batch-independent models (GroupNorm, LayerNorm, no norm) run ROID under the guard (``guard``), and
+LAME predicts their batches of few classes (``few_classes``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def model_norm_kind(model: nn.Module) -> str:
     return "layernorm" if kinds else "none"
 
 
-def choose(kind: str, num_classes: int, inner: str, bn_stream: str = "balanced") -> dict[str, Any]:
+def choose(kind: str, num_classes: int, inner: str, bn_stream: str = "balanced",
+           few_classes: bool = True) -> dict[str, Any]:
     """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
     if kind == "batchnorm":
         rule = "choose" if bn_stream == "off" else f"choose+{bn_stream}"
@@ -54,4 +56,6 @@ def choose(kind: str, num_classes: int, inner: str, bn_stream: str = "balanced")
     return {"method": name, "norm": kind,
             "why": f"{kind}: batch-independent model; {why}; guarded against collapse (thresholds in units of "
                    f"ln C={math.log(num_classes):.2f}) and against harm (the source predicts while the label-free "
-                   f"estimate of the accuracy change over recent images says harm)"}
+                   f"estimate of the accuracy change over recent images says harm)"
+                   + ("; batches of few classes (class-ordered, label-correlated streams) are predicted by LAME on "
+                      "the source model" if few_classes else "")}
