@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tta_cli.config import MAX_IMAGE_PIXELS
 from tta_cli.sources.items import Batch, StreamItem
+from tta_cli.sources.jpeg import fast_jpeg_pixels
 from tta_cli.sources.preprocess import ChunkedTransform
 from tta_cli.sources.stream import ImagePart, Stream, VideoPart
 from tta_cli.sources.video import FrameCache, FrameError, iter_frames
@@ -161,6 +162,10 @@ class _ImageDecoder(torch.utils.data.Dataset):
         try:
             if self.cache is not None and item in self.cache:
                 return item, self.cache.read(item), None
+            if isinstance(self.transform, ChunkedTransform):
+                pixels = fast_jpeg_pixels(item.path, self.transform.keeps_size, self.max_pixels)
+                if pixels is not None:
+                    return item, pixels, None
             image = read_image(item.path, self.max_pixels, self.draft_side)
             if isinstance(self.transform, ChunkedTransform):
                 return item, self.transform.pixels(image), None

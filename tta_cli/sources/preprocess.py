@@ -32,6 +32,18 @@ class ChunkedTransform:
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.whole = whole
         """The wrapped transform (for images that are not 8-bit RGB after the image steps)."""
+        self._keeps: dict[tuple[int, int], bool] = {}
+
+    def keeps_size(self, width: int, height: int) -> bool:
+        """Whether the image steps leave every 8-bit RGB image of this size as it is (no resize,
+        no crop): tried once per size on an image of random pixels, which any resampling or crop
+        would change."""
+        size = (width, height)
+        if size not in self._keeps:
+            pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+            after = self.image_steps(Image.fromarray(pixels, "RGB"))
+            self._keeps[size] = after.mode == "RGB" and after.size == size and np.array_equal(np.asarray(after), pixels)
+        return self._keeps[size]
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image after the image steps: (H, W, 3) uint8 for 8-bit RGB, else the whole
