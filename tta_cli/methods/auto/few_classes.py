@@ -49,12 +49,12 @@ from tta_cli.methods.lame import LAMEConfig, lame_log_probs
 
 CONCENTRATION = 2.0
 """LAME predicts while the recent batches' collision probability is at least this many times the
-stream's (at most half its effective classes)."""
+stretch's (at most half its effective classes)."""
 WINDOW_IMAGES = 64
 """The recent batches hold at least this many images ..."""
 MIN_EXPECTED_PAIRS = 32.0
-"""... and at least this many same-class pairs were the stream shuffled (pairs x its collision
-probability)."""
+"""... and at least this many same-class pairs were the stream shuffled (pairs x the stretch's
+collision probability)."""
 
 
 class FewClasses:
@@ -75,7 +75,7 @@ class FewClasses:
         """Per recent batch: its images, pairs and same-class pairs."""
         self._sums = [0, 0, 0]
         self.ratio: float | None = None
-        """The latest recent-batches-to-stream collision ratio."""
+        """The latest ratio of the recent batches' collision probability to the stretch's."""
         self.batches: list[list[int]] = []
         """The batches LAME predicted, as ``[first, last + 1)`` ranges."""
 
@@ -89,20 +89,23 @@ class FewClasses:
             return False
         self._add_recent((n, n * (n - 1) // 2, int((counts * (counts - 1)).sum()) // 2))
         share = self.hist / self.hist.sum()
-        stream = max(float((share * share).sum()), 1e-12)
-        while len(self._recent) > 1 and self._enough(self._without_oldest(), stream):
+        stretch = max(float((share * share).sum()), 1e-12)
+        while len(self._recent) > 1 and self._enough(self._without_oldest(), stretch):
             self._sums = self._without_oldest()
             self._recent.popleft()
-        if not self._enough(self._sums, stream):
+        if not self._enough(self._sums, stretch):
             return False
-        self.ratio = self._sums[2] / self._sums[1] / stream
+        self.ratio = self._sums[2] / self._sums[1] / stretch
         if self.ratio < self.concentration:
             return False
+        self._record(batch)
+        return True
+
+    def _record(self, batch: int) -> None:
         if self.batches and self.batches[-1][1] == batch:
             self.batches[-1][1] = batch + 1
         else:
             self.batches.append([batch, batch + 1])
-        return True
 
     def _add_to_stretch(self, counts: torch.Tensor) -> None:
         self._stretch.append(counts)
@@ -117,9 +120,10 @@ class FewClasses:
     def _without_oldest(self) -> list[int]:
         return [total - value for total, value in zip(self._sums, self._recent[0], strict=True)]
 
-    def _enough(self, sums: list[int], stream: float) -> bool:
-        """Whether recent batches with these sums (images, pairs, same-class pairs) are judged."""
-        return sums[0] >= self.window_images and sums[1] * stream >= self.min_expected_pairs
+    def _enough(self, sums: list[int], stretch: float) -> bool:
+        """Whether recent batches with these sums (images, pairs, same-class pairs) are judged,
+        ``stretch`` being the stretch's collision probability."""
+        return sums[0] >= self.window_images and sums[1] * stretch >= self.min_expected_pairs
 
     def state(self) -> dict[str, Any]:
         return {"stretch": [counts.clone() for counts in self._stretch],
