@@ -91,7 +91,8 @@ def test_auto_giving_batches_to_lame_is_reported(tmp_path: Path) -> None:
     record["method_state"] = {"lame_batches": [[3, 5], [7, 8]], "lame_share": 0.3}
     (run / "run.json").write_text(json.dumps(record))
     page = write_report(run).html.read_text()
-    assert "<tr><th>batches predicted by LAME (few classes per batch)</th><td>3 of 10 (first: batch 3)</td></tr>" in page
+    assert ("<tr><th>batches predicted by LAME (few classes per batch)</th><td>3 of 10 (first: batch 3)</td></tr>"
+            in page)
 
 
 def test_collapse_windows_are_counted() -> None:

@@ -9,11 +9,12 @@ of them at every chroma subsampling, baseline and progressive (``tests/test_sour
 torchvision 0.29 deprecates its image decoders in favour of TorchCodec; where they are gone the
 path gives way and Pillow decodes every file, as it did before.
 
-Only where nothing else would change the pixels: a 3-channel JPEG (YCbCr or RGB) without an
-APP1 segment (EXIF or XMP: either can carry the orientation that Pillow's reading applies), whose size the model's image steps keep as it is (no resize, no crop), within the pixel
-limit. Everything else (grey or CMYK JPEGs, EXIF orientation, large photos, other formats, and any
-file torchvision cannot decode: truncated, corrupt) goes to Pillow as before, which also words the
-reason a file is skipped.
+Only where nothing else would change the pixels: a 3-channel JPEG (YCbCr or RGB) without an APP1
+segment (EXIF or XMP: either can carry the orientation that Pillow's reading applies), whose size
+the model's image steps keep as it is (no resize, no crop), within the pixel limit. Everything else
+(grey or CMYK JPEGs, metadata, large photos, other formats, and any file torchvision cannot
+decode: truncated, corrupt) goes to Pillow as before, which also words the reason a file is
+skipped.
 """
 
 from __future__ import annotations
