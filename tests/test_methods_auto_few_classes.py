@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import random_inputs, tiny_timm
 from tta_cli.methods import create_method
-from tta_cli.methods.auto.few_classes import CONCENTRATION, FewClasses, lame_predictions
+from tta_cli.methods.auto.few_classes import CONCENTRATION, FewClasses, add_to_ranges, lame_predictions
 from tta_cli.methods.lame import LAMEConfig, lame_log_probs
 
 
@@ -120,3 +120,10 @@ def test_without_it_the_guard_computes_no_features() -> None:
     method.step(random_inputs(1)[0])
     assert method.guard is not None and method.guard.few_classes is None
     assert method.stats()["lame_batches"] == [] and method.stats()["lame_share"] == 0.0
+
+
+def test_batches_are_recorded_as_ranges() -> None:
+    ranges: list[list[int]] = []
+    for batch in (3, 4, 5, 8, 10, 11):
+        add_to_ranges(ranges, batch)
+    assert ranges == [[3, 6], [8, 9], [10, 12]]

@@ -98,14 +98,8 @@ class FewClasses:
         self.ratio = self._sums[2] / self._sums[1] / stretch
         if self.ratio < self.concentration:
             return False
-        self._record(batch)
+        add_to_ranges(self.batches, batch)
         return True
-
-    def _record(self, batch: int) -> None:
-        if self.batches and self.batches[-1][1] == batch:
-            self.batches[-1][1] = batch + 1
-        else:
-            self.batches.append([batch, batch + 1])
 
     def _add_to_stretch(self, counts: torch.Tensor) -> None:
         self._stretch.append(counts)
@@ -138,9 +132,18 @@ class FewClasses:
         self.ratio, self.batches = state["ratio"], state["batches"]
 
 
+def add_to_ranges(ranges: list[list[int]], batch: int) -> None:
+    """Batch number ``batch`` into ``ranges`` (``[first, last + 1)``, in order): the last range
+    grows when it ends there, else a new one starts."""
+    if ranges and ranges[-1][1] == batch:
+        ranges[-1][1] = batch + 1
+    else:
+        ranges.append([batch, batch + 1])
+
+
 def lame_predictions(features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """LAME's log-probabilities for a batch (its authors' defaults, ``LAMEConfig``)."""
     return lame_log_probs(features, logits, LAMEConfig())
 
 
-__all__ = ["CONCENTRATION", "MIN_EXPECTED_PAIRS", "WINDOW_IMAGES", "FewClasses", "lame_predictions"]
+__all__ = ["CONCENTRATION", "MIN_EXPECTED_PAIRS", "WINDOW_IMAGES", "FewClasses", "add_to_ranges", "lame_predictions"]

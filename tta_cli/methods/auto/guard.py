@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tta_cli.collapse_window import CollapseWindow, Thresholds, default_window
-from tta_cli.methods.auto.few_classes import FewClasses, lame_predictions
+from tta_cli.methods.auto.few_classes import FewClasses, add_to_ranges, lame_predictions
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.collectives import world
 from tta_cli.trust import ChangeEstimate, flip_auc
@@ -166,7 +166,7 @@ class Guard:
         finite_pred = torch.where(torch.isfinite(logits).all(1).cpu(), pred, -1)
         if signals is not None or self._harmful(inner, seen_source.cpu(), finite_pred, batch):
             if self.frozen_at is None:
-                self._record_fallback(batch)
+                add_to_ranges(self.fallbacks, batch)
             result = StepResult(logits=source_logits, used=result.used, source_logits=source_logits)
         else:
             result = replace(result, source_logits=source_logits)
@@ -213,12 +213,6 @@ class Guard:
             self.harm_resets.append({"batch": batch, "estimated_change": round(change, 2)})
             self._restart(inner)
         return True
-
-    def _record_fallback(self, batch: int) -> None:
-        if self.fallbacks and self.fallbacks[-1][1] == batch:
-            self.fallbacks[-1][1] = batch + 1
-        else:
-            self.fallbacks.append([batch, batch + 1])
 
     def _on_collapse(self, inner: TTAMethod, signals: dict[str, float], batch: int) -> None:
         frozen = len(self.events) + 1 >= self.max_collapses
