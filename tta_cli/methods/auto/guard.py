@@ -15,8 +15,8 @@ the inner method's predictions over a window of recent images:
   a window of them has been judged.
 
 With ``few_classes``, the batches that the source's predictions show to hold few classes compared
-with the stream are predicted by LAME on the source copy's features (``few_classes``), whichever
-model the guard chose for them; the inner method goes on adapting.
+with the stretch of stream around them are predicted by LAME on the source copy's features
+(``few_classes``), whichever model the guard chose for them; the inner method goes on adapting.
 """
 
 from __future__ import annotations
