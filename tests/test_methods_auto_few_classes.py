@@ -127,3 +127,18 @@ def test_batches_are_recorded_as_ranges() -> None:
     for batch in (3, 4, 5, 8, 10, 11):
         add_to_ranges(ranges, batch)
     assert ranges == [[3, 6], [8, 9], [10, 12]]
+
+
+def test_a_model_without_timms_head_split_gets_no_lame() -> None:
+    class Plain(torch.nn.Module):  # no forward_features / forward_head: the guard keeps its forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10),
+                                           torch.nn.LayerNorm(10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    method = create_method("auto", Plain(), batch_size=8)
+    assert method.guard is not None and not method.guard.with_features
+    assert method.step(random_inputs(1)[0]).logits.shape == (8, 10)

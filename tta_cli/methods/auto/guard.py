@@ -21,6 +21,7 @@ with the stretch of stream around them are predicted by LAME on the source copy'
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -273,7 +274,12 @@ class Guard:
 
 
 def _splits_head(model: nn.Module) -> bool:
-    """Whether ``model`` has timm's split into pooled features and a classifier module."""
-    return all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head",
-                                                                 "get_classifier")) \
-        and isinstance(model.get_classifier(), nn.Module)
+    """Whether ``model`` has timm's split into pooled features (``forward_head(..., pre_logits=True)``)
+    and a classifier module."""
+    if not all(callable(getattr(model, name, None)) for name in ("forward_features", "forward_head", "get_classifier")):
+        return False
+    try:
+        takes_pre_logits = "pre_logits" in inspect.signature(model.forward_head).parameters
+    except (TypeError, ValueError):
+        return False
+    return takes_pre_logits and isinstance(model.get_classifier(), nn.Module)
