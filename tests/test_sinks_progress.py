@@ -199,3 +199,11 @@ def test_an_estimated_loss_shows_its_estimate_and_what_to_do(tmp_path: Path) -> 
     assert "what to do" in text and "source_pred" in text
     assert "an estimated -7.5 points of accuracy" in _last_sentence(text)
     assert "verdict hurt: the label-free estimate says adaptation lost accuracy" in _last_sentence(text)
+
+
+def test_auto_giving_batches_to_lame_is_in_the_summary(tmp_path: Path) -> None:
+    record = _record(tmp_path, accuracy=None)
+    record["counts"]["batches"] = 16
+    record["method_state"] = {"lame_batches": [[6, 7], [8, 10]], "lame_share": 0.1875}
+    assert "3 of 16 batches (few classes per batch)" in _summary_text(record)
+    assert "LAME" not in _summary_text(_record(tmp_path, accuracy=None))

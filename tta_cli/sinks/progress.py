@@ -265,6 +265,10 @@ def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     choice = record["method"].get("choice")
     if choice:
         rows.append(("auto chose", f"{choice.get('method')}: {choice.get('why', '')}"))
+    lame = (record.get("method_state") or {}).get("lame_batches")
+    if lame:
+        rows.append(("LAME predicted", f"{sum(last - first for first, last in lame)} of "
+                                       f"{record['counts'].get('batches', '?')} batches (few classes per batch)"))
     health = record.get("health") or {}
     estimate = health.get("estimated_accuracy_change")
     if estimate:
