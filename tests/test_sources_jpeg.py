@@ -34,17 +34,13 @@ def _save(image: Image.Image, path: Path, **options: object) -> Path:
     return path
 
 
-def _always(width: int, height: int) -> bool:
-    return True
-
-
 @pytest.mark.parametrize("subsampling", [0, 1, 2])
 @pytest.mark.parametrize("progressive", [False, True])
 def test_the_speed_path_gives_pillows_pixels(tmp_path: Path, subsampling: int, progressive: bool) -> None:
     for seed, (width, height) in enumerate([(32, 32), (33, 17), (64, 48)]):
         path = _save(_photo(width, height, seed), tmp_path / f"{seed}.jpg", quality=85, subsampling=subsampling,
                      progressive=progressive)
-        pixels = fast_jpeg_pixels(path, _always, None)
+        pixels = fast_jpeg_pixels(path, (width, height), None)
         assert pixels is not None and pixels.dtype == torch.uint8
         assert np.array_equal(pixels.numpy(), np.asarray(read_image(path)))
 
@@ -67,26 +63,29 @@ def test_files_the_speed_path_leaves_to_pillow(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = _save(_photo(32, 16), tmp_path / "rotated.jpg", exif=exif)
-    assert fast_jpeg_pixels(rotated, _always, None) is None
+    assert fast_jpeg_pixels(rotated, (32, 16), None) is None
     assert read_image(rotated).size == (16, 32)  # Pillow applies the orientation
-    assert fast_jpeg_pixels(_save(_photo().convert("L"), tmp_path / "grey.jpg"), _always, None) is None
-    assert fast_jpeg_pixels(_save(_photo().convert("CMYK"), tmp_path / "cmyk.jpg"), _always, None) is None
+    assert fast_jpeg_pixels(_save(_photo().convert("L"), tmp_path / "grey.jpg"), (32, 32), None) is None
+    assert fast_jpeg_pixels(_save(_photo().convert("CMYK"), tmp_path / "cmyk.jpg"), (32, 32), None) is None
     whole = _save(_photo(), tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
-    assert fast_jpeg_pixels(tmp_path / "truncated.jpg", _always, None) is None
+    assert fast_jpeg_pixels(tmp_path / "truncated.jpg", (32, 32), None) is None
     plain = _save(_photo(), tmp_path / "plain.jpg")
-    assert fast_jpeg_pixels(plain, lambda width, height: False, None) is None  # the steps would resize
-    assert fast_jpeg_pixels(plain, _always, 32 * 32 - 1) is None  # over the pixel limit: Pillow's error
-    assert fast_jpeg_pixels(tmp_path / "missing.jpg", _always, None) is None
+    assert fast_jpeg_pixels(plain, (32, 32), None) is not None
+    assert fast_jpeg_pixels(plain, (40, 40), None) is None  # the steps would resize
+    assert fast_jpeg_pixels(plain, (32, 32), 32 * 32 - 1) is None  # over the pixel limit: Pillow's error
+    assert fast_jpeg_pixels(tmp_path / "missing.jpg", (32, 32), None) is None
+    named_png = tmp_path / "plain.png"  # a JPEG named otherwise: Pillow reads it
+    named_png.write_bytes(plain.read_bytes())
+    assert fast_jpeg_pixels(named_png, (32, 32), None) is None
 
 
 def test_the_image_steps_keep_only_the_models_input_size() -> None:
     transform = chunked(create_transform(**CIFAR, is_training=False))
     assert isinstance(transform, ChunkedTransform)
-    assert transform.keeps_size(32, 32)
-    assert not transform.keeps_size(40, 40) and not transform.keeps_size(32, 40)
+    assert transform.kept_size == (32, 32)
     imagenet = chunked(create_transform(input_size=(3, 224, 224), crop_pct=0.875, is_training=False))
-    assert not imagenet.keeps_size(224, 224)  # resized to 256, then cropped
+    assert imagenet.kept_size is None  # resized to 256, then cropped: no size comes out unchanged
 
 
 def test_the_loader_gives_the_same_batches_with_and_without_the_speed_path(tmp_path: Path,

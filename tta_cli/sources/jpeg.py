@@ -10,8 +10,10 @@ torchvision 0.29 deprecates its image decoders in favour of TorchCodec; where th
 path gives way and Pillow decodes every file, as it did before.
 
 Only where nothing else would change the pixels: a 3-channel JPEG (YCbCr or RGB) without an APP1
-segment (EXIF or XMP: either can carry the orientation that Pillow's reading applies), whose size
-the model's image steps keep as it is (no resize, no crop), within the pixel limit. Everything else
+segment (EXIF or XMP: either can carry the orientation that Pillow's reading applies), of the one
+size the model's image steps keep as it is (``ChunkedTransform.kept_size``: no resize, no crop),
+within the pixel limit. Only files named as JPEGs are tried, so that no other file is opened
+twice; a model whose steps keep no size never tries (the loader asks first). Everything else
 (grey or CMYK JPEGs, metadata, large photos, other formats, and any file torchvision cannot
 decode: truncated, corrupt) goes to Pillow as before, which also words the reason a file is
 skipped.
@@ -20,7 +22,6 @@ skipped.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +30,8 @@ import torch
 _SOI = b"\xff\xd8"
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: markers without a length
 _NOT_FRAMES = frozenset({0xC4, 0xC8, 0xCC})  # DHT, JPG, DAC share the SOF range
+JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+"""The file names the speed path tries (any other file goes to Pillow without being opened here)."""
 
 
 class JpegHeader(NamedTuple):
@@ -74,10 +77,11 @@ HEADER_BYTES = 65536
 whose header lies further is read by Pillow)."""
 
 
-def fast_jpeg_pixels(path: Path, keeps_size: Callable[[int, int], bool], max_pixels: int | None) -> torch.Tensor | None:
+def fast_jpeg_pixels(path: Path, kept_size: tuple[int, int], max_pixels: int | None) -> torch.Tensor | None:
     """(H, W, 3) uint8 pixels of the JPEG at ``path`` through the speed path, or None where Pillow
-    must read it. ``keeps_size(width, height)``: whether the model's image steps leave an image of
-    that size as it is."""
+    must read it. ``kept_size``: the (width, height) the model's image steps leave as it is."""
+    if path.suffix.lower() not in JPEG_SUFFIXES:
+        return None
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
@@ -90,7 +94,7 @@ def fast_jpeg_pixels(path: Path, keeps_size: Callable[[int, int], bool], max_pix
                 return None
             if max_pixels and header.height * header.width > max_pixels:
                 return None
-            if not keeps_size(header.width, header.height):
+            if (header.width, header.height) != kept_size:
                 return None
             data += file.read()
     except OSError:
@@ -104,4 +108,4 @@ def fast_jpeg_pixels(path: Path, keeps_size: Callable[[int, int], bool], max_pix
     return pixels.permute(1, 2, 0).contiguous()
 
 
-__all__ = ["HEADER_BYTES", "JpegHeader", "fast_jpeg_pixels", "jpeg_header"]
+__all__ = ["HEADER_BYTES", "JPEG_SUFFIXES", "JpegHeader", "fast_jpeg_pixels", "jpeg_header"]

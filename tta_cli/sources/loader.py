@@ -162,10 +162,10 @@ class _ImageDecoder(torch.utils.data.Dataset):
         try:
             if self.cache is not None and item in self.cache:
                 return item, self.cache.read(item), None
-            if isinstance(self.transform, ChunkedTransform):
-                pixels = fast_jpeg_pixels(item.path, self.transform.keeps_size, self.max_pixels)
-                if pixels is not None:
-                    return item, pixels, None
+            kept = self.transform.kept_size if isinstance(self.transform, ChunkedTransform) else None
+            pixels = fast_jpeg_pixels(item.path, kept, self.max_pixels) if kept is not None else None
+            if pixels is not None:
+                return item, pixels, None
             image = read_image(item.path, self.max_pixels, self.draft_side)
             if isinstance(self.transform, ChunkedTransform):
                 return item, self.transform.pixels(image), None

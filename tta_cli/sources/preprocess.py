@@ -12,6 +12,7 @@ deviation, each rounded to float32), so the result equals the per-image transfor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,18 +33,22 @@ class ChunkedTransform:
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.whole = whole
         """The wrapped transform (for images that are not 8-bit RGB after the image steps)."""
-        self._keeps: dict[tuple[int, int], bool] = {}
 
-    def keeps_size(self, width: int, height: int) -> bool:
-        """Whether the image steps leave every 8-bit RGB image of this size as it is (no resize,
-        no crop): tried once per size on an image of random pixels, which any resampling or crop
-        would change."""
-        size = (width, height)
-        if size not in self._keeps:
-            pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    @functools.cached_property
+    def kept_size(self) -> tuple[int, int] | None:
+        """The (width, height) of the 8-bit RGB images the image steps leave as they are (no
+        resize, no crop), if any: their output size (every image comes out at the model's input
+        size), when an image of random pixels of that size, which any resampling or crop would
+        change, comes out unchanged."""
+        rng = np.random.default_rng(0)
+        try:
+            size = self.image_steps(Image.fromarray(rng.integers(0, 256, (61, 61, 3), dtype=np.uint8), "RGB")).size
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
             after = self.image_steps(Image.fromarray(pixels, "RGB"))
-            self._keeps[size] = after.mode == "RGB" and after.size == size and np.array_equal(np.asarray(after), pixels)
-        return self._keeps[size]
+        except Exception:  # image steps that cannot take such an image: no speed path, as before
+            return None
+        unchanged = after.mode == "RGB" and after.size == size and np.array_equal(np.asarray(after), pixels)
+        return size if unchanged else None
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image after the image steps: (H, W, 3) uint8 for 8-bit RGB, else the whole

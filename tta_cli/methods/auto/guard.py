@@ -180,8 +180,7 @@ class Guard:
                             source_logits=source_logits)
         if self.few_classes is None:
             return result
-        seen_source = _global_rows(source_logits, source_logits)[0]
-        return self._few_classes_lame(result, features, seen_source.argmax(1).cpu(), batch)
+        return self._few_classes_lame(result, features, world().gather_rows(source_logits).argmax(1).cpu(), batch)
 
     def _few_classes_lame(self, result: StepResult, features: torch.Tensor | None, source_pred: torch.Tensor,
                           batch: int) -> StepResult:

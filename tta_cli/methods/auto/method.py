@@ -74,8 +74,9 @@ class AutoConfig(MethodConfig):
     that the inner method's predictions are used only once a window of them has been judged."""
     few_classes: bool = True
     """Batch-independent models, with the guard: LAME (on the source copy's features) predicts the
-    batches whose source predictions hold at most half the stream's effective classes
-    (``few_classes``: class-ordered and label-correlated streams); the inner method goes on adapting."""
+    batches whose source predictions hold at most half the effective classes of the stretch of stream
+    around them (``few_classes``: class-ordered and label-correlated streams); the inner method goes
+    on adapting."""
 
 
 @register_method
