@@ -17,8 +17,9 @@ from tta_cli.collapse_window import Thresholds
 from tta_cli.methods import create_method
 from tta_cli.methods.auto import DEFAULT_INNER, STREAM_MOMENTUM_IMAGES, EntropyWindow, model_norm_kind
 from tta_cli.methods.auto.bn_choice import INPUT_SHIFT
-from tta_cli.methods.auto.guard import HARM_POINTS, ChangeWindow
+from tta_cli.methods.auto.guard import HARM_POINTS, ChangeWindow, ensemble_with_source
 from tta_cli.methods.base import StepResult, softmax_entropy
+from tta_cli.methods.roid import prior_correction
 from tta_cli.methods.selection import batchnorm_layers
 
 
@@ -42,7 +43,7 @@ def test_choice_per_normalisation(arch: str, kind: str, inner: str) -> None:
 
 @pytest.mark.parametrize("arch", ["test_efficientnet_gn", "test_vit"])
 def test_batch_independent_models_run_roid_as_it_is_under_the_guard(arch: str) -> None:
-    method = create_method("auto", tiny_timm(arch), batch_size=8, judge_first=False)
+    method = create_method("auto", tiny_timm(arch), batch_size=8, judge_first=False, source_ensemble=False)
     roid = create_method("roid", tiny_timm(arch), batch_size=8)
     assert method.describe()["inner"] == "roid" and "gained most" in method.describe()["choice"]["why"]
     for seed, x in enumerate(random_inputs(3)):
@@ -50,6 +51,32 @@ def test_batch_independent_models_run_roid_as_it_is_under_the_guard(arch: str) -
             m.reseed(seed)
         assert torch.equal(method.step(x).logits, roid.step(x).logits)  # no fallback on these batches
     assert method.stats()["guard_fallbacks"] == []
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet_gn", "test_vit"])
+def test_the_guard_predicts_the_mean_of_roid_and_the_prior_corrected_source(arch: str) -> None:
+    method = create_method("auto", tiny_timm(arch), batch_size=8, judge_first=False, few_classes=False)
+    roid = create_method("roid", tiny_timm(arch), batch_size=8)
+    source = tiny_timm(arch).eval()
+    for seed, x in enumerate(random_inputs(3)):
+        for m in (method, roid):
+            m.reseed(seed)
+        with torch.no_grad():
+            source_probs = prior_correction(source(x)).softmax(1)
+        expected = ((roid.step(x).logits.softmax(1) + source_probs) / 2).log()
+        torch.testing.assert_close(method.step(x).logits, expected, rtol=1e-5, atol=1e-6)
+    assert method.stats()["guard_fallbacks"] == []
+
+
+def test_the_ensemble_takes_the_inner_methods_own_predictions() -> None:
+    """A method without an output step (tent) is mixed with the plain source probabilities."""
+    logits, source_logits = torch.randn(6, 10), torch.randn(6, 10)
+    tent = create_method("tent", tiny_timm("test_vit"), batch_size=6)
+    mixed = ensemble_with_source(tent, logits, source_logits)
+    torch.testing.assert_close(mixed.exp(), (logits.softmax(1) + source_logits.softmax(1)) / 2)
+    roid = create_method("roid", tiny_timm("test_vit"), batch_size=6)
+    torch.testing.assert_close(ensemble_with_source(roid, logits, source_logits).exp(),
+                               (logits.softmax(1) + prior_correction(source_logits).softmax(1)) / 2)
 
 
 def test_inner_can_be_chosen() -> None:
@@ -249,7 +276,8 @@ def test_guard_predicts_with_the_source_while_the_window_looks_harmful() -> None
     assert stats["guard_fallbacks"] == [[0, 5]] and stats["source_share"] == 1.0
     assert [r["batch"] for r in stats["guard_harm_resets"]] == [2, 4]  # a whole window of harm resets
     assert method.collapse_events == [] and method.frozen_at is None
-    off = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16, harm_points=0.0)
+    off = create_method("auto", copy.deepcopy(model), batch_size=8, inner="tent", window=16, harm_points=0.0,
+                        source_ensemble=False)
     _stub_step(off, model, -1.0)
     assert all(torch.allclose(off.step(x).logits, -e, atol=1e-5) for x, e in zip(batches, expected, strict=True))
 
@@ -260,7 +288,8 @@ def test_guard_predicts_with_the_source_until_its_first_window_is_judged(judge_f
     batches = random_inputs(3)
     with torch.no_grad():
         expected = [model.eval()(x) for x in batches]
-    method = create_method("auto", model, batch_size=8, inner="tent", window=16, judge_first=judge_first)
+    method = create_method("auto", model, batch_size=8, inner="tent", window=16, judge_first=judge_first,
+                           source_ensemble=False)
     agreeing = _stub_step(method, model, 1.0)
     method.inner.step = lambda x: StepResult(logits=agreeing(x).logits + 1e-3, used=torch.ones(8, dtype=torch.bool))
     outputs = [method.step(x).logits for x in batches]

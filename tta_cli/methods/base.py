@@ -278,6 +278,11 @@ class TTAMethod(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.step(x).logits
 
+    def predictions_from(self, logits: torch.Tensor) -> torch.Tensor:
+        """The method's predictions (logits) of a global batch whose model outputs are ``logits``:
+        the outputs themselves, except for a method that adjusts them (ROID's prior correction)."""
+        return logits
+
     def step(self, x: torch.Tensor) -> StepResult:
         """Predict on ``x`` with the current model, then adapt ``config.steps`` times."""
         x = self.prepare_input(x)
@@ -429,20 +434,6 @@ def _either(a: bool | torch.Tensor, b: bool | torch.Tensor) -> bool | torch.Tens
     return a or b
 
 
-__all__ = [
-    "NO_GRAD_FIRST_BELOW",
-    "PENDING_LIMIT",
-    "PRECISIONS",
-    "BNStatsChoice",
-    "EntropyConfig",
-    "MethodConfig",
-    "Performance",
-    "StepResult",
-    "TTAMethod",
-    "default_lr",
-    "entropy_margin",
-    "is_vit_like",
-    "masked_mean",
-    "nan_if_empty",
-    "softmax_entropy",
-]
+__all__ = ["NO_GRAD_FIRST_BELOW", "PENDING_LIMIT", "PRECISIONS", "BNStatsChoice", "EntropyConfig", "MethodConfig",
+           "Performance", "StepResult", "TTAMethod", "default_lr", "entropy_margin", "is_vit_like", "masked_mean",
+           "nan_if_empty", "softmax_entropy"]

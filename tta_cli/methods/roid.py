@@ -124,8 +124,11 @@ class ROID(TTAMethod):
         self.optimizer.zero_grad()
         ema_update(self.params, self.source.params, self.config.source_momentum)
         with torch.no_grad():
-            predictions = prior_correction(all_logits)[rows] if self.config.use_prior_correction else logits.detach()
+            predictions = self.predictions_from(all_logits)[rows]
         return StepResult(logits=predictions, used=keep)
+
+    def predictions_from(self, logits: torch.Tensor) -> torch.Tensor:
+        return prior_correction(logits) if self.config.use_prior_correction else logits
 
     @torch.no_grad()
     def sample_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

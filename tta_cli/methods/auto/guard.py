@@ -14,6 +14,12 @@ the inner method's predictions over a window of recent images:
   also predicts until the first window is full: the inner method's predictions are used only once
   a window of them has been judged.
 
+With ``source_ensemble``, the batches the inner method predicts are predicted by the mean of its
+probabilities and those of the source copy's logits turned into the inner method's predictions
+(``TTAMethod.predictions_from``: ROID's prior correction): an output ensemble of the adapted and
+the source model, which keeps the source's confident predictions where the adapted model is unsure
+of its own, on streams where neither signal can tell whether adapting helps.
+
 With ``few_classes``, the batches that the source's predictions show to hold few classes compared
 with the stretch of stream around them are predicted by LAME on the source copy's features
 (``few_classes``), whichever model the guard chose for them; the inner method goes on adapting.
@@ -22,6 +28,7 @@ with the stretch of stream around them are predicted by LAME on the source copy'
 from __future__ import annotations
 
 import inspect
+import math
 from collections import deque
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -103,10 +110,11 @@ class Guard:
 
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
                  thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
-                 judge_first: bool = True, few_classes: bool = True) -> None:
+                 judge_first: bool = True, few_classes: bool = True, source_ensemble: bool = True) -> None:
         """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
         0 turns the harm fallback off (and ``judge_first`` with it); ``few_classes``: LAME predicts
-        the batches of few classes (where the model has timm's feature and head split)."""
+        the batches of few classes (where the model has timm's feature and head split);
+        ``source_ensemble``: the inner method's predictions are mixed with the source copy's."""
         self.reference = reference
         self.max_collapses = max_collapses
         self.size = window
@@ -114,6 +122,7 @@ class Guard:
         self.thresholds = thresholds or Thresholds()
         self.harm_points = harm_points
         self.judge_first = judge_first
+        self.source_ensemble = source_ensemble
         self.window: CollapseWindow | None = None
         self.change: ChangeWindow | None = None
         self.events: list[dict[str, Any]] = []
@@ -145,7 +154,10 @@ class Guard:
         if self.frozen_at is not None:
             return self._frozen(inner, x, batch).logits
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return self._watch(inner, x, StepResult(logits=inner.run_model(x), used=used), batch).logits
+        logits = inner.run_model(x)
+        first, _ = world().row_span(logits.shape[0])
+        logits = inner.predictions_from(world().gather_rows(logits))[first:first + logits.shape[0]]
+        return self._watch(inner, x, StepResult(logits=logits, used=used), batch).logits
 
     def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int) -> StepResult:
         """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
@@ -169,6 +181,10 @@ class Guard:
             if self.frozen_at is None:
                 add_to_ranges(self.fallbacks, batch)
             result = StepResult(logits=source_logits, used=result.used, source_logits=source_logits)
+        elif self.source_ensemble:
+            mixed = ensemble_with_source(inner, logits, seen_source)
+            first, _ = world().row_span(x.shape[0])
+            result = replace(result, logits=mixed[first:first + x.shape[0]], source_logits=source_logits)
         else:
             result = replace(result, source_logits=source_logits)
         return self._few_classes_lame(result, features, source_pred, batch)
@@ -270,6 +286,13 @@ class Guard:
                 return None, self.reference(x).float()
             features = self.reference.forward_head(self.reference.forward_features(x), pre_logits=True)
             return features.float(), self.reference.get_classifier()(features).float()
+
+
+def ensemble_with_source(inner: TTAMethod, logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+    """log of the mean of softmax(``logits``) (the inner method's predictions of a global batch) and
+    of the inner method's predictions from the source model's ``source_logits`` of the same batch."""
+    source_predictions = inner.predictions_from(source_logits).float()
+    return torch.logaddexp(logits.log_softmax(1), source_predictions.log_softmax(1)) - math.log(2)
 
 
 def _splits_head(model: nn.Module) -> bool:

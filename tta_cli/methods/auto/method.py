@@ -72,6 +72,11 @@ class AutoConfig(MethodConfig):
     judge_first: bool = True
     """With the harm fallback: the source copy predicts until the guard's first window is full, so
     that the inner method's predictions are used only once a window of them has been judged."""
+    source_ensemble: bool = True
+    """Batch-independent models, with the guard: the batches the inner method predicts are predicted
+    by the mean of its probabilities and the source copy's (both through the inner method's output
+    step, e.g. ROID's prior correction): an output ensemble that holds the source's confident
+    predictions where adapting does not help (docs/BENCHMARKS.md)."""
     few_classes: bool = True
     """Batch-independent models, with the guard: LAME (on the source copy's features) predicts the
     batches whose source predictions hold at most half the effective classes of the stretch of stream
@@ -102,7 +107,8 @@ class Auto(WrappingMethod):
         config = config if config is not None else AutoConfig()
         num_classes = int(getattr(model, "num_classes", 0) or 0)
         kind = model_norm_kind(model)
-        choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream, config.few_classes and config.guard)
+        choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream, config.few_classes and config.guard,
+                        config.source_ensemble and config.guard)
         # the frozen copies are of the source model as it comes, before the inner method wraps it
         batchnorm = kind == "batchnorm"
         reference = frozen_copy(model) if config.guard and not batchnorm else None
@@ -118,7 +124,8 @@ class Auto(WrappingMethod):
             config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels,
             config.bn_source_check) if batchnorm else None
         self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
-                           judge_first=config.judge_first, few_classes=config.few_classes) \
+                           judge_first=config.judge_first, few_classes=config.few_classes,
+                           source_ensemble=config.source_ensemble) \
             if reference is not None else None
 
     def step(self, x: torch.Tensor) -> StepResult:
