@@ -16,7 +16,7 @@ from tta_cli.cli import main
 from tta_cli.errors import TTAError
 from tta_cli.sources import Stream, VideoPart, collect_stream
 from tta_cli.sources.loader import iter_batches
-from tta_cli.sources.video import FrameSelector, VideoOptions, iter_frames, probe_video
+from tta_cli.sources.video import FrameSelector, VideoOptions, decode_threads, iter_frames, probe_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,6 +178,21 @@ def test_worker_process_decodes_the_same_stream(clip: Path, tmp_path: Path) -> N
     assert keys[5:8] == [f"{clip.as_posix()}#frame=000000", f"{clip.as_posix()}#frame=000002",
                          f"{clip.as_posix()}#frame=000004"]
     assert torch.equal(torch.cat([b.images for b in inline]), torch.cat([b.images for b in pooled]))
+
+
+class _DecodeThreads(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> str:
+        return decode_threads()
+
+
+def test_a_loader_worker_decodes_video_in_one_thread() -> None:
+    """Frame threads in the main process; none in a forked worker, where they can deadlock."""
+    assert decode_threads() == "AUTO"
+    loader = torch.utils.data.DataLoader(_DecodeThreads(), batch_size=None, num_workers=1)
+    assert list(loader) == ["NONE"]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -229,6 +229,16 @@ class _Errors:
         return row
 
 
+def decode_threads() -> str:
+    """FFmpeg's threading for a decoder: frame threads (AUTO: faster, and bit-exact for the codecs
+    FFmpeg ships) in the main process, none in a loader worker. A worker is a forked process and
+    already one of several decoding lanes; frame threads started there after a fork were seen to
+    deadlock (every thread waiting on a futex, the run hung), so a worker decodes in one thread."""
+    import torch.utils.data
+
+    return "NONE" if torch.utils.data.get_worker_info() is not None else "AUTO"
+
+
 def iter_frames(path: Path, key: str, options: VideoOptions, info: VideoInfo | None = None,
                 label: int | None = None) -> Iterator[Frame]:
     """(item, RGB image, None) per selected frame, or (item, None, reason) for what could not be read."""
@@ -241,7 +251,7 @@ def iter_frames(path: Path, key: str, options: VideoOptions, info: VideoInfo | N
         return
     with container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame threads: faster, and bit-exact for the codecs FFmpeg ships
+        stream.thread_type = decode_threads()
         start = stream.start_time if stream.start_time is not None else None
         clock = _Clock(start, stream.time_base, float(stream.average_rate) if stream.average_rate else None)
         selector, errors = FrameSelector(options), _Errors()
