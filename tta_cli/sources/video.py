@@ -231,9 +231,10 @@ class _Errors:
 
 def decode_threads() -> str:
     """FFmpeg's threading for a decoder: frame threads (AUTO: faster, and bit-exact for the codecs
-    FFmpeg ships) in the main process, none in a loader worker. A worker is a forked process and
-    already one of several decoding lanes; frame threads started there after a fork were seen to
-    deadlock (every thread waiting on a futex, the run hung), so a worker decodes in one thread."""
+    FFmpeg ships) in the main process, none in a loader worker (a forked process, already one of
+    several decoding lanes). The conversion to RGB (``to_image(threads=1)``) never uses swscale's
+    slice threads: a forked worker that inherited a threaded scaler from the main process waited
+    forever for threads that do not exist in it (seen in CI, in ``avpriv_slicethread_execute``)."""
     import torch.utils.data
 
     return "NONE" if torch.utils.data.get_worker_info() is not None else "AUTO"
@@ -276,7 +277,7 @@ def iter_frames(path: Path, key: str, options: VideoOptions, info: VideoInfo | N
                     break
                 if selector.keep(time):
                     item = StreamItem(frame_key(key, index), path, label, index, time)
-                    yield item, frame.to_image(), None
+                    yield item, frame.to_image(threads=1), None
                 index += 1
             if stopped:
                 break
