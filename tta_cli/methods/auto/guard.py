@@ -187,7 +187,7 @@ class Guard:
             result = replace(result, logits=mixed[first:first + x.shape[0]], source_logits=source_logits)
         else:
             result = replace(result, source_logits=source_logits)
-        return self._few_classes_lame(result, features, source_pred, batch)
+        return self._few_classes_lame(result, features, seen_source, batch)
 
     def _frozen(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
         """The source copy's prediction of a batch once frozen (LAME's for a batch of few classes)."""
@@ -196,20 +196,20 @@ class Guard:
                             source_logits=source_logits)
         if self.few_classes is None:
             return result
-        return self._few_classes_lame(result, features, world().gather_rows(source_logits).argmax(1).cpu(), batch)
+        return self._few_classes_lame(result, features, world().gather_rows(source_logits), batch)
 
-    def _few_classes_lame(self, result: StepResult, features: torch.Tensor | None, source_pred: torch.Tensor,
+    def _few_classes_lame(self, result: StepResult, features: torch.Tensor | None, every_source_logit: torch.Tensor,
                           batch: int) -> StepResult:
-        """``result``, or LAME's prediction (on the source copy's features and logits) where the
-        global batch's source predictions show few classes (``few_classes.FewClasses``)."""
-        source_logits = result.source_logits
-        if self.few_classes is None or features is None or source_logits is None:
+        """``result``, or LAME's prediction (on the source copy's features and the global batch's
+        source logits) where the global batch's source predictions show few classes
+        (``few_classes.FewClasses``)."""
+        if self.few_classes is None or features is None:
             return result
-        if not self.few_classes.add(source_pred, batch):
+        if not self.few_classes.add(every_source_logit.argmax(1).cpu(), batch):
             return result
-        every_feature, every_logit = world().gather_rows(features), world().gather_rows(source_logits)
         first, _ = world().row_span(features.shape[0])
-        return replace(result, logits=lame_predictions(every_feature, every_logit)[first:first + features.shape[0]])
+        lame = lame_predictions(world().gather_rows(features), every_source_logit)
+        return replace(result, logits=lame[first:first + features.shape[0]])
 
     def _harmful(self, inner: TTAMethod, source_logits: torch.Tensor, pred: torch.Tensor, batch: int) -> bool:
         """Whether the window's estimated change is at or below ``-harm_points`` (with
@@ -291,7 +291,7 @@ class Guard:
 def ensemble_with_source(inner: TTAMethod, logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
     """log of the mean of softmax(``logits``) (the inner method's predictions of a global batch) and
     of the inner method's predictions from the source model's ``source_logits`` of the same batch."""
-    source_predictions = inner.predictions_from(source_logits).float()
+    source_predictions = inner.predictions_from(source_logits)
     return torch.logaddexp(logits.log_softmax(1), source_predictions.log_softmax(1)) - math.log(2)
 
 
