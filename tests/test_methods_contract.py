@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,8 @@ def _stream(n_batches: int = 3, batch: int = 8) -> list[torch.Tensor]:
     return random_inputs(n_batches, batch)
 
 
-def _adapt(name: str, arch: str, batch: int = 8, **config: object):
+def _build(name: str, arch: str, batch: int = 8, **config: object):
     model = _model(arch)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     # a large lr and no entropy filter so that every adapting method really moves
     fields = {f.name for f in dataclasses.fields(get_method_class(name).config_class)}
     if "margin_factor" in fields:
@@ -41,7 +41,12 @@ def _adapt(name: str, arch: str, batch: int = 8, **config: object):
         config.setdefault("inner", "tent")
     if name == "cotta":  # 2 augmented views instead of 32: the same code paths, faster
         config.setdefault("augmentations", 2)
-    method = create_method(name, model, batch_size=batch, **config)
+    return model, create_method(name, model, batch_size=batch, **config)
+
+
+def _adapt(name: str, arch: str, batch: int = 8, **config: object):
+    model, method = _build(name, arch, batch, **config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     outputs = [method.step(x) for x in _stream(batch=batch)]
     return model, method, before, outputs
 
@@ -72,6 +77,33 @@ def test_reset_restores_bit_for_bit(name: str, arch: str) -> None:
     after = model.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+@pytest.mark.parametrize("name", list_methods())
+def test_resume_state_keeps_every_changed_tensor_and_resumes_bit_for_bit(name: str, arch: str) -> None:
+    _, method = _build(name, arch)
+    holder = getattr(method, "inner", method)  # a wrapper keeps its inner method's tensors
+    built = {k: v.clone() for k, v in holder.state_dict().items()}
+    method.mark_initial_tensors()
+    batches = _stream(n_batches=4)
+    for x in batches[:3]:
+        method.step(x)
+    buffer = io.BytesIO()
+    torch.save(method.state_for_resume(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    now = holder.state_dict()
+    if state["modules"] is not None:
+        changed = {k for k in now if not torch.equal(now[k], built[k])}
+        assert changed <= set(state["modules"]), changed - set(state["modules"])
+        frozen = {k for k, p in holder.named_parameters() if not p.requires_grad}
+        if method.updates_parameters and frozen:  # what never changes is left out
+            assert set(state["modules"]) < set(now)
+    _, resumed = _build(name, arch)
+    resumed.mark_initial_tensors()
+    resumed.load_resume_state(state)
+    assert all(torch.equal(v, now[k]) for k, v in getattr(resumed, "inner", resumed).state_dict().items())
+    assert torch.equal(resumed.step(batches[3]).logits, method.step(batches[3]).logits)
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import make_images, tiny_model_folder
+from tests.helpers import CLASSES, make_images, save_timm_folder, tiny_model_folder, tiny_timm
 from tta_cli.checkpoint import CHECKPOINT, KILL_AFTER_ENV, STOP_AFTER_ENV, skip_consumed
 from tta_cli.cli import main
 from tta_cli.ownership import record as record_output
@@ -92,7 +92,7 @@ def _assert_same_run(got: Path, want: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "kill_after"), [
-    ("tent", 2), ("tent", 7), ("source", 3),
+    ("tent", 2), ("tent", 7), ("source", 3), ("auto", 5),
     pytest.param("tent", 4, marks=pytest.mark.slow), pytest.param("tent", 10, marks=pytest.mark.slow),
     pytest.param("sar", 5, marks=pytest.mark.slow),
 ])
@@ -108,6 +108,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup: tuple[Path, Path
     assert (out / CHECKPOINT).is_file()  # one from the start: resumable before the first --checkpoint-every
     modules = torch.load(out / CHECKPOINT, weights_only=True)["method"]["modules"]
     assert (modules is None) == (method == "source")  # a fixed model is rebuilt, not saved per checkpoint
+    if modules is not None:  # and of an adapting one only what changes: norm layers, not convolutions
+        assert modules and not any(name.endswith("conv1.weight") for name in modules)
     (out / ".checkpoint.pt.tmp-99999").write_bytes(b"half")  # as a kill during a write leaves them
     record_output(out, "model")  # as a run killed while writing model/ listed it first
     (out / "model.tmp-99999").mkdir()
@@ -166,6 +168,22 @@ class _Payload:
 
     def __reduce__(self) -> tuple[object, tuple[str, ...]]:
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_with_other_weights_is_one_line_and_exit_2(setup: tuple[Path, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint keeps only the tensors the run changed: the rest must come from the same model."""
+    _, images = setup
+    model = tiny_model_folder(tmp_path / "model", "test_resnet")
+    out = tmp_path / "run"
+    assert _tta(_args(model, images, out, "tent"), {KILL_AFTER_ENV: "4"}).returncode == -9
+    other = tiny_timm("test_resnet", seed=1)
+    other.pretrained_cfg = {**other.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}
+    save_timm_folder(other, model, CLASSES)
+    assert _in_process(monkeypatch, "adapt", "--resume", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights differ from those the run started with" in err
 
 
 @pytest.mark.parametrize("content", ["random", "pickle"])

@@ -99,6 +99,8 @@ class ResumePoint:
     predictions_bytes: int
     errors_bytes: int
     sinks: dict[str, Any]
+    weights_sha256: str | None = None
+    """The source model's weights when the run started (``models.state_dict_sha256``)."""
 
 
 def resume_point(out: Path, csv_files: tuple[Path, ...]) -> ResumePoint | None:
@@ -127,11 +129,21 @@ def load_checkpoint(out: Path) -> ResumePoint:
         state = torch.load(path, map_location="cpu", weights_only=True)
         totals = Totals(**{f.name: state["totals"][f.name] for f in fields(Totals) if f.name in state["totals"]})
         return ResumePoint(state["method"], state["rng"], Position(**state["position"]), totals,
-                           int(state["predictions_bytes"]), int(state["errors_bytes"]), state.get("sinks", {}))
+                           int(state["predictions_bytes"]), int(state["errors_bytes"]), state.get("sinks", {}),
+                           state.get("weights_sha256"))
     except Exception as err:  # torch's errors (unpickling, zip) share no base class
         reason = load_error_reason(err) if not isinstance(err, KeyError) else f"no {err} in it"
         raise TTAError(f"cannot read the checkpoint {path}: {reason}",
                        "run it again from the start, with --overwrite") from err
+
+
+def check_same_weights(point: ResumePoint, weights_sha256: str, out: Path) -> None:
+    """A checkpoint keeps only the tensors the run changed; the rest comes from the model as loaded
+    now, which must therefore be the one the run started from."""
+    if point.weights_sha256 is not None and point.weights_sha256 != weights_sha256:
+        raise TTAError(f"cannot resume {out}: the model's weights differ from those the run started with "
+                       f"(sha256 {weights_sha256[:12]} now, {point.weights_sha256[:12]} then)",
+                       "restore the model the run used, or run it again from the start with --overwrite")
 
 
 RunState = Callable[[], dict[str, Any]]
@@ -177,6 +189,7 @@ class Checkpointer:
             "predictions_bytes": _size(self.csv_files[0]),
             "errors_bytes": _size(self.csv_files[1]),
             "sinks": gathered.get("sinks", {}),
+            "weights_sha256": gathered.get("weights_sha256"),
         }
         atomic_write(self.out / CHECKPOINT, lambda path: _save(state, path, self.out / CHECKPOINT))
         self.last_save = time.monotonic()

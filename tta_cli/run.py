@@ -17,6 +17,7 @@ from tta_cli.checkpoint import (
     CHECKPOINT,
     Checkpointer,
     ResumePoint,
+    check_same_weights,
     config_from_record,
     continued,
     resume_point,
@@ -239,7 +240,9 @@ class Run:
             if not config.quiet:
                 print_plan(self.console, self.setup.loaded, method, self.stream.describe(), self.setup.device,
                            self.reference)
+            method.mark_initial_tensors()  # checkpoints keep only the tensors that change from here
             if point is not None:
+                check_same_weights(point, self.setup.loaded.weights_sha256, self.out)
                 truncate_outputs(self.csv_files, point)
                 method.load_resume_state(point.method)
                 if "monitor" in point.sinks:
@@ -255,7 +258,8 @@ class Run:
 
     def resume_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the method and the sinks (``tta_cli.checkpoint``)."""
-        return {"method": self.method.state_for_resume(), "sinks": {"monitor": self.monitor.state_for_resume()}}
+        return {"method": self.method.state_for_resume(), "sinks": {"monitor": self.monitor.state_for_resume()},
+                "weights_sha256": self.setup.loaded.weights_sha256}
 
     def sinks(self, checkpointer: Checkpointer) -> tuple[list[Sink], PredictionsWriter, ErrorsWriter,
                                                          ProgressDisplay]:

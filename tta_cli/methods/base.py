@@ -164,6 +164,7 @@ class TTAMethod(nn.Module):
         self.source = SourceSnapshot(self.params, self._written_buffers(), self.optimizer)
         self._last_good = LastGood()
         self._non_finite = DeviceLog()
+        self._initial_tensors: dict[str, Any] | None = None
 
     # --- hooks for subclasses ---------------------------------------------------------------------
 
@@ -359,6 +360,10 @@ class TTAMethod(nn.Module):
     def load_resume_state(self, state: dict[str, Any]) -> None:
         """The inverse of ``state_for_resume``, on a freshly built method of the same run."""
         _resume.load_method_state(self, state)
+
+    def mark_initial_tensors(self) -> None:
+        """Note the parameters as built: checkpoints then keep only those that change (``resume``)."""
+        self._initial_tensors = _resume.mark_initial_tensors(self)
 
     # --- export and records -----------------------------------------------------------------------
 

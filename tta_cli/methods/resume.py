@@ -6,6 +6,15 @@ anchor), the optimiser and loss scaler, the method's generator, the batch count,
 non-finite logs, the tracked BatchNorm stream statistics and the method's declared
 ``resume_attributes``. ``tta_cli.checkpoint`` writes it with ``torch.save`` and reads it with
 ``torch.load(weights_only=True)``, so every value is a tensor, number, string, list or dict.
+
+Of the modules' tensors a checkpoint keeps only those that may differ from a freshly built method's
+(``changed_tensors``): every buffer (BatchNorm's running statistics change inside its kernel, where
+torch's version counter does not see it) and the parameters written in place since
+``mark_initial_tensors`` (an optimiser step, an EMA, a reset: each bumps the version counter), or
+replaced. Frozen weights, source copies and anchors are left out, so a checkpoint of a model that
+adapts its normalisation layers costs kilobytes instead of the model's size (docs/PERFORMANCE.md);
+a resumed run rebuilds them from the model, whose weights it checks against the checkpoint's
+(``tta_cli.run``).
 """
 
 from __future__ import annotations
@@ -14,16 +23,45 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tta_cli.errors import TTAError
+
 if TYPE_CHECKING:
     from tta_cli.methods.base import TTAMethod
+
+
+TensorMark = tuple[torch.UntypedStorage, int, int]
+"""A parameter's storage (held, so that its address cannot be reused), offset and version."""
+
+
+def mark_initial_tensors(method: TTAMethod) -> dict[str, TensorMark]:
+    """Where each parameter of ``method`` stands now (``changed_tensors`` keeps what moved since)."""
+    return {name: (p.untyped_storage(), p.storage_offset(), p._version)
+            for name, p in method.named_parameters(remove_duplicate=False)}
+
+
+def changed_tensors(method: TTAMethod) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the tensors of ``method.state_dict()`` that may differ from a fresh build's, whether that is
+    all of them): everything where nothing was marked."""
+    marks: dict[str, TensorMark] | None = method._initial_tensors
+    kept = {name: tensor.detach().clone() for name, tensor in method.state_dict().items()
+            if marks is None or name not in marks or _moved(tensor, marks[name])}
+    return kept, marks is None
+
+
+def _moved(tensor: torch.Tensor, mark: TensorMark) -> bool:
+    storage, offset, version = mark
+    return (tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.storage_offset() != offset
+            or tensor._version != version)
 
 
 def method_state(method: TTAMethod) -> dict[str, Any]:
     """The state of ``method`` (settled: no value left on the device unread)."""
     hooks = method._bn_hooks
+    # a fixed model is rebuilt from its source on resume: copying it would cost a model's size per save
+    modules, complete = (None, True) if method.model_is_fixed else changed_tensors(method)
     return {
-        # a fixed model is rebuilt from its source on resume: copying it would cost a model's size per save
-        "modules": None if method.model_is_fixed else {k: v.detach().clone() for k, v in method.state_dict().items()},
+        "modules": modules,
+        "modules_complete": complete,
         "optimizer": method.optimizer.state_dict() if method.optimizer is not None else None,
         "scaler": method.scaler.state_dict() if method.scaler is not None else None,
         "generator": method.generator.get_state(),
@@ -39,8 +77,15 @@ def method_state(method: TTAMethod) -> dict[str, Any]:
 def load_method_state(method: TTAMethod, state: dict[str, Any]) -> None:
     """The inverse of ``method_state``, on a freshly built method of the same run."""
     if state["modules"] is not None:
-        for name, tensor in method.state_dict().items():
-            tensor.copy_(state["modules"][name])
+        current = method.state_dict()
+        missing = set(current) - set(state["modules"]) if state.get("modules_complete", True) else set()
+        unknown = set(state["modules"]) - set(current)
+        if missing or unknown:
+            names = ", ".join(sorted(missing | unknown)[:3])
+            raise TTAError(f"the checkpoint's tensors do not match the method's ({names})",
+                           "resume with the method and model the run started with, or run it again with --overwrite")
+        for name, tensor in state["modules"].items():
+            current[name].copy_(tensor)
     if method.optimizer is not None and state["optimizer"] is not None:
         method.optimizer.load_state_dict(state["optimizer"])
     if method.scaler is not None and state["scaler"] is not None:

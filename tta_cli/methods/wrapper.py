@@ -112,6 +112,9 @@ class WrappingMethod(nn.Module):
     def load_resume_state(self, state: dict[str, Any]) -> None:
         self.inner.load_resume_state(state)
 
+    def mark_initial_tensors(self) -> None:
+        self.inner.mark_initial_tensors()
+
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.adapted_state_dict()
 

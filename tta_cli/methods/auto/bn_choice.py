@@ -139,6 +139,17 @@ class ClassBalancedStats:
         module.running_mean.copy_(mean)
         module.running_var.copy_(var)
 
+    def state(self, layers: list[nn.Module]) -> list[list[torch.Tensor] | None]:
+        """Each layer's per-class moments (in ``layers``' order), for ``--resume``."""
+        return [[t.clone() for t in self._moments[id(layer)]] if id(layer) in self._moments else None
+                for layer in layers]
+
+    def load_state(self, layers: list[nn.Module], state: list[list[torch.Tensor] | None]) -> None:
+        for layer, moments in zip(layers, state, strict=True):
+            if moments is not None:
+                device = layer.running_mean.device
+                self._moments[id(layer)] = (moments[0].to(device), moments[1].to(device), moments[2].to(device))
+
     def _balanced(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The class-balanced mean and variance of one layer: each class's moments count as its
         images against ``prior`` images of the source statistics (a class not seen yet is the
@@ -222,6 +233,14 @@ class SourceCheck:
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
+
+    def state(self) -> list[list[Any]]:
+        return [[images, confidence, flips] for images, confidence, flips in self._batches]
+
+    def load_state(self, state: list[list[Any]]) -> None:
+        self._batches = collections.deque((int(images), float(confidence), dict(flips))
+                                          for images, confidence, flips in state)
+        self._images = sum(images for images, _, _ in self._batches)
 
     @torch.no_grad()
     def add_source(self, source_logits: torch.Tensor) -> None:
@@ -393,6 +412,34 @@ class BatchNormChoice:
             self.stream_stats.remove()
         if self.check is not None:
             self.check.remove()
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next batch depends on, and the records, as plain data (``--resume``)."""
+        layers = batchnorm_layers(self.stream_model) if self.stream_model is not None else []
+        return {"batches": self.batches, "fallbacks": self.fallbacks, "fallback_count": self.fallback_count,
+                "weights_sum": self.weights_sum,
+                "entropies": [[n, sums] for n, sums in self._entropies.batches] if self._entropies else None,
+                "check": self.check.state() if self.check is not None else None,
+                "stream": self.stream_stats.state(layers) if self.stream_stats is not None else None,
+                "stream_buffers": [[layer.running_mean.clone(), layer.running_var.clone()] for layer in layers]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.batches, self.fallbacks = int(state["batches"]), state["fallbacks"]
+        device = self.inner.device
+        self.fallback_count = int(state["fallback_count"])
+        self.weights_sum = state["weights_sum"].to(device) if state["weights_sum"] is not None else None
+        if state["entropies"] is not None:
+            self._entropies = EntropyWindow(self.window)
+            for count, sums in state["entropies"]:
+                self._entropies.add(sums.to(device), int(count))
+        if self.check is not None and state["check"] is not None:
+            self.check.load_state(state["check"])
+        if self.stream_stats is not None and self.stream_model is not None:
+            layers = batchnorm_layers(self.stream_model)
+            self.stream_stats.load_state(layers, state["stream"])
+            for layer, (mean, var) in zip(layers, state["stream_buffers"], strict=True):
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
 
     def stats(self) -> dict[str, Any]:
         """The shares, and the batches where the source's confident predictions ruled candidates out."""

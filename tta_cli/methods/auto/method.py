@@ -152,20 +152,27 @@ class Auto(WrappingMethod):
         return logits
 
     def state_for_resume(self) -> dict[str, Any]:
-        """The inner method's state, with the guard's windows and records and the batch count, so
-        that a resumed run judges and falls back as an uninterrupted one."""
+        """The inner method's state, with the guard's windows and records (or the BatchNorm choice's
+        windows and stream statistics) and the batch count, so that a resumed run chooses, judges and
+        falls back as an uninterrupted one."""
         state = self.inner.state_for_resume()
-        if self.guard is not None:
-            state["auto"] = {"guard": self.guard.state(), "batches_seen": self.batches_seen}
+        state["auto"] = {"batches_seen": self.batches_seen,
+                         "guard": self.guard.state() if self.guard is not None else None,
+                         "bn_choice": self.bn_choice.state() if self.bn_choice is not None else None}
         return state
 
+    @torch.no_grad()
     def load_resume_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
         own = state.pop("auto", None)
         self.inner.load_resume_state(state)
-        if own is not None and self.guard is not None:
+        if own is None:
+            return
+        self.batches_seen = int(own["batches_seen"])
+        if self.guard is not None and own.get("guard") is not None:
             self.guard.load_state(own["guard"])
-            self.batches_seen = int(own["batches_seen"])
+        if self.bn_choice is not None and own.get("bn_choice") is not None:
+            self.bn_choice.load_state(own["bn_choice"])
 
     @property
     def stream_model(self) -> nn.Module | None:
