@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from tta_cli.collapse_window import CollapseWindow, Thresholds, default_window
+from tta_cli.methods.auto.domain_change import DomainChange
 from tta_cli.methods.auto.few_classes import FewClasses, add_to_ranges, lame_predictions
 from tta_cli.methods.base import StepResult, TTAMethod, softmax_entropy
 from tta_cli.methods.collectives import world
@@ -110,11 +111,13 @@ class Guard:
 
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
                  thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
-                 judge_first: bool = True, few_classes: bool = True, source_ensemble: bool = True) -> None:
+                 judge_first: bool = True, few_classes: bool = True, source_ensemble: bool = True,
+                 domain_change: bool = False) -> None:
         """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
         0 turns the harm fallback off (and ``judge_first`` with it); ``few_classes``: LAME predicts
         the batches of few classes (where the model has timm's feature and head split);
-        ``source_ensemble``: the inner method's predictions are mixed with the source copy's."""
+        ``source_ensemble``: the inner method's predictions are mixed with the source copy's;
+        ``domain_change``: the inner method restarts where the input's domain changes."""
         self.reference = reference
         self.max_collapses = max_collapses
         self.size = window
@@ -137,6 +140,7 @@ class Guard:
         self.batches = 0
         self.with_features = few_classes and _splits_head(reference)
         self.few_classes: FewClasses | None = None
+        self.domain = DomainChange(reference) if domain_change else None
 
     def step(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> StepResult:
         """Batch number ``batch`` (0-based) through ``inner``, or through the source copy once frozen
@@ -144,7 +148,9 @@ class Guard:
         self.batches = batch + 1
         if self.frozen_at is not None:
             return self._frozen(inner, x, batch)
-        return self._watch(inner, x, inner.step(x), batch)
+        outputs = self._source_outputs(inner, x)
+        self._on_domain_change(inner, outputs[1], batch)
+        return self._watch(inner, x, inner.step(x), batch, outputs)
 
     @torch.no_grad()
     def predict(self, inner: TTAMethod, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -154,16 +160,28 @@ class Guard:
         if self.frozen_at is not None:
             return self._frozen(inner, x, batch).logits
         used = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        outputs = self._source_outputs(inner, x)
+        self._on_domain_change(inner, outputs[1], batch)
         logits = inner.run_model(x)
         first, _ = world().row_span(logits.shape[0])
         logits = inner.predictions_from(world().gather_rows(logits))[first:first + logits.shape[0]]
-        return self._watch(inner, x, StepResult(logits=logits, used=used), batch).logits
+        return self._watch(inner, x, StepResult(logits=logits, used=used), batch, outputs).logits
 
-    def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int) -> StepResult:
+    def _on_domain_change(self, inner: TTAMethod, source_logits: torch.Tensor, batch: int) -> None:
+        """Reset ``inner`` before this batch where its input's domain changed (``domain_change``)."""
+        if self.domain is None:
+            return
+        source_pred = world().gather_rows(source_logits.argmax(1, keepdim=True)).squeeze(1).cpu()
+        if self.domain.add(source_pred, source_logits.shape[1], batch):
+            inner.reset()
+
+    def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int,
+               outputs: tuple[torch.Tensor | None, torch.Tensor]) -> StepResult:
         """``result`` (the inner method's on ``x``) into the windows; it, or the source copy's logits
         where a window collapsed, looks harmful or is not judged yet. Data-parallel, the windows
-        take the global batch's rows and every process returns its own."""
-        features, source_logits = self._source_outputs(inner, x)
+        take the global batch's rows and every process returns its own. ``outputs``: the source
+        copy's features and logits of ``x``."""
+        features, source_logits = outputs
         if self.window is None or self.change is None:
             num_classes = source_logits.shape[1]
             size = self.size or default_window(self.batch_size, num_classes)
@@ -252,7 +270,8 @@ class Guard:
         return {"guard_fallbacks": self.fallbacks, "guard_harm_resets": self.harm_resets,
                 "source_share": (fallback + (self.batches - self.frozen_at if self.frozen_at is not None else 0))
                 / max(self.batches, 1),
-                "lame_batches": lame, "lame_share": sum(last - first for first, last in lame) / max(self.batches, 1)}
+                "lame_batches": lame, "lame_share": sum(last - first for first, last in lame) / max(self.batches, 1),
+                "domain_changes": self.domain.changes if self.domain is not None else []}
 
     def state(self) -> dict[str, Any]:
         """Everything the next batch depends on, as plain data (``--resume``)."""
@@ -260,7 +279,8 @@ class Guard:
                 "change": self.change.state() if self.change is not None else None,
                 "events": self.events, "frozen_at": self.frozen_at, "harm_resets": self.harm_resets,
                 "fallbacks": self.fallbacks, "harmful_images": self._harmful_images, "batches": self.batches,
-                "few_classes": self.few_classes.state() if self.few_classes is not None else None}
+                "few_classes": self.few_classes.state() if self.few_classes is not None else None,
+                "domain": self.domain.state() if self.domain is not None else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state["change"] is not None:
@@ -276,6 +296,8 @@ class Guard:
         self.events, self.frozen_at, self.harm_resets = state["events"], state["frozen_at"], state["harm_resets"]
         self.fallbacks, self.batches = state["fallbacks"], state["batches"]
         self._harmful_images = state["harmful_images"]
+        if self.domain is not None and state.get("domain") is not None:
+            self.domain.load_state(state["domain"])
 
     @torch.no_grad()
     def _source_outputs(self, inner: TTAMethod, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

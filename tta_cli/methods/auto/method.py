@@ -82,6 +82,12 @@ class AutoConfig(MethodConfig):
     batches whose source predictions hold at most half the effective classes of the stretch of stream
     around them (``few_classes``: class-ordered and label-correlated streams); the inner method goes
     on adapting."""
+    domain_change: bool = False
+    """Batch-independent models, with the guard: the inner method restarts from the source model where
+    the input's low-level statistics (the source copy's first normalisation layer) show a new domain
+    (``domain_change``: continual streams, where it drifts from one corruption into the next). Off by
+    default: it gains on continual streams of mild corruptions and at small batches, and loses on
+    severe ones at 64 images per batch (docs/BENCHMARKS.md)."""
 
 
 @register_method
@@ -125,7 +131,7 @@ class Auto(WrappingMethod):
             config.bn_source_check) if batchnorm else None
         self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
                            judge_first=config.judge_first, few_classes=config.few_classes,
-                           source_ensemble=config.source_ensemble) \
+                           source_ensemble=config.source_ensemble, domain_change=config.domain_change) \
             if reference is not None else None
 
     def step(self, x: torch.Tensor) -> StepResult:
@@ -204,6 +210,8 @@ class Auto(WrappingMethod):
         super().close()
         if self.bn_choice is not None:
             self.bn_choice.close()
+        if self.guard is not None and self.guard.domain is not None:
+            self.guard.domain.remove()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
