@@ -50,6 +50,8 @@ def test_statistics_take_the_channels_where_the_layer_has_them() -> None:
     statistics = first_norm_statistics(nn.LayerNorm(6), tokens)
     assert statistics.shape == (3, 12)
     assert torch.allclose(statistics[:, :6], tokens.mean(1).double().float())
+    features = torch.randn(3, 6)  # (batch, features): a norm layer after a flatten
+    assert torch.equal(first_norm_statistics(nn.LayerNorm(6), features)[:, :6], features)
 
 
 def test_the_guard_resets_the_inner_method_at_a_change_and_records_it() -> None:
@@ -63,10 +65,13 @@ def test_the_guard_resets_the_inner_method_at_a_change_and_records_it() -> None:
     auto.close()
 
 
-def test_off_by_default_and_nothing_is_hooked() -> None:
+def test_on_by_default_and_said_in_the_choice() -> None:
     auto = create_method("auto", tiny_timm("test_efficientnet_gn"), batch_size=16)
-    assert auto.guard is not None and auto.guard.domain is None
-    assert auto.stats()["domain_changes"] == []
+    assert auto.guard is not None and auto.guard.domain is not None
+    assert "restarts from the source model where the input's domain changes" in auto.describe()["choice"]["why"]
+    off = create_method("auto", tiny_timm("test_efficientnet_gn"), batch_size=16, domain_change=False)
+    assert off.guard is not None and off.guard.domain is None and off.stats()["domain_changes"] == []
+    assert "domain changes" not in off.describe()["choice"]["why"]
 
 
 def test_a_resumed_detector_decides_as_the_uninterrupted_one() -> None:

@@ -48,9 +48,12 @@ MIN_CLASS_IMAGES = 4
 def first_norm_statistics(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, 2 channels): each image's channel means and log-variances at ``module``'s input."""
     x = x.detach().float()
-    channels_last = isinstance(module, nn.LayerNorm) and x.shape[-1] == module.normalized_shape[0] \
-        and not (x.dim() == 4 and x.shape[1] == module.normalized_shape[0])
-    flat = x.movedim(-1, 1).flatten(2) if channels_last else x.flatten(2)  # (B, channels, values)
+    if x.dim() == 2:  # (B, features): one value per channel
+        x = x.unsqueeze(-1)
+    elif isinstance(module, nn.LayerNorm) and x.shape[-1] == module.normalized_shape[0] \
+            and not (x.dim() == 4 and x.shape[1] == module.normalized_shape[0]):
+        x = x.movedim(-1, 1)  # channels last (a transformer's tokens) to channels first
+    flat = x.flatten(2)  # (B, channels, values)
     return torch.cat([flat.mean(2), flat.var(2, unbiased=False).clamp_min(1e-6).log()], 1)
 
 

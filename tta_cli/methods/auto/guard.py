@@ -112,7 +112,7 @@ class Guard:
     def __init__(self, reference: nn.Module, max_collapses: int, window: int = 0, batch_size: int = 64,
                  thresholds: Thresholds | None = None, harm_points: float = HARM_POINTS,
                  judge_first: bool = True, few_classes: bool = True, source_ensemble: bool = True,
-                 domain_change: bool = False) -> None:
+                 domain_change: bool = True) -> None:
         """``window``: images per window, 0 for ``collapse_window.default_window``; ``harm_points``:
         0 turns the harm fallback off (and ``judge_first`` with it); ``few_classes``: LAME predicts
         the batches of few classes (where the model has timm's feature and head split);

@@ -82,12 +82,11 @@ class AutoConfig(MethodConfig):
     batches whose source predictions hold at most half the effective classes of the stretch of stream
     around them (``few_classes``: class-ordered and label-correlated streams); the inner method goes
     on adapting."""
-    domain_change: bool = False
+    domain_change: bool = True
     """Batch-independent models, with the guard: the inner method restarts from the source model where
     the input's low-level statistics (the source copy's first normalisation layer) show a new domain
-    (``domain_change``: continual streams, where it drifts from one corruption into the next). Off by
-    default: it gains on continual streams of mild corruptions and at small batches, and loses on
-    severe ones at 64 images per batch (docs/BENCHMARKS.md)."""
+    (``domain_change``: continual streams, where it drifts from one corruption into the next;
+    docs/BENCHMARKS.md)."""
 
 
 @register_method
@@ -114,7 +113,7 @@ class Auto(WrappingMethod):
         num_classes = int(getattr(model, "num_classes", 0) or 0)
         kind = model_norm_kind(model)
         choice = choose(kind, max(num_classes, 2), config.inner, config.bn_stream, config.few_classes and config.guard,
-                        config.source_ensemble and config.guard)
+                        config.source_ensemble and config.guard, config.domain_change and config.guard)
         # the frozen copies are of the source model as it comes, before the inner method wraps it
         batchnorm = kind == "batchnorm"
         reference = frozen_copy(model) if config.guard and not batchnorm else None

@@ -42,7 +42,7 @@ def model_norm_kind(model: nn.Module) -> str:
 
 
 def choose(kind: str, num_classes: int, inner: str, bn_stream: str = "balanced",
-           few_classes: bool = True, source_ensemble: bool = True) -> dict[str, Any]:
+           few_classes: bool = True, source_ensemble: bool = True, domain_change: bool = True) -> dict[str, Any]:
     """The plan for a model: which method, which settings, and why (recorded as ``choice``)."""
     if kind == "batchnorm":
         rule = "choose" if bn_stream == "off" else f"choose+{bn_stream}"
@@ -58,5 +58,7 @@ def choose(kind: str, num_classes: int, inner: str, bn_stream: str = "balanced",
                    f"ln C={math.log(num_classes):.2f}) and against harm (the source predicts while the label-free "
                    f"estimate of the accuracy change over recent images says harm)"
                    + (f"; {name}'s predictions are averaged with the source model's" if source_ensemble else "")
+                   + (f"; {name} restarts from the source model where the input's domain changes" if domain_change
+                      else "")
                    + ("; batches of few classes (class-ordered, label-correlated streams) are predicted by LAME on "
                       "the source model" if few_classes else "")}
