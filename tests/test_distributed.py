@@ -26,6 +26,7 @@ from tta_cli import distributed
 from tta_cli.config import AdaptConfig
 from tta_cli.errors import TTAError
 from tta_cli.methods import get_method_class, list_methods
+from tta_cli.methods.auto import domain_change
 from tta_cli.methods.auto.few_classes import FewClasses
 from tta_cli.methods.fastpaths import batch_mean, masked_mean
 from tta_cli.run import adapt
@@ -118,9 +119,10 @@ PARALLEL_CASES = {
     # random test model (which is uncertain everywhere)
     "deyo": "deyo", "rotta": "rotta", "lame": "lame", "roid": "roid", "cotta": "cotta", "rdumb": "rdumb",
     "come-tent": "come", "come-sar": "come", "zerosiam": "zerosiam", "foa_shift": "foa_shift",
-    "auto-bn": "auto", "auto-gn": "auto", "auto-gn-lame": "auto",
+    "auto-bn": "auto", "auto-gn": "auto", "auto-gn-lame": "auto", "auto-gn-change": "auto",
 }
-PARALLEL_MODELS = {"auto-gn": "test_efficientnet_gn", "auto-gn-lame": "test_efficientnet_gn"}
+PARALLEL_MODELS = {"auto-gn": "test_efficientnet_gn", "auto-gn-lame": "test_efficientnet_gn",
+                   "auto-gn-change": "test_efficientnet_gn"}
 """The cases on another model than ``test_resnet``: auto's guard runs on batch-independent models."""
 PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     # SGD where the method offers it, and a small Adam step for rdumb: Adam moves a parameter whose
@@ -136,7 +138,11 @@ PARALLEL_CONFIGS: dict[str, dict[str, object]] = {
     # second batch would be predicted by the source copy
     "auto-gn": {"inner": "tent", "window": 10, "harm_points": 100.0},
     "auto-gn-lame": {"inner": "tent", "window": 10, "harm_points": 100.0},  # every batch given to LAME
+    "auto-gn-change": {"inner": "tent", "window": 10, "harm_points": 100.0},  # a domain change at batch 1
 }
+DOMAIN_CHANGE_EVERYWHERE = {"WARM_IMAGES": 1, "MIN_TEST_IMAGES": 1, "MIN_CLASS_IMAGES": 1, "Z_CHANGE": -1.0}
+"""auto-gn-change: the detector tests every batch once its segment holds residuals (from the third
+on: the first gives the class means, the second the residuals) and finds a change in each."""
 _few_classes_add = FewClasses.add
 PARALLEL_STREAM = (7, 7, 1)
 """Global batch sizes: 4 + 3 rows on two ranks, then a batch where rank 1 has no row."""
@@ -148,7 +154,8 @@ def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
     from tta_cli.methods import create_method
 
     generator = torch.Generator().manual_seed(1)
-    stream = [torch.randn(n, 3, 32, 32, generator=generator) * 2 for n in PARALLEL_STREAM]
+    sizes = (7, *PARALLEL_STREAM) if case == "auto-gn-change" else PARALLEL_STREAM
+    stream = [torch.randn(n, 3, 32, 32, generator=generator) * 2 for n in sizes]
     clean = torch.randn(6, 3, 32, 32, generator=generator)
     name = PARALLEL_CASES[case]
     learns = hasattr(get_method_class(name).config_class(), "lr")
@@ -161,7 +168,9 @@ def _parallel_run(case: str, ranks: int, rank: int) -> dict[str, object]:
     logits, used = [], []
     every_batch = mock.patch.object(FewClasses, "add", lambda self, pred, batch: _few_classes_add(self, pred, batch)
                                     or True) if case == "auto-gn-lame" else contextlib.nullcontext()
-    with every_batch:
+    with every_batch, contextlib.ExitStack() as patches:
+        for constant, value in DOMAIN_CHANGE_EVERYWHERE.items() if case == "auto-gn-change" else ():
+            patches.enter_context(mock.patch.object(domain_change, constant, value))
         for x in stream:
             start, stop = distributed.rank_rows(x.shape[0], ranks, rank)
             result = method.step(x[start:stop])
@@ -184,7 +193,7 @@ def _decisions(method: object) -> list[object]:
     stats = method.stats()  # type: ignore[attr-defined]
     return [[(f["batch"], f["left_out"]) for f in stats.get("fallback_batches", [])],
             stats.get("guard_fallbacks"), stats.get("guard_harm_resets"), stats.get("guard_events"),
-            stats.get("lame_batches")]
+            stats.get("lame_batches"), stats.get("domain_changes")]
 
 
 def parallel_worker(out: str) -> None:
@@ -210,6 +219,8 @@ def test_the_methods_under_two_ranks_equal_one_process(tmp_path: Path, one_threa
     assert done.returncode == 0, done.stderr[-3000:]
     for case in PARALLEL_CASES:
         one = _parallel_run(case, 1, 0)
+        if case == "auto-gn-change":  # the inner method was reset before batch 2, on every rank alike
+            assert one["decisions"][-1] == [2]
         two = [torch.load(tmp_path / f"{case}.{rank}.pt", weights_only=True) for rank in range(2)]
         for batch, logits in enumerate(one["logits"]):
             merged = torch.cat([part["logits"][batch] for part in two])
