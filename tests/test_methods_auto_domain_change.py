@@ -49,7 +49,7 @@ def test_statistics_take_the_channels_where_the_layer_has_them() -> None:
     tokens = torch.randn(3, 7, 6)  # (batch, tokens, channels): a transformer's LayerNorm
     statistics = first_norm_statistics(nn.LayerNorm(6), tokens)
     assert statistics.shape == (3, 12)
-    assert torch.allclose(statistics[:, :6], tokens.mean(1).double().float())
+    assert torch.allclose(statistics[:, :6], tokens.mean(1))
     features = torch.randn(3, 6)  # (batch, features): a norm layer after a flatten
     assert torch.equal(first_norm_statistics(nn.LayerNorm(6), features)[:, :6], features)
 

@@ -78,13 +78,15 @@ class DomainChange:
             self._handle.remove()
 
     def add(self, source_pred: torch.Tensor, num_classes: int, batch: int) -> bool:
-        """The latest source forward's batch (this process's rows; ``source_pred``: the global
-        batch's source predictions): whether the domain changed with it."""
+        """The latest source forward's batch and ``source_pred``, the source's predictions of this
+        process's rows (data-parallel, both are gathered into the global batch's in one call):
+        whether the domain changed with it."""
         if self._latest is None:
             return False
         self.num_classes = num_classes
-        statistics, self._latest = world().gather_rows(self._latest).double().cpu(), None
-        self._pending.append((statistics, source_pred.cpu()))
+        both = world().gather_rows(torch.cat([self._latest, source_pred[:, None].to(self._latest)], 1))
+        self._latest = None
+        self._pending.append((both[:, :-1].double().cpu(), both[:, -1].long().cpu()))
         if sum(len(p) for _, p in self._pending) < MIN_TEST_IMAGES:
             return False
         statistics = torch.cat([s for s, _ in self._pending])
@@ -92,11 +94,13 @@ class DomainChange:
         self._pending.clear()
         if self._segment is None:
             self._segment = self._empty(statistics.shape[1])
-        changed = self._test(statistics, pred)
+        known, residuals = self._residuals(statistics, pred)
+        changed = self._changed(known, residuals)
         if changed:
             self.changes.append(batch)
             self._segment = self._empty(statistics.shape[1])
-        self._gather(statistics, pred)
+            known, residuals = self._residuals(statistics, pred)  # none: the new segment knows no class yet
+        self._gather(statistics, pred, known, residuals)
         return changed
 
     def _empty(self, dims: int) -> dict[str, torch.Tensor]:
@@ -105,22 +109,26 @@ class DomainChange:
                 "residual_squares": torch.zeros(dims, dtype=torch.float64),
                 "residuals": torch.zeros((), dtype=torch.float64)}
 
-    def _test(self, statistics: torch.Tensor, pred: torch.Tensor) -> bool:
+    def _residuals(self, statistics: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which images' classes the segment knows, their statistics minus their class's mean)."""
         segment = self._segment
         assert segment is not None
         known = segment["count"][pred] >= MIN_CLASS_IMAGES
+        return known, statistics[known] - segment["sum"][pred[known]] / segment["count"][pred[known], None]
+
+    def _changed(self, known: torch.Tensor, residuals: torch.Tensor) -> bool:
+        segment = self._segment
+        assert segment is not None
         if float(segment["residuals"]) < WARM_IMAGES or int(known.sum()) < 2:
             return False
-        residuals = statistics[known] - segment["sum"][pred[known]] / segment["count"][pred[known], None]
         noise = (segment["residual_squares"] / segment["residuals"]).sum().clamp_min(1e-12)
-        return float(known.sum() * residuals.mean(0).pow(2).sum() / noise) > Z_CHANGE
+        return float(len(residuals) * residuals.mean(0).pow(2).sum() / noise) > Z_CHANGE
 
-    def _gather(self, statistics: torch.Tensor, pred: torch.Tensor) -> None:
-        """The batch into the segment: residuals against the class means before it, then the means."""
+    def _gather(self, statistics: torch.Tensor, pred: torch.Tensor, known: torch.Tensor,
+                residuals: torch.Tensor) -> None:
+        """The batch into the segment: its residuals (against the class means before it), then the means."""
         segment = self._segment
         assert segment is not None
-        known = segment["count"][pred] >= MIN_CLASS_IMAGES
-        residuals = statistics[known] - segment["sum"][pred[known]] / segment["count"][pred[known], None]
         segment["residual_squares"] += residuals.pow(2).sum(0)
         segment["residuals"] += float(known.sum())
         segment["count"].index_add_(0, pred, torch.ones(len(pred), dtype=torch.float64))

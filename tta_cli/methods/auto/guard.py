@@ -171,8 +171,7 @@ class Guard:
         """Reset ``inner`` before this batch where its input's domain changed (``domain_change``)."""
         if self.domain is None:
             return
-        source_pred = world().gather_rows(source_logits.argmax(1, keepdim=True)).squeeze(1).cpu()
-        if self.domain.add(source_pred, source_logits.shape[1], batch):
+        if self.domain.add(source_logits.argmax(1), source_logits.shape[1], batch):
             inner.reset()
 
     def _watch(self, inner: TTAMethod, x: torch.Tensor, result: StepResult, batch: int,
