@@ -207,3 +207,13 @@ def test_auto_giving_batches_to_lame_is_in_the_summary(tmp_path: Path) -> None:
     record["method_state"] = {"lame_batches": [[6, 7], [8, 10]], "lame_share": 0.1875}
     assert "3 of 16 batches (few classes per batch)" in _summary_text(record)
     assert "LAME" not in _summary_text(_record(tmp_path, accuracy=None))
+
+
+def test_auto_restarting_where_the_input_changed_is_in_the_summary(tmp_path: Path) -> None:
+    record = _record(tmp_path, accuracy=None)
+    record["method"]["choice"] = {"method": "roid", "why": "test"}
+    record["method_state"] = {"domain_changes": [13, 25, 37]}
+    assert "roid from the source model where the input changed: at batches 13, 25 and 37" in _summary_text(record)
+    record["method_state"] = {"domain_changes": list(range(10, 80, 10))}
+    assert "at batches 10, 20, 30, 40, 50 and 2 more" in _summary_text(record)
+    assert "restarted" not in _summary_text(_record(tmp_path, accuracy=None))

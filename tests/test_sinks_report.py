@@ -95,6 +95,15 @@ def test_auto_giving_batches_to_lame_is_reported(tmp_path: Path) -> None:
             in page)
 
 
+def test_auto_restarting_where_the_input_changed_is_reported(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record["method_state"] = {"domain_changes": [4, 9]}
+    (run / "run.json").write_text(json.dumps(record))
+    page = write_report(run).html.read_text()
+    assert "<tr><th>restarts from the source model where the input changed</th><td>2, before batch 4, 9</td></tr>" in page
+
+
 def test_collapse_windows_are_counted() -> None:
     rows = [{"pred": "1", "entropy": "0.1", "used_for_update": "1", "correct": ""} for _ in range(10)]
     rows += [{"pred": str(i % 5), "entropy": "0.5", "used_for_update": "0", "correct": ""} for i in range(10)]

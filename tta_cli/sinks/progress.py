@@ -269,6 +269,10 @@ def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     if lame:
         rows.append(("LAME predicted", f"{sum(last - first for first, last in lame)} of "
                                        f"{record['counts'].get('batches', '?')} batches (few classes per batch)"))
+    restarts = (record.get("method_state") or {}).get("domain_changes")
+    if restarts:
+        rows.append(("restarted", f"{_inner_name(record)} from the source model where the input changed: "
+                                  f"{_batch_list(restarts)}"))
     health = record.get("health") or {}
     estimate = health.get("estimated_accuracy_change")
     if estimate:
@@ -279,6 +283,20 @@ def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     if health.get("advice"):
         rows.append(("what to do", health["advice"]))
     return rows
+
+
+def _inner_name(record: dict[str, Any]) -> str:
+    """The method auto chose to run (its recorded ``choice``), else "the inner method"."""
+    choice = record.get("method", {}).get("choice") or {}
+    return str(choice.get("method") or "the inner method")
+
+
+def _batch_list(batches: list[int], shown: int = 5) -> str:
+    """``at batch 3, 9 and 14`` (the first ``shown``, then how many more)."""
+    words = [str(b) for b in batches[:shown]]
+    more = f" and {len(batches) - shown} more" if len(batches) > shown else ""
+    listed = ", ".join(words[:-1]) + f" and {words[-1]}" if len(words) > 1 and not more else ", ".join(words)
+    return f"at batch{'es' if len(batches) > 1 else ''} {listed}{more}"
 
 
 def summary_table(record: dict[str, Any]) -> Table:

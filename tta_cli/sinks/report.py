@@ -309,6 +309,11 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
         batches = (run.get("counts") or {}).get("batches", "?")
         pairs.append(("batches predicted by LAME (few classes per batch)",
                       f"{sum(last - first for first, last in lame)} of {batches} (first: batch {lame[0][0]})"))
+    restarts = (run.get("method_state") or {}).get("domain_changes")
+    if restarts:
+        pairs.append(("restarts from the source model where the input changed",
+                      f"{len(restarts)}, before batch {', '.join(str(b) for b in restarts[:20])}"
+                      + (f" and {len(restarts) - 20} more" if len(restarts) > 20 else "")))
     return pairs
 
 
