@@ -6,6 +6,7 @@ preset's tests skip without corrupt-tta. The strength of each corruption: tests/
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,11 @@ def test_resume_adds_and_refuses_other_settings(clean_set: Path, tmp_path: Path)
     again = corrupt_folder(CorruptPlan(clean_set, dst, ["fog", "contrast"], [5]))
     assert again.existing == 6 and again.written == 6
     assert json.loads((dst / "corrupt.json").read_text())["corruptions"] == ["fog", "contrast"]
-    with pytest.raises(TTAError, match="other settings"):
+    with pytest.raises(TTAError, match=r"other settings \(corrupt.json: seed 0 \(now 1\)\)"):
         corrupt_folder(CorruptPlan(clean_set, dst, ["fog"], [5], seed=1))
+    shutil.copytree(clean_set, tmp_path / "elsewhere")
+    with pytest.raises(TTAError, match=r"corrupt.json: source .* \(now .*elsewhere\)\)"):
+        corrupt_folder(CorruptPlan(tmp_path / "elsewhere", dst, ["fog"], [5]))
     redone = corrupt_folder(CorruptPlan(clean_set, dst, ["fog"], [5], seed=1), overwrite=True)
     assert redone.written == 6
 

@@ -280,12 +280,12 @@ def check_destination(plan: CorruptPlan, overwrite: bool) -> dict[str, Any]:
         return {}
     previous = json.loads(path.read_text())
     previous.setdefault("preset", "imagenet")  # made before the presets existed
-    if not overwrite and any(previous.get(k) != v for k, v in plan.identity().items()):
-        raise TTAError(f"{plan.dst} was made with other settings ({MANIFEST}: seed {previous.get('seed')}, "
-                       f"limit {previous.get('limit')}, crop {previous.get('crop')}, "
-                       f"preset {previous.get('preset')})",
-                       "use the same --seed/--limit/--crop/--preset to add to it, another destination, "
-                       "or --overwrite")
+    differ = {k: v for k, v in plan.identity().items() if previous.get(k) != v}
+    if not overwrite and differ:
+        made = ", ".join(f"{k} {previous.get(k)} (now {v})" for k, v in differ.items())
+        raise TTAError(f"{plan.dst} was made with other settings ({MANIFEST}: {made})",
+                       "use the same source and --seed/--limit/--crop/--preset to add to it, another "
+                       "destination, or --overwrite")
     return previous if not overwrite else {}
 
 
