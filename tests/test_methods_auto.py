@@ -136,7 +136,7 @@ def test_balanced_stream_statistics_count_unseen_classes_as_the_source() -> None
     pristine = copy.deepcopy(model)
     x = random_inputs(1)[0] * 2 + 3.0
     means = _first_bn_input_means(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior_images=0.0)
     method.bn_choice._stream_step(x, torch.zeros(8, dtype=torch.long))  # a batch of one class out of 4
     first = batchnorm_layers(method.stream_model)[0]
     assert torch.allclose(first.running_mean, (means.mean(0) + 3 * source_mean) / 4, atol=1e-5)
@@ -147,7 +147,7 @@ def test_balanced_stream_statistics_of_a_batch_of_every_class_are_the_batch_stat
     model = tiny_timm("test_resnet", num_classes=4)
     x = random_inputs(1)[0] * 2 + 3.0
     _, batch = _source_and_batch_logits(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior=0.0)
+    method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_prior_images=0.0)
     labels = torch.arange(8) % 4  # two images of each class: the class average is the batch's
     assert torch.allclose(method.bn_choice._stream_step(x, labels).logits, batch, atol=1e-4)
 
@@ -173,11 +173,18 @@ def test_balanced_stream_statistics_weigh_each_class_against_the_prior() -> None
     source_mean = batchnorm_layers(model)[0].running_mean.clone()
     x = random_inputs(1)[0] * 2 + 3.0
     means = _first_bn_input_means(model, x)
-    method = create_method("auto", model, batch_size=8, bn_stream_prior=24.0)
+    method = create_method("auto", model, batch_size=8, bn_stream_prior_images=96.0)  # 24 per class
     method.bn_choice._stream_step(x, torch.zeros(8, dtype=torch.long))  # 8 images of class 0: trust 8 / (8 + 24)
     trust = 8 / 32
     expected = (trust * means.mean(0) + (4 - trust) * source_mean) / 4
     assert torch.allclose(batchnorm_layers(method.stream_model)[0].running_mean, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_the_stream_statistics_prior_is_shared_by_the_classes(num_classes: int) -> None:
+    model = tiny_timm("test_resnet", num_classes=num_classes)
+    stats = create_method("auto", model, batch_size=8).bn_choice.stream_stats
+    assert stats.prior == 320.0 / num_classes  # 32 per class on CIFAR-10, where it was chosen
 
 
 def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
@@ -186,7 +193,7 @@ def test_balanced_stream_statistics_move_each_class_by_its_momentum() -> None:
     x1, x2 = (x * 2 + 3.0 for x in random_inputs(2))
     means1, means2 = (_first_bn_input_means(model, x) for x in (x1, x2))
     method = create_method("auto", model, batch_size=8, bn_stream="balanced", bn_stream_momentum=0.5,
-                           bn_stream_prior=0.0)
+                           bn_stream_prior_images=0.0)
     zeros = torch.zeros(8, dtype=torch.long)
     method.bn_choice._stream_step(x1, zeros)
     method.bn_choice._stream_step(x2, zeros)

@@ -44,10 +44,13 @@ class AutoConfig(MethodConfig):
     """``bn_stream=balanced``: the class each image counts for. choice: the argmax of the source and
     batch statistics' predictions mixed as they are chosen (each batch alone; better labels on a
     shifted stream, the source's on a batch of few classes); source: the source model's."""
-    bn_stream_prior: float = field(default=32.0, metadata=at_least(0.0))
-    """``bn_stream=balanced``: each class's moments count as its images so far against this many
-    images' worth of the source statistics, so classes seen on few images stay near the source's
-    (0: a class's first images count fully; measured in docs/BENCHMARKS.md, "auto v5")."""
+    bn_stream_prior_images: float = field(default=320.0, metadata=at_least(0.0))
+    """``bn_stream=balanced``: the source statistics count as this many images of the stream, shared
+    by the C classes: each class's moments count as its images so far against ``prior / C`` images'
+    worth of the source's, so classes seen on few images stay near the source's and a shuffled
+    stream moves the statistics half-way after this many images whatever C is (0: a class's first
+    images count fully; 320 is the 32 per class chosen on CIFAR-10, docs/BENCHMARKS.md, "auto v5"
+    and "the stream statistics' prior in images of the stream")."""
     bn_stream_momentum: float = field(default=0.1, metadata=between(0.0, 1.0, low_inclusive=False))
     """The stream statistics' momentum per 64 images (``bn_choice.STREAM_MOMENTUM_IMAGES``)."""
     bn_choice_window: int = field(default=0, metadata=at_least(0))
@@ -126,7 +129,7 @@ class Auto(WrappingMethod):
         self.num_classes, self.kind, self.choice = num_classes, kind, choice
         self.bn_choice = BatchNormChoice(
             inner, stream_model, max(num_classes, 2), config.bn_choice_temperature, config.bn_choice_window,
-            config.bn_stream_momentum, config.bn_stream_prior, config.bn_stream_labels,
+            config.bn_stream_momentum, config.bn_stream_prior_images / max(num_classes, 2), config.bn_stream_labels,
             config.bn_source_check) if batchnorm else None
         self.guard = Guard(reference, config.max_collapses, config.window, batch_size, harm_points=config.harm_points,
                            judge_first=config.judge_first, few_classes=config.few_classes,
