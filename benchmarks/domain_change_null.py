@@ -39,17 +39,19 @@ STREAM_IMAGES, SEGMENT_IMAGES, FOUND_WITHIN = 512, 200, 128
 
 def statistics(setup, items: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per image: the detector's statistics (the first norm layer's input) and the source's class."""
-    from tta_cli.methods.auto.domain_change import DomainChange
+    from tta_cli.methods.auto.domain_change import first_norm_statistics
+    from tta_cli.methods.selection import norm_modules
 
     model = setup.loaded.model.eval()
-    detector = DomainChange(model)
     stats, preds = [], []
+    watched = norm_modules(model)[0][1]  # the layer the detector watches
+    handle = watched.register_forward_pre_hook(
+        lambda module, args: stats.append(first_norm_statistics(module, args[0])))
     with torch.no_grad():
         for batch in setup.batches(items, 64):
             logits = model(batch.images)
-            stats.append(detector._latest)
             preds.append(logits.argmax(1))
-    detector.remove()
+    handle.remove()
     return torch.cat(stats), torch.cat(preds), int(logits.shape[1])
 
 
@@ -61,7 +63,7 @@ def detections(recorded: tuple[torch.Tensor, torch.Tensor, int], batch_size: int
     detector = DomainChange(torch.nn.Identity())  # fed the recorded statistics instead of a hook's
     found = []
     for batch, start in enumerate(range(0, len(preds), batch_size)):
-        detector._latest = stats[start:start + batch_size]
+        detector.observe(stats[start:start + batch_size])
         if detector.add(preds[start:start + batch_size], num_classes, batch):
             found.append(batch)
     return found

@@ -71,7 +71,12 @@ class DomainChange:
         self._segment: dict[str, torch.Tensor] | None = None
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self._latest = first_norm_statistics(module, args[0])
+        self.observe(first_norm_statistics(module, args[0]))
+
+    def observe(self, statistics: torch.Tensor) -> None:
+        """The next ``add``'s batch statistics (``first_norm_statistics``), as the hook records them
+        on each forward of the watched model (a replay feeds recorded ones)."""
+        self._latest = statistics
 
     def remove(self) -> None:
         if self._handle is not None:
