@@ -101,7 +101,7 @@ def test_auto_restarting_where_the_input_changed_is_reported(tmp_path: Path) -> 
     record["method_state"] = {"domain_changes": [4, 9]}
     (run / "run.json").write_text(json.dumps(record))
     page = write_report(run).html.read_text()
-    assert ("<tr><th>restarts from the source model where the input changed</th><td>2, before batch 4, 9</td></tr>"
+    assert ("<tr><th>restarts from the source model where the input changed</th><td>2, at batches 4 and 9</td></tr>"
             in page)
 
 

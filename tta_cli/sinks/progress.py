@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tta_cli.outputs import BatchOutputs, Totals
 from tta_cli.reference import REFERENCE_ALL_FIRST, REFERENCE_EVERY
-from tta_cli.sinks.report import VERDICTS
+from tta_cli.sinks.report import VERDICTS, batch_list
 
 if TYPE_CHECKING:
     import torch
@@ -272,7 +272,7 @@ def _health_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     restarts = (record.get("method_state") or {}).get("domain_changes")
     if restarts:
         rows.append(("restarted", f"{_inner_name(record)} from the source model where the input changed: "
-                                  f"{_batch_list(restarts)}"))
+                                  f"{batch_list(restarts)}"))
     health = record.get("health") or {}
     estimate = health.get("estimated_accuracy_change")
     if estimate:
@@ -289,14 +289,6 @@ def _inner_name(record: dict[str, Any]) -> str:
     """The method auto chose to run (its recorded ``choice``), else "the inner method"."""
     choice = record.get("method", {}).get("choice") or {}
     return str(choice.get("method") or "the inner method")
-
-
-def _batch_list(batches: list[int], shown: int = 5) -> str:
-    """``at batch 3, 9 and 14`` (the first ``shown``, then how many more)."""
-    words = [str(b) for b in batches[:shown]]
-    more = f" and {len(batches) - shown} more" if len(batches) > shown else ""
-    listed = ", ".join(words[:-1]) + f" and {words[-1]}" if len(words) > 1 and not more else ", ".join(words)
-    return f"at batch{'es' if len(batches) > 1 else ''} {listed}{more}"
 
 
 def summary_table(record: dict[str, Any]) -> Table:

@@ -312,9 +312,18 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
     restarts = (run.get("method_state") or {}).get("domain_changes")
     if restarts:
         pairs.append(("restarts from the source model where the input changed",
-                      f"{len(restarts)}, before batch {', '.join(str(b) for b in restarts[:20])}"
-                      + (f" and {len(restarts) - 20} more" if len(restarts) > 20 else "")))
+                      f"{len(restarts)}, {batch_list(restarts, shown=20)}"))
     return pairs
+
+
+def batch_list(batches: list[int], shown: int = 5) -> str:
+    """``at batch 3``, ``at batches 3, 9 and 14``: the first ``shown``, then how many more."""
+    words = [str(b) for b in batches[:shown]]
+    if len(batches) > shown:
+        listed = f"{', '.join(words)} and {len(batches) - shown} more"
+    else:
+        listed = f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
+    return f"at batch{'es' if len(batches) > 1 else ''} {listed}"
 
 
 def accuracies(rows: list[dict[str, str]]) -> tuple[float | None, float | None]:
