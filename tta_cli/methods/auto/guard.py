@@ -167,6 +167,11 @@ class Guard:
         logits = inner.predictions_from(world().gather_rows(logits))[first:first + logits.shape[0]]
         return self._watch(inner, x, StepResult(logits=logits, used=used), batch, outputs).logits
 
+    def close(self) -> None:
+        """Remove the hook the domain-change watch put on the source copy."""
+        if self.domain is not None:
+            self.domain.remove()
+
     def _on_domain_change(self, inner: TTAMethod, source_logits: torch.Tensor, batch: int) -> None:
         """Reset ``inner`` before this batch where its input's domain changed (``domain_change``)."""
         if self.domain is None:

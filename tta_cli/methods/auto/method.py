@@ -212,8 +212,8 @@ class Auto(WrappingMethod):
         super().close()
         if self.bn_choice is not None:
             self.bn_choice.close()
-        if self.guard is not None and self.guard.domain is not None:
-            self.guard.domain.remove()
+        if self.guard is not None:
+            self.guard.close()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"inner": self.inner.stats(), "guard_events": self.collapse_events,
