@@ -12,7 +12,6 @@ against the source in points. About 25 minutes on 2 CPU cores for two variants::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def main() -> None:
             row = changes(setup, decoded_stream(setup, items, batch_size), variants, 3)
             print(f"| {name} | {row['source']} | " + " | ".join(f"{row[v]:+.1f}" for v in variants) + " |",
                   flush=True)
-    print(json.dumps({"variants": variants}))
 
 
 if __name__ == "__main__":
