@@ -298,18 +298,17 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
         pairs.append(("predictions changed by adaptation", f"{len(changed_rows(rows))} of {compared}"
                       + (f" compared (a sample of the {len(rows)})" if compared < len(rows) else "")))
     pairs.append(("resets", str(len(run.get("resets_at_batch") or []))))
-    fallbacks = (run.get("method_state") or {}).get("fallback_batches")
+    state, batches = run.get("method_state") or {}, (run.get("counts") or {}).get("batches", "?")
+    fallbacks = state.get("fallback_batches")
     if fallbacks:
-        batches = (run.get("counts") or {}).get("batches", "?")
         pairs.append(("batches falling back towards the source", f"{len(fallbacks)} of {batches} (first: batch "
                       f"{fallbacks[0]['batch']}, {', '.join(fallbacks[0]['left_out'])} left out: "
                       f"{fallbacks[0]['reason']})"))
-    lame = (run.get("method_state") or {}).get("lame_batches")
+    lame = state.get("lame_batches")
     if lame:
-        batches = (run.get("counts") or {}).get("batches", "?")
         pairs.append(("batches predicted by LAME (few classes per batch)",
                       f"{sum(last - first for first, last in lame)} of {batches} (first: batch {lame[0][0]})"))
-    restarts = (run.get("method_state") or {}).get("domain_changes")
+    restarts = state.get("domain_changes")
     if restarts:
         pairs.append(("restarts from the source model where the input changed",
                       f"{len(restarts)}, {batch_list(restarts, shown=20)}"))
@@ -319,11 +318,8 @@ def _summary(rows: list[dict[str, str]], run: dict[str, Any]) -> list[tuple[str,
 def batch_list(batches: list[int], shown: int = 5) -> str:
     """``at batch 3``, ``at batches 3, 9 and 14``: the first ``shown``, then how many more."""
     words = [str(b) for b in batches[:shown]]
-    if len(batches) > shown:
-        listed = f"{', '.join(words)} and {len(batches) - shown} more"
-    else:
-        listed = f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else words[0]
-    return f"at batch{'es' if len(batches) > 1 else ''} {listed}"
+    last = f"{len(batches) - shown} more" if len(batches) > shown else words.pop()
+    return f"at batch{'es' if len(batches) > 1 else ''} {', '.join(words)}{' and ' if words else ''}{last}"
 
 
 def accuracies(rows: list[dict[str, str]]) -> tuple[float | None, float | None]:
